@@ -1,0 +1,3 @@
+"""The `terarec` command line."""
+def main() -> None:
+    raise SystemExit("terarec: not built yet")
