@@ -1,0 +1,42 @@
+"""DLRM (Naumov et al., 2019): bottom MLP over dense features, dot interaction with the embeddings, top MLP."""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from .batch import Batch
+from .embedding import Embedding
+from .layers import DotInteraction, FusedMLP
+
+
+class DLRMConfig(BaseModel):
+    """`bottom_mlp` and `top_mlp` are hidden sizes; the bottom ends at the embedding dim, the top at 1 logit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bottom_mlp: list[int] = Field(default=[64], description="hidden sizes of the bottom MLP")
+    top_mlp: list[int] = Field(default=[128, 64], description="hidden sizes of the top MLP")
+    self_interaction: bool = False
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class DLRM(nn.Module):
+    """Batch -> logits [B, 1].
+
+    dense [B, 13] -> bottom MLP -> [B, D]; sparse [B, 26] -> Embedding -> [B, 26, D];
+    dot interaction -> [B, D + 27*26/2] -> top MLP -> [B, 1].
+    """
+
+    def __init__(self, embedding: Embedding, num_dense: int, num_sparse: int, config: DLRMConfig = DLRMConfig()):
+        super().__init__()
+        dim = embedding.dim
+        self.embedding = embedding
+        self.bottom_mlp = FusedMLP([num_dense, *config.bottom_mlp, dim], last_activation=True)
+        self.interaction = DotInteraction(config.self_interaction)
+        interaction_dim = self.interaction.output_dim(dim, num_sparse)
+        self.top_mlp = FusedMLP([interaction_dim, *config.top_mlp, 1], dropout=config.dropout)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        dense = self.bottom_mlp(batch.dense)
+        sparse = self.embedding(batch.sparse)
+        return self.top_mlp(self.interaction(dense, sparse))

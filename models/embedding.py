@@ -1,0 +1,60 @@
+"""The Embedding front: raw sparse IDs in, `[B, F, D]` rows out, gradients back to the store.
+
+The rows live outside torch's parameters (in a store, or spread over workers);
+the forward reads the unique keys' rows into a leaf tensor, and
+`apply_gradients` hands that tensor's gradient (already summed per unique key
+by autograd) to the store's sparse optimizer.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from terarec.store.keys import feature_keys
+
+
+class RowBackend(Protocol):
+    """Where rows come from: a local `EmbeddingStore`, or the sharded exchange across workers."""
+
+    dim: int
+
+    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor: ...
+
+    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None: ...
+
+
+class Embedding(nn.Module):
+    """[B, F] int64 raw IDs -> [B, F, D] float rows; each feature has its own key space.
+
+    >>> from terarec.store import DeviceStore, SparseSGD
+    >>> emb = Embedding(DeviceStore(dim=8, optimizer=SparseSGD(lr=0.1)))
+    >>> emb(torch.tensor([[3, 5], [3, 6]])).shape
+    torch.Size([2, 2, 8])
+    """
+
+    def __init__(self, backend: RowBackend):
+        super().__init__()
+        self.backend = backend
+        self.dim = backend.dim
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, sparse_ids: torch.Tensor) -> torch.Tensor:
+        keys = feature_keys(sparse_ids)
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        rows = self.backend.lookup(unique_keys, insert=self.training).detach()
+        if self.training and torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            self._pending.append((unique_keys, rows))
+        return rows[inverse]
+
+    def apply_gradients(self) -> None:
+        """Send the gradients of every forward since the last call to the store's optimizer."""
+        for unique_keys, rows in self._pending:
+            grads = rows.grad if rows.grad is not None else torch.zeros_like(rows)
+            self.backend.update(unique_keys, grads)
+        self._pending.clear()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, backend={type(self.backend).__name__}"

@@ -1,0 +1,65 @@
+"""The interface of one shard's embedding store, shared by every storage option.
+
+A store maps 64-bit keys to rows of `dim` floats with their optimizer state.
+`lookup` inserts unseen keys with rows that depend only on (seed, key);
+`update` applies the sparse optimizer to the rows of the given keys.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .keys import initial_rows
+from .optim import SparseOptimizer, initial_state
+
+
+class EmbeddingStore(ABC):
+    """One shard's rows. Keys passed to `lookup` and `update` must be unique."""
+
+    def __init__(self, dim: int, optimizer: SparseOptimizer, seed: int = 0, init_scale: float = 0.05):
+        if dim <= 0:
+            raise ValueError(f"embedding dim must be positive, got {dim}")
+        self.dim = dim
+        self.optimizer = optimizer
+        self.seed = seed
+        self.init_scale = init_scale
+        self.step = 0  # optimizer steps taken (Adam's bias correction uses it)
+
+    @property
+    def value_width(self) -> int:
+        """Floats per key: the row and each optimizer state, `dim` wide each."""
+        return self.dim * (1 + len(self.optimizer.state_names))
+
+    def initial_values(self, keys: torch.Tensor) -> torch.Tensor:
+        """[N] keys -> [N, value_width]: fresh rows with initial optimizer state."""
+        return initial_state(self.optimizer, initial_rows(keys, self.dim, self.seed, self.init_scale))
+
+    @abstractmethod
+    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        """[N] unique keys -> [N, dim] rows. Unseen keys are inserted, or read as zeros with insert=False."""
+
+    @abstractmethod
+    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+        """Apply one optimizer step to the rows of [N] unique keys with grads [N, dim] (summed per key)."""
+
+    @abstractmethod
+    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (keys [N], values [N, value_width]) the store holds, on the CPU."""
+
+    @abstractmethod
+    def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Insert or overwrite rows and optimizer state of [N] unique keys."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of keys held."""
+
+    def prefetch(self, keys: torch.Tensor) -> None:
+        """Hint: these keys come next; tiered stores stage them in the fast tier ahead of use."""
+
+    def flush(self) -> None:
+        """Write back whatever a fast tier holds dirty, so the slower tiers are a consistent point."""
+
+    def metrics(self) -> dict[str, float]:
+        return {"rows": float(len(self))}

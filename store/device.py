@@ -1,0 +1,78 @@
+"""Store option `device`: every row and its optimizer state in one tensor on the worker's device."""
+from __future__ import annotations
+
+import torch
+
+from .base import EmbeddingStore
+from .encoder import IdEncoder
+from .optim import SparseOptimizer
+
+
+class DeviceStore(EmbeddingStore):
+    """Rows in `values[slot]` ([capacity, value_width]); the encoder maps key -> slot; both grow by doubling.
+
+    >>> from terarec.store.optim import SparseSGD
+    >>> store = DeviceStore(dim=4, optimizer=SparseSGD(lr=0.1))
+    >>> store.lookup(torch.tensor([7, 9])).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, dim: int, optimizer: SparseOptimizer, seed: int = 0, init_scale: float = 0.05,
+                 device: torch.device | str = "cpu", initial_capacity: int = 1024):
+        super().__init__(dim, optimizer, seed, init_scale)
+        self.device = torch.device(device)
+        self.encoder = IdEncoder(capacity=2 * initial_capacity, device=self.device)
+        self.values = torch.empty((initial_capacity, self.value_width), device=self.device)
+        self.lookups = 0
+        self.inserts = 0
+
+    def __len__(self) -> int:
+        return len(self.encoder)
+
+    def _slots(self, keys: torch.Tensor) -> torch.Tensor:
+        """Find or insert; fresh slots get their initial values."""
+        before = len(self.encoder)
+        slots = self.encoder.find_or_insert(keys)
+        if len(self.encoder) > before:
+            self._reserve(len(self.encoder))
+            fresh = slots >= before
+            self.values[slots[fresh]] = self.initial_values(keys.to(self.device)[fresh])
+            self.inserts += int(fresh.sum())
+        return slots
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= self.values.shape[0]:
+            return
+        capacity = self.values.shape[0]
+        while capacity < rows:
+            capacity *= 2
+        grown = torch.empty((capacity, self.value_width), device=self.device)
+        grown[: self.values.shape[0]] = self.values
+        self.values = grown
+
+    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        self.lookups += keys.numel()
+        if insert:
+            return self.values[self._slots(keys), : self.dim]
+        slots = self.encoder.find(keys)
+        rows = self.values[slots.clamp(min=0), : self.dim]
+        return rows.masked_fill((slots < 0).unsqueeze(1), 0.0)
+
+    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+        self.step += 1
+        if keys.numel() == 0:
+            return
+        slots = self._slots(keys)
+        self.values[slots] = self.optimizer.apply(self.values[slots], grads.to(self.device, torch.float32), self.step)
+
+    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, slots = self.encoder.items()
+        return keys.cpu(), self.values[slots].cpu()
+
+    def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if keys.numel():
+            self.values[self._slots(keys)] = values.to(self.device, torch.float32)
+
+    def metrics(self) -> dict[str, float]:
+        return {"rows": float(len(self)), "lookups": float(self.lookups), "inserts": float(self.inserts),
+                "bytes": float(self.values.numel() * 4 + self.encoder.capacity * 16)}
