@@ -53,7 +53,8 @@ class DeviceStore(EmbeddingStore):
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
         self.lookups += keys.numel()
         if insert:
-            return self.values[self._slots(keys), : self.dim]
+            slots = self._slots(keys)  # may grow self.values: index it only afterwards
+            return self.values[slots, : self.dim]
         slots = self.encoder.find(keys)
         rows = self.values[slots.clamp(min=0), : self.dim]
         return rows.masked_fill((slots < 0).unsqueeze(1), 0.0)
@@ -67,11 +68,13 @@ class DeviceStore(EmbeddingStore):
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, slots = self.encoder.items()
-        return keys.cpu(), self.values[slots].cpu()
+        order = torch.argsort(keys)  # by key: the same content exports the same way
+        return keys[order].cpu(), self.values[slots[order]].cpu()
 
     def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.numel():
-            self.values[self._slots(keys)] = values.to(self.device, torch.float32)
+            slots = self._slots(keys)
+            self.values[slots] = values.to(self.device, torch.float32)
 
     def metrics(self) -> dict[str, float]:
         return {"rows": float(len(self)), "lookups": float(self.lookups), "inserts": float(self.inserts),

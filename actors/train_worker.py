@@ -1,0 +1,259 @@
+"""The training worker: one Ray Train worker owns one embedding shard and one dense replica.
+
+`TrainWorker` is a plain class (testable without Ray, given a Communicator);
+`train_loop_per_worker` is the shell Ray Train runs on each worker.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from terarec.kernels.comm import Communicator, LocalCommunicator
+from terarec.models import Batch, Embedding, build_model, model_spec
+from terarec.platform.config import TrainConfig
+from terarec.platform.data.reader import BatchReader, count_rows, label_columns_of_files, list_split_files
+from terarec.platform.metrics import log_loss, roc_auc
+from terarec.store import load_store, make_sparse_optimizer, save_store
+from terarec.store.factory import make_store
+from terarec.store.sharded import BucketMap, ShardedRows
+
+NUM_DENSE, NUM_SPARSE = 13, 26
+DENSE_FILE, META_FILE = "dense.pt", "meta.json"
+
+
+def shard_file(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    samples_per_s: float
+    exchange_mb: float
+    exchange_s: float
+
+
+class TrainWorker:
+    """Builds the shard, the model and the optimizers for one rank, and runs the loop."""
+
+    def __init__(self, config: TrainConfig, comm: Communicator, device: torch.device):
+        self.config = config
+        self.comm = comm
+        self.device = device
+        self.rank, self.world_size = comm.rank, comm.world_size
+        self.train_files = list_split_files(config.data, "train")
+        self.eval_files = list_split_files(config.data, "eval")
+        self.label_columns = label_columns_of_files(self.train_files)
+        self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)
+
+        torch.manual_seed(config.seed)  # identical dense replicas on every rank
+        spec = model_spec(config.model)
+        dim = spec.embedding_dim or config.embedding.dim
+        store_cfg = config.store
+        self.store = make_store(store_cfg.kind, dim, make_sparse_optimizer(config.embedding.optimizer, config.embedding.lr),
+                                seed=config.seed, init_scale=config.embedding.init_scale, device=device,
+                                policy=store_cfg.policy, cache_bytes=store_cfg.cache_bytes,
+                                host_bytes=store_cfg.host_bytes,
+                                path=os.path.join(store_cfg.path, f"rank-{self.rank}") if store_cfg.path else None)
+        self.rows = ShardedRows(self.store, comm, config.embedding.num_buckets,
+                                config.embedding.comm_dtype, config.embedding.grad_comm_dtype)
+        backend = self.rows if self.world_size > 1 else self.store
+        self.model = build_model(config.model, Embedding(backend), NUM_DENSE, NUM_SPARSE,
+                                 config.model_section(), num_tasks=len(self.label_columns)).to(device)
+        self.dense_params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
+        self.optimizer = optimizer_cls[config.dense_optimizer.name](self.dense_params, lr=config.dense_optimizer.lr)
+        self.step = 0
+
+    # ---- one step -------------------------------------------------------------------------
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """Forward, backward, exchange, updates. Returns this rank's share of the global mean loss."""
+        self.model.train()
+        batch = batch.to(self.device, non_blocking=True)
+        logits = self.model(batch)
+        # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
+        # so summed gradients equal one worker's gradients on the whole global batch.
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
+        loss = loss / (self.config.batch_size * batch.labels.shape[1])
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self._all_reduce_dense_grads()
+        self.model.embedding.apply_gradients()
+        self.optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def _all_reduce_dense_grads(self) -> None:
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in self.dense_params]
+        flat = torch.cat([g.flatten() for g in grads])
+        self.comm.all_reduce(flat)
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    # ---- loop -------------------------------------------------------------------------------
+    def train(self, on_log: Callable[[StepLog], None] | None = None,
+              on_checkpoint: Callable[[int], None] | None = None) -> StepLog:
+        config = self.config
+        reader = BatchReader(self.train_files, config.batch_size, rank=self.rank, world_size=self.world_size,
+                             seed=config.seed, shuffle=True, drop_last=True, start_step=self.step)
+        window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
+        log = StepLog(self.step, math.nan, 0.0, 0.0, 0.0)
+        with reader:
+            for batch in reader:
+                if self.step >= self.total_steps:
+                    break
+                loss_sum += self.train_step(batch)
+                window_steps += 1
+                last = self.step == self.total_steps
+                if self.step % config.log_every == 0 or last:
+                    log = self._window_log(loss_sum, window_steps, window_start)
+                    if on_log:
+                        on_log(log)
+                    window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros_like(loss_sum)
+                if on_checkpoint and (last or (config.checkpoint_every and self.step % config.checkpoint_every == 0)):
+                    on_checkpoint(self.step)
+        return log
+
+    def _window_log(self, loss_sum: torch.Tensor, steps: int, started: float) -> StepLog:
+        total = self.comm.all_reduce(loss_sum.clone().reshape(1)).item()
+        elapsed = time.perf_counter() - started
+        stats = self.rows.stats
+        log = StepLog(self.step, total / max(steps, 1), steps * self.config.batch_size / max(elapsed, 1e-9),
+                      stats.bytes_sent / 1e6, stats.seconds)
+        stats.bytes_sent, stats.seconds = 0, 0.0
+        return log
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """AUC and log loss per task over the eval split (every rank takes part; all ranks get the result)."""
+        self.model.eval()
+        config = self.config
+        max_batches = math.ceil(config.eval_rows / config.eval_batch_size) if config.eval_rows else None
+        logits, labels = [], []
+        with BatchReader(self.eval_files, config.eval_batch_size, rank=self.rank, world_size=self.world_size,
+                         shuffle=False, drop_last=False, epochs=1) as reader:
+            for index, batch in enumerate(reader):
+                if max_batches is not None and index >= max_batches:
+                    break
+                batch = batch.to(self.device)
+                logits.append(self.model(batch).float().cpu())
+                labels.append(batch.labels.cpu())
+        tasks = len(self.label_columns)
+        local = torch.cat([torch.cat(logits), torch.cat(labels)], dim=1) if logits else torch.zeros(0, 2 * tasks)
+        everything = torch.cat(self.comm.all_gather(local))
+        all_logits, all_labels = everything[:, :tasks], everything[:, tasks:]
+        metrics: dict[str, float] = {"eval_rows": float(all_logits.shape[0])}
+        for task, column in enumerate(self.label_columns):
+            suffix = "" if task == 0 else f"_{column.removeprefix('label_')}"
+            metrics[f"auc{suffix}"] = roc_auc(all_labels[:, task], all_logits[:, task])
+            metrics[f"logloss{suffix}"] = log_loss(all_labels[:, task], all_logits[:, task])
+        return metrics
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """This rank's shard; rank 0 adds the dense model, the optimizer and the position in the data."""
+        self.store.flush()
+        save_store(self.store, os.path.join(directory, shard_file(self.rank, self.world_size)))
+        if self.rank == 0:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                       os.path.join(directory, DENSE_FILE))
+            with open(os.path.join(directory, META_FILE), "w") as stream:
+                json.dump({"step": self.step, "world_size": self.world_size, "model": self.config.model,
+                           "num_buckets": self.config.embedding.num_buckets,
+                           "label_columns": self.label_columns,
+                           "config": self.config.model_dump(mode="json")}, stream, indent=1)
+
+    def restore(self, directory: str) -> int:
+        """Load a checkpoint written by any world size: this rank keeps the keys of the buckets it owns now."""
+        with open(os.path.join(directory, META_FILE)) as stream:
+            meta = json.load(stream)
+        if meta["num_buckets"] != self.config.embedding.num_buckets:
+            raise ValueError(f"checkpoint {directory} has {meta['num_buckets']} buckets; the job has "
+                             f"embedding.num_buckets={self.config.embedding.num_buckets}")
+        dense = torch.load(os.path.join(directory, DENSE_FILE), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(dense["model"])
+        self.optimizer.load_state_dict(dense["optimizer"])
+        shards = [os.path.join(directory, shard_file(r, meta["world_size"])) for r in range(meta["world_size"])]
+        keep = BucketMap(self.config.embedding.num_buckets, self.world_size).owns(self.rank)
+        load_store(self.store, shards, keep=keep)
+        self.step = meta["step"]
+        return self.step
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    """What Ray Train runs on each worker."""
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    from terarec.actors.monitoring import WorkerMetrics
+    from terarec.kernels.comm import default_communicator
+
+    config = TrainConfig.model_validate(config_dict)
+    context = ray.train.get_context()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
+    worker = TrainWorker(config, comm, device)
+    rank = worker.rank
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = config_dict.get("_resume_dir")
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            worker.restore(directory)
+        print(f"[terarec] rank {rank}/{worker.world_size}: restored step {worker.step} after a restart")
+    elif resume_dir:
+        worker.restore(resume_dir)
+        print(f"[terarec] rank {rank}/{worker.world_size}: resumed from {resume_dir} at step {worker.step}")
+
+    monitor = WorkerMetrics(rank)
+    progress = tqdm(total=worker.total_steps, desc="train") if rank == 0 else None
+    if progress is not None:
+        progress.update(worker.step)
+    curve_path = os.path.join(config.run_dir, "curve.jsonl")
+    last_step = [worker.step]
+
+    def on_log(log: StepLog) -> None:
+        monitor.record(log, worker.store)
+        if rank == 0:
+            progress.update(log.step - last_step[0])
+            last_step[0] = log.step
+            progress.set_description(f"train loss {log.loss:.4f} | {log.samples_per_s:,.0f} samples/s")
+            with open(curve_path, "a") as stream:
+                stream.write(json.dumps(log.__dict__) + "\n")
+
+    def on_checkpoint(step: int) -> None:
+        final = step == worker.total_steps
+        metrics = {"step": step, "world_size": worker.world_size}
+        if final:
+            metrics |= worker.evaluate()
+            metrics |= {"loss": last_log.loss, "samples_per_s": last_log.samples_per_s}
+        with tempfile.TemporaryDirectory() as directory:
+            worker.save(directory)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    last_log = StepLog(worker.step, math.nan, 0.0, 0.0, 0.0)
+
+    def remember(log: StepLog) -> None:
+        nonlocal last_log
+        last_log = log
+        on_log(log)
+
+    if worker.step >= worker.total_steps:
+        on_checkpoint(worker.step)
+    else:
+        worker.train(on_log=remember, on_checkpoint=on_checkpoint)
+    if progress is not None:
+        progress.close()

@@ -1,0 +1,196 @@
+"""The job config: one pydantic schema shared by the CLI, the REST API and the workers.
+
+A config comes from a YAML file, then `--set key=value` overrides (dotted keys,
+YAML values), then the named flags; `load_config` validates the result and
+raises `ConfigError` with one line per bad field.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from terarec.models.registry import MODELS
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddingConfig(Strict):
+    dim: int = Field(default=16, gt=0, le=4096, description="embedding width D")
+    optimizer: Literal["sgd", "adagrad", "adam"] = "adagrad"
+    lr: float = Field(default=0.05, gt=0)
+    init_scale: float = Field(default=0.05, gt=0, description="initial rows are uniform in [-init_scale, init_scale)")
+    num_buckets: int = Field(default=4096, gt=0, description="keys -> buckets -> workers; resharding moves buckets")
+    comm_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="fp32", description="rows on the wire")
+    grad_comm_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="fp32", description="gradients on the wire")
+
+
+class DenseOptimizerConfig(Strict):
+    name: Literal["sgd", "adagrad", "adam"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+
+
+class StoreConfig(Strict):
+    kind: Literal["device", "cached_host", "cached_ssd"] = "device"
+    policy: Literal["lru", "lfu"] = "lru"
+    cache_bytes: float | None = Field(default=None, gt=0, description="fast-tier size in bytes, or a fraction of free memory if < 1")
+    host_bytes: float | None = Field(default=None, gt=0, description="host-tier size in bytes, or a fraction if < 1")
+    path: str | None = Field(default=None, description="directory of the SSD table (cached_ssd)")
+
+    @model_validator(mode="after")
+    def _ssd_needs_path(self) -> "StoreConfig":
+        if self.kind == "cached_ssd" and not self.path:
+            raise ValueError("store.kind cached_ssd needs store.path (a directory for the SSD table)")
+        return self
+
+
+def _models_section() -> type[BaseModel]:
+    """One config section per zoo model, named after it (`dlrm:`, `deepfm:` ...)."""
+    fields: dict[str, Any] = {name: (spec.config, spec.config()) for name, spec in MODELS.items()}
+    return create_model("ModelSections", __config__=ConfigDict(extra="forbid", frozen=True), **fields)
+
+
+ModelSections = _models_section()
+
+
+class TrainConfig(Strict):
+    """Everything a training job needs; `terarec train`, POST /v1/jobs and the workers all read this."""
+
+    model: str = "dlrm"
+    data: str = Field(description="directory with train/ and eval/ parquet (terarec data synth|convert)")
+    run_dir: str = "runs/latest"
+    steps: int | None = Field(default=None, gt=0, description="optimizer steps; default one epoch of train/")
+    batch_size: int = Field(default=4096, gt=0, description="global batch size, split across workers")
+    eval_batch_size: int = Field(default=16384, gt=0)
+    eval_rows: int | None = Field(default=None, gt=0, description="evaluate on at most this many eval rows")
+    seed: int = 0
+    workers: int | tuple[int, int] = Field(default=1, description="N, or [min, max] for an elastic job")
+    max_failures: int = Field(default=0, ge=-1, description="restarts from the latest checkpoint after a failure (-1: forever)")
+    use_gpu: bool | None = Field(default=None, description="default: use GPUs when the cluster has them")
+    checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints (0: only at the end)")
+    log_every: int = Field(default=50, gt=0)
+    resume_from: str | None = Field(default=None, description="a checkpoint directory, or 'latest' in run_dir")
+    ray_address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS or a local Ray")
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
+    store: StoreConfig = StoreConfig()
+    models: ModelSections = ModelSections()  # type: ignore[valid-type]
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+        return name
+
+    @field_validator("workers")
+    @classmethod
+    def _worker_range(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (workers, workers) if isinstance(workers, int) else workers
+        if not 1 <= low <= high:
+            raise ValueError(f"workers must be N >= 1 or [min, max] with 1 <= min <= max, got {workers}")
+        return workers
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "TrainConfig":
+        for count in range(self.min_workers, self.max_workers + 1):
+            if self.batch_size % count:
+                raise ValueError(f"batch_size {self.batch_size} must be divisible by every worker count the job "
+                                 f"may run with ({self.min_workers}..{self.max_workers}); {count} does not divide it")
+        return self
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    def model_section(self) -> BaseModel:
+        return getattr(self.models, self.model)
+
+
+def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    """tree['a']['b'] = value for 'a.b'; a model's own section may be written `dlrm.top_mlp`."""
+    parts = dotted_key.split(".")
+    if parts[0] in MODELS and len(parts) > 1:
+        parts = ["models", *parts]
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted_key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['a.b=3', 'workers=[1,2]'] -> {'a': {'b': 3}, 'workers': [1, 2]} (values parsed as YAML)."""
+    tree: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({error.problem})") from None
+        set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as stream:
+            tree = yaml.safe_load(stream) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(tree).__name__}")
+    return tree
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"config field '{field}': {message}")
+    return "; ".join(lines)
+
+
+def validate_config(tree: dict) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> TrainConfig:
+    """File, then --set overrides, then explicit flags (None values ignored)."""
+    tree = read_yaml(path) if path else {}
+    tree = merge(tree, parse_overrides(overrides or []))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    return validate_config(tree)

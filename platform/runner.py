@@ -1,0 +1,81 @@
+"""Runs a training job on Ray Train: a local Ray when no cluster is given, one worker per shard."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+from .config import ConfigError, TrainConfig
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str | None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a local Ray. Returns the dashboard URL."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": True,
+                                                        "dashboard_host": "127.0.0.1"}
+        context = ray.init(log_to_driver=True, **kwargs)
+        return getattr(context, "dashboard_url", None)
+    return None
+
+
+def find_checkpoint(run_dir: str, resume_from: str) -> str:
+    """'latest' -> the newest checkpoint under run_dir; otherwise the given directory, checked."""
+    if resume_from != "latest":
+        if not os.path.isfile(os.path.join(resume_from, "meta.json")):
+            raise ConfigError(f"resume_from {resume_from} is not a terarec checkpoint (no meta.json in it)")
+        return resume_from
+    candidates = glob.glob(os.path.join(run_dir, "*", "checkpoint_*", "meta.json"))
+    if not candidates:
+        raise ConfigError(f"resume_from=latest: no checkpoint under {run_dir}")
+    newest = max(candidates, key=lambda path: json.load(open(path))["step"])
+    return os.path.dirname(newest)
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train, evaluate, checkpoint; write RUN_DIR/metrics.json and return it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from terarec.actors.train_worker import train_loop_per_worker
+
+    run_dir = os.path.abspath(config.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    config = config.model_copy(update={"run_dir": run_dir,
+                                       "data": config.data if "://" in config.data else os.path.abspath(config.data)})
+    loop_config = config.model_dump(mode="json")
+    if config.resume_from:
+        loop_config["_resume_dir"] = os.path.abspath(find_checkpoint(run_dir, config.resume_from))
+
+    dashboard = connect_ray(config.ray_address)
+    if dashboard:
+        print(f"[terarec] Ray dashboard: http://{dashboard}" if "://" not in dashboard else f"[terarec] Ray dashboard: {dashboard}")
+    use_gpu = config.use_gpu if config.use_gpu is not None else _cluster_has_gpus()
+    workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run_dir,
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    metrics |= {"model": config.model, "steps": metrics.get("step"), "train_rows": (metrics.get("step") or 0) * config.batch_size,
+                "wall_s": time.perf_counter() - started, "checkpoint": result.checkpoint.path if result.checkpoint else None,
+                "use_gpu": use_gpu}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as stream:
+        json.dump(metrics, stream, indent=1, default=str)
+    return metrics
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
