@@ -73,3 +73,116 @@ class CrossNet(nn.Module):
         for weight, bias in zip(self.weights, self.biases):
             x = cross(x0, x, weight, bias)
         return x
+
+
+def flat_input(sparse: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """sparse [B, F, D], dense [B, num_dense] -> [B, F*D + num_dense]: the input of a deep part."""
+    return torch.cat([sparse.flatten(1), dense], dim=1)
+
+
+class FMInteraction(nn.Module):
+    """Factorization machine second-order term (Rendle, 2010): [B, F, D] -> [B, 1].
+
+    sum_{i<j} <v_i, v_j> = 0.5 * sum_d ((sum_i v_id)^2 - sum_i v_id^2), in O(F*D).
+
+    >>> FMInteraction()(torch.ones(2, 3, 4))
+    tensor([[12.],
+            [12.]])
+    """
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        square_of_sum = fields.sum(dim=1).square()
+        sum_of_square = fields.square().sum(dim=1)
+        return 0.5 * (square_of_sum - sum_of_square).sum(dim=1, keepdim=True)
+
+
+class CIN(nn.Module):
+    """Compressed Interaction Network of xDeepFM (Lian et al., 2018): [B, m, D] -> [B, output_dim].
+
+    Layer k maps X^{k-1} [B, H_{k-1}, D] and X^0 [B, m, D] to
+    X^k_h = act(sum_{i,j} W^{k,h}_{ij} (X^{k-1}_i * X^0_j)), W^k of shape [H_k, H_{k-1} * m];
+    each layer's feature maps are sum-pooled over D and concatenated. With `split_half`
+    (the authors' code) every layer but the last sends half of its maps to the output
+    and the other half to the next layer.
+
+    >>> CIN(num_fields=5, layer_sizes=[8, 4])(torch.randn(2, 5, 3)).shape
+    torch.Size([2, 8])
+    """
+
+    def __init__(self, num_fields: int, layer_sizes: list[int], split_half: bool = True, activation: str = "identity"):
+        super().__init__()
+        if not layer_sizes or min(layer_sizes) <= 0:
+            raise ValueError(f"CIN needs at least one positive layer size, got {layer_sizes}")
+        if split_half and any(size % 2 for size in layer_sizes[:-1]):
+            raise ValueError(f"CIN layer sizes must be even (but the last) with split_half, got {layer_sizes}")
+        if activation not in ("identity", "relu"):
+            raise ValueError(f"CIN activation must be 'identity' or 'relu', got {activation!r}")
+        self.num_fields = num_fields
+        self.layer_sizes = list(layer_sizes)
+        self.split_half = split_half
+        self.activation = activation
+        self.weights = nn.ParameterList()
+        hidden = num_fields
+        self.output_dim = 0
+        for k, size in enumerate(layer_sizes):
+            fan_in = hidden * num_fields
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(torch.empty(size, fan_in).uniform_(-bound, bound)))
+            last = k == len(layer_sizes) - 1
+            hidden = size // 2 if split_half and not last else size
+            self.output_dim += size - hidden if split_half and not last else size
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        batch, num_fields, dim = x0.shape
+        hidden, pooled = x0, []
+        for k, weight in enumerate(self.weights):
+            z = (hidden.unsqueeze(2) * x0.unsqueeze(1)).reshape(batch, -1, dim)  # [B, H_{k-1} * m, D]
+            maps = torch.matmul(weight, z)  # [B, H_k, D]
+            if self.activation == "relu":
+                maps = torch.relu(maps)
+            if self.split_half and k < len(self.weights) - 1:
+                hidden, direct = maps.split(maps.shape[1] // 2, dim=1)
+            else:
+                hidden = direct = maps
+            pooled.append(direct.sum(dim=2))
+        return torch.cat(pooled, dim=1)
+
+    def extra_repr(self) -> str:
+        return (f"num_fields={self.num_fields}, layer_sizes={self.layer_sizes}, split_half={self.split_half}, "
+                f"activation={self.activation}")
+
+
+class InnerProduct(nn.Module):
+    """PNN's inner products: [B, F, D] -> [B, F(F-1)/2], <f_i, f_j> for every pair i < j.
+
+    >>> InnerProduct(4)(torch.ones(2, 4, 3)).shape
+    torch.Size([2, 6])
+    """
+
+    def __init__(self, num_fields: int):
+        super().__init__()
+        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.output_dim = rows.numel()
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        return (fields[:, self.rows] * fields[:, self.cols]).sum(dim=2)
+
+
+class OuterProduct(nn.Module):
+    """PNN's outer products by superposition (Qu et al., 2016, eq. 14): [B, F, D] -> [B, D*D].
+
+    p = f_S f_S^T with f_S = sum_i f_i, which the first hidden layer weights as W_p ⊙ p.
+
+    >>> OuterProduct(3).output_dim
+    9
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.output_dim = dim * dim
+
+    def forward(self, fields: torch.Tensor) -> torch.Tensor:
+        field_sum = fields.sum(dim=1)  # [B, D]
+        return (field_sum.unsqueeze(2) * field_sum.unsqueeze(1)).flatten(1)

@@ -6,9 +6,14 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from torch import nn
 
+from .dcn import DCN, DCNConfig, DCNv2Config
+from .deepfm import DeepFM, DeepFMConfig
 from .dlrm import DLRM, DLRMConfig
 from .embedding import Embedding
 from .lr import LogisticRegression, LRConfig
+from .mmoe import MMoE, MMoEConfig
+from .pnn import PNN, PNNConfig
+from .xdeepfm import XDeepFM, XDeepFMConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +26,12 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "dlrm": ModelSpec(DLRM, DLRMConfig),
     "lr": ModelSpec(LogisticRegression, LRConfig, embedding_dim=1),
+    "deepfm": ModelSpec(DeepFM, DeepFMConfig),
+    "xdeepfm": ModelSpec(XDeepFM, XDeepFMConfig),
+    "dcn": ModelSpec(DCN, DCNConfig),
+    "dcnv2": ModelSpec(DCN, DCNv2Config),
+    "pnn": ModelSpec(PNN, PNNConfig),
+    "mmoe": ModelSpec(MMoE, MMoEConfig),
 }
 
 
