@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import use_fused
+
 
 def cross_v1_reference(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x0, xl: [B, D]; weight, bias: [D] -> [B, D]."""
@@ -18,9 +20,21 @@ def cross_v2_reference(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor,
     return x0 * torch.nn.functional.linear(xl, weight, bias) + xl
 
 
+def _fusable(*tensors: torch.Tensor) -> bool:
+    return use_fused(tensors[0]) and len({t.dtype for t in tensors}) == 1
+
+
 def cross_v1(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Dispatch: the fused Triton kernels on CUDA (see `use_fused`), the reference otherwise."""
+    if _fusable(x0, xl, weight, bias):
+        from .triton_cross import FusedCrossV1
+        return FusedCrossV1.apply(x0, xl, weight, bias)
     return cross_v1_reference(x0, xl, weight, bias)
 
 
 def cross_v2(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Dispatch: the fused Triton kernels on CUDA (see `use_fused`), the reference otherwise."""
+    if _fusable(x0, xl, weight, bias):
+        from .triton_cross import FusedCrossV2
+        return FusedCrossV2.apply(x0, xl, weight, bias)
     return cross_v2_reference(x0, xl, weight, bias)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import use_fused
+
 
 def interaction_pairs(num_vectors: int, self_interaction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Row/column indices of the lower triangle (row-major: (1,0), (2,0), (2,1), ...)."""
@@ -43,5 +45,8 @@ def dot_interaction_reference(dense: torch.Tensor, sparse: torch.Tensor, self_in
 
 def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, self_interaction: bool = False,
                     pad_to: int | None = None) -> torch.Tensor:
-    """Dispatch: fused kernel on CUDA where available, the reference otherwise."""
+    """Dispatch: the fused Triton kernel on CUDA (see `use_fused`), the reference otherwise."""
+    if use_fused(dense) and dense.dtype == sparse.dtype:
+        from .triton_interaction import FusedDotInteraction
+        return FusedDotInteraction.apply(dense, sparse, self_interaction, pad_to)
     return dot_interaction_reference(dense, sparse, self_interaction, pad_to)

@@ -1,0 +1,52 @@
+"""Embedding row gather (+ sum pooling) for the lookup path, and the per-unique-key gradient reduction.
+
+`gather_rows` and `gather_sum` are what callers use: the Triton kernels on CUDA
+(16-byte row loads; see triton_gather.py), the torch references elsewhere.
+Their backward is `reduce_by_key`: the gradients of every occurrence of a row
+summed into one gradient per unique row.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import use_fused
+
+
+def gather_rows_reference(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table [N, D] (rows may be strided), idx [M] int -> [M, D]."""
+    return table[idx]
+
+
+def gather_sum_reference(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """table [N, D], idx [B, L] int -> [B, D]: each bag's rows summed."""
+    return table[idx].sum(1)
+
+
+def reduce_by_key_reference(grads: torch.Tensor, inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
+    """grads [M, D], inverse [M] in [0, num_unique) -> [num_unique, D]: out[u] = sum of grads[m] with inverse[m] == u."""
+    out = torch.zeros((num_unique, grads.shape[1]), device=grads.device, dtype=torch.float32)
+    return out.index_add_(0, inverse, grads.float()).to(grads.dtype)
+
+
+def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Dispatch (autograd through `reduce_by_key`): table [N, D], idx [M] -> [M, D]."""
+    if use_fused(table):
+        from .triton_gather import GatherRows
+        return GatherRows.apply(table, idx)
+    return gather_rows_reference(table, idx)
+
+
+def gather_sum(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Dispatch: table [N, D], idx [B, L] -> [B, D] bag sums."""
+    if use_fused(table):
+        from .triton_gather import GatherSum
+        return GatherSum.apply(table, idx)
+    return gather_sum_reference(table, idx)
+
+
+def reduce_by_key(grads: torch.Tensor, inverse: torch.Tensor, num_unique: int) -> torch.Tensor:
+    """Dispatch: grads [M, D], inverse [M] -> [num_unique, D] per-key sums (fp32 accumulation)."""
+    if use_fused(grads):
+        from .triton_gather import reduce_by_key_forward
+        return reduce_by_key_forward(grads, inverse, num_unique)
+    return reduce_by_key_reference(grads, inverse, num_unique)

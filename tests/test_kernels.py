@@ -1,0 +1,205 @@
+"""Fused kernels against their torch references, forward and backward, fp32 and bf16.
+
+Without CUDA the Triton launchers run on CPU tensors through Triton's
+interpreter (TRITON_INTERPRET=1, set here before any Triton kernel is defined);
+with CUDA they run compiled on the GPU. Inputs are fresh random draws; the
+reference runs in float64; tolerances are relative norms fit to the dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from terarec.kernels import cross_v1, cross_v2, dot_interaction, fused_mlp, gather_rows, gather_sum  # noqa: E402
+from terarec.kernels.cross import cross_v1_reference, cross_v2_reference  # noqa: E402
+from terarec.kernels.gather import (gather_rows_reference, gather_sum_reference,  # noqa: E402
+                                    reduce_by_key_reference)
+from terarec.kernels.interaction import dot_interaction_reference  # noqa: E402
+from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference  # noqa: E402
+from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2  # noqa: E402
+from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward, unpack_bits  # noqa: E402
+from terarec.kernels.triton_gather import GatherRows, GatherSum, reduce_by_key_forward  # noqa: E402
+from terarec.kernels.triton_interaction import FusedDotInteraction  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+gpu = pytest.mark.gpu
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_()
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_close(actual, expected, dtype, what, floor=0.0):
+    """Relative norm error under the dtype's tolerance (or `floor`, twice the same-dtype reference's own error)."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    error, tolerance = relative_error(actual, expected), max(TOLERANCE[dtype], floor)
+    assert error < tolerance, f"{what}: relative error {error:.2e} over {tolerance:.1e} ({dtype})"
+
+
+def outputs_and_grads(fn, inputs, grad):
+    out = fn(*inputs)
+    return [out, *torch.autograd.grad(out, [x for x in inputs if x.is_floating_point()], grad.to(out.dtype))]
+
+
+def check_against_reference(fused, reference, inputs, dtype):
+    """fused(*inputs) vs reference(*float64 inputs): output and the gradient of every float input.
+
+    The tolerance is the dtype's, or twice the error of the reference itself run
+    in the inputs' dtype (rounding that compounds through layers in bf16).
+    """
+    ref_inputs = [x.detach().double().requires_grad_() if x.is_floating_point() else x for x in inputs]
+    ref_out = reference(*ref_inputs)
+    grad = torch.randn_like(ref_out)
+    expected = outputs_and_grads(reference, ref_inputs, grad)
+    same_dtype = outputs_and_grads(reference, inputs, grad) if dtype != torch.float32 else expected
+    actual = outputs_and_grads(fused, inputs, grad)
+    assert actual[0].shape == expected[0].shape
+    for i, (a, s, e) in enumerate(zip(actual, same_dtype, expected)):
+        assert_close(a, e, dtype, "forward" if i == 0 else f"gradient of float input {i - 1}",
+                     floor=2 * relative_error(s, e))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("self_interaction, pad_to, num_sparse, dim", [
+    (False, None, 26, 32), (True, 8, 5, 24), (False, 32, 3, 16)])
+def test_dot_interaction(dtype, self_interaction, pad_to, num_sparse, dim):
+    inputs = [rand(6, dim, dtype=dtype), rand(6, num_sparse, dim, dtype=dtype)]
+    check_against_reference(lambda d, s: FusedDotInteraction.apply(d, s, self_interaction, pad_to),
+                            lambda d, s: dot_interaction_reference(d, s, self_interaction, pad_to), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("matrix", [False, True])
+def test_cross(dtype, matrix):
+    dim = 24
+    inputs = [rand(70, dim, dtype=dtype), rand(70, dim, dtype=dtype),
+              rand(*((dim, dim) if matrix else (dim,)), dtype=dtype, scale=dim ** -0.5), rand(dim, dtype=dtype)]
+    fused, reference = (FusedCrossV2, cross_v2_reference) if matrix else (FusedCrossV1, cross_v1_reference)
+    check_against_reference(fused.apply, reference, inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("last_activation", [False, True])
+def test_fused_mlp(dtype, last_activation):
+    sizes = [13, 48, 80, 16]
+    weights = [rand(o, i, dtype=dtype, scale=i ** -0.5) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rand(o, dtype=dtype) for o in sizes[1:]]
+    inputs = [rand(70, 13, dtype=dtype), *weights, *biases]
+    n = len(weights)
+    check_against_reference(
+        lambda x, *p: FusedMLPFunction.apply(x, last_activation, 0.0, *p),
+        lambda x, *p: fused_mlp_reference(x, list(p[:n]), list(p[n:]), last_activation), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_dropout_bitmask(dtype):
+    p = 0.3
+    h = torch.randn(70, 100, device=DEVICE).to(dtype)
+    out, words = relu_dropout(h, p)
+    keep = unpack_bits(words, 100)
+    assert words.dtype == torch.int32 and words.shape == (70, 4)
+    assert_close(out, torch.where(keep, h.double().relu() / (1 - p), 0.0), dtype, "forward")
+    assert not keep[h <= 0].any()
+    kept = keep[h > 0].double().mean().item()
+    assert abs(kept - (1 - p)) < 0.06, f"kept fraction {kept:.3f} of positive inputs, expected {1 - p}"
+    grad = torch.randn(70, 100, device=DEVICE).to(dtype)
+    d_pre, d_bias = relu_mask_backward(grad, words, 1 / (1 - p))
+    ref = torch.where(keep, grad.double() / (1 - p), 0.0)
+    assert_close(d_pre, ref, dtype, "backward")
+    assert_close(d_bias, ref.sum(0), torch.float32, "bias gradient")
+
+
+def test_bitmask_is_an_eighth_of_a_bool_mask():
+    h = torch.randn(64, 256, device=DEVICE)
+    _, words = relu_dropout(h, 0.5)
+    bool_mask = h > 0
+    assert words.numel() * words.element_size() * 8 == bool_mask.numel() * bool_mask.element_size()
+
+
+def test_fused_mlp_dropout_matches_its_masks():
+    """With dropout: the same seed gives the same masks, and forward and backward are the reference MLP's
+    with the masks the kernel drew (read back through an identity last layer)."""
+    weights = [rand(32, 8, scale=0.3), torch.eye(32, device=DEVICE).requires_grad_()]
+    biases = [rand(32), rand(32)]
+    x = rand(40, 8)
+    torch.manual_seed(7)
+    out = FusedMLPFunction.apply(x, False, 0.5, *weights, *biases)
+    torch.manual_seed(7)
+    assert torch.equal(out, FusedMLPFunction.apply(x, False, 0.5, *weights, *biases))
+    keep = (out - biases[1]).detach() != 0
+
+    def reference(x, w0, w1, b0, b1):
+        return fused_mlp_reference(x, [w0], [b0], last_activation=True) * keep * 2.0 @ w1.t() + b1
+
+    inputs = [x, *weights, *biases]
+    assert 0.1 < keep.double().mean().item() < 0.4          # about half positive, half of those kept
+    def fused(*inputs):
+        torch.manual_seed(7)
+        return FusedMLPFunction.apply(inputs[0], False, 0.5, *inputs[1:])
+
+    check_against_reference(fused, reference, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_rows_and_sum(dtype):
+    store_values = torch.randn(50, 40, device=DEVICE).to(dtype)
+    table = store_values[:, :24].detach().requires_grad_()           # strided rows, like a store's values
+    idx = torch.randint(0, 50, (70,), device=DEVICE)
+    check_against_reference(GatherRows.apply, gather_rows_reference, [table, idx], dtype)
+    bags = torch.randint(0, 50, (20, 5), device=DEVICE)
+    check_against_reference(GatherSum.apply, gather_sum_reference, [table, bags], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_by_key(dtype):
+    grads = torch.randn(90, 24, device=DEVICE).to(dtype)
+    inverse = torch.randint(0, 11, (90,), device=DEVICE)
+    assert_close(reduce_by_key_forward(grads, inverse, 11), reduce_by_key_reference(grads.double(), inverse, 11),
+                 dtype, "reduce_by_key")
+
+
+def test_dispatchers_use_references_on_cpu():
+    x = torch.randn(4, 8)
+    assert torch.equal(dot_interaction(x, x.view(4, 1, 8)), dot_interaction_reference(x, x.view(4, 1, 8)))
+    w, b = torch.randn(8), torch.randn(8)
+    assert torch.equal(cross_v1(x, x, w, b), cross_v1_reference(x, x, w, b))
+    w2 = torch.randn(8, 8)
+    assert torch.equal(cross_v2(x, x, w2, b), cross_v2_reference(x, x, w2, b))
+    table = torch.randn(10, 8)
+    idx = torch.tensor([1, 1, 3])
+    assert torch.equal(gather_rows(table, idx), table[idx])
+    assert torch.equal(gather_sum(table, idx.view(1, 3)), table[idx].sum(0, keepdim=True))
+    assert torch.equal(fused_mlp(x, [torch.eye(8)], [b]), fused_mlp_reference(x, [torch.eye(8)], [b]))
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dispatchers_run_fused_on_cuda(monkeypatch):
+    """The public ops take the fused path on CUDA and agree with TERAREC_FUSED=0."""
+    dense, sparse = torch.randn(64, 128, device="cuda"), torch.randn(64, 26, 128, device="cuda")
+    weights = [torch.randn(64, 479, device="cuda") * 0.05, torch.randn(1, 64, device="cuda") * 0.1]
+    biases = [torch.randn(64, device="cuda"), torch.randn(1, device="cuda")]
+
+    def step():
+        out = fused_mlp(dot_interaction(dense, sparse), weights, biases)
+        return out, dot_interaction(dense, sparse).grad_fn
+
+    fused_out, fused_node = step()
+    monkeypatch.setenv("TERAREC_FUSED", "0")
+    eager_out, eager_node = step()
+    assert type(fused_node).__name__.startswith("FusedDotInteraction")
+    assert not type(eager_node or object()).__name__.startswith("FusedDotInteraction")
+    assert_close(fused_out, eager_out.double(), torch.float32, "DLRM-shaped forward")
