@@ -18,20 +18,15 @@ import torch.nn.functional as F
 
 from terarec.kernels.comm import Communicator, LocalCommunicator
 from terarec.models import Batch, Embedding, build_model, model_spec
+from terarec.platform.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
 from terarec.platform.config import TrainConfig
 from terarec.platform.data.reader import BatchReader, count_rows, label_columns_of_files, list_split_files
 from terarec.platform.metrics import log_loss, roc_auc
-from terarec.store import load_store, make_sparse_optimizer, save_store
+from terarec.store import make_sparse_optimizer, save_store
 from terarec.store.factory import make_store
 from terarec.store.sharded import BucketMap, ShardedRows
 
 NUM_DENSE, NUM_SPARSE = 13, 26
-DENSE_FILE, META_FILE = "dense.pt", "meta.json"
-
-
-def shard_file(rank: int, world_size: int) -> str:
-    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
-
 
 @dataclass
 class StepLog:
@@ -172,24 +167,21 @@ class TrainWorker:
                        os.path.join(directory, DENSE_FILE))
             with open(os.path.join(directory, META_FILE), "w") as stream:
                 json.dump({"step": self.step, "world_size": self.world_size, "model": self.config.model,
+                           "embedding_dim": self.store.dim,
                            "num_buckets": self.config.embedding.num_buckets,
                            "label_columns": self.label_columns,
                            "config": self.config.model_dump(mode="json")}, stream, indent=1)
 
     def restore(self, directory: str) -> int:
         """Load a checkpoint written by any world size: this rank keeps the keys of the buckets it owns now."""
-        with open(os.path.join(directory, META_FILE)) as stream:
-            meta = json.load(stream)
-        if meta["num_buckets"] != self.config.embedding.num_buckets:
-            raise ValueError(f"checkpoint {directory} has {meta['num_buckets']} buckets; the job has "
+        checkpoint = open_checkpoint(directory)
+        if checkpoint.meta["num_buckets"] != self.config.embedding.num_buckets:
+            raise ValueError(f"checkpoint {directory} has {checkpoint.meta['num_buckets']} buckets; the job has "
                              f"embedding.num_buckets={self.config.embedding.num_buckets}")
-        dense = torch.load(os.path.join(directory, DENSE_FILE), map_location=self.device, weights_only=True)
-        self.model.load_state_dict(dense["model"])
-        self.optimizer.load_state_dict(dense["optimizer"])
-        shards = [os.path.join(directory, shard_file(r, meta["world_size"])) for r in range(meta["world_size"])]
-        keep = BucketMap(self.config.embedding.num_buckets, self.world_size).owns(self.rank)
-        load_store(self.store, shards, keep=keep)
-        self.step = meta["step"]
+        self.model.load_state_dict(checkpoint.dense_state["model"])
+        self.optimizer.load_state_dict(checkpoint.dense_state["optimizer"])
+        checkpoint.load_rows(self.store, keep=BucketMap(self.config.embedding.num_buckets, self.world_size).owns(self.rank))
+        self.step = checkpoint.step
         return self.step
 
 

@@ -75,6 +75,7 @@ class TrainConfig(Strict):
     workers: int | tuple[int, int] = Field(default=1, description="N, or [min, max] for an elastic job")
     max_failures: int = Field(default=0, ge=-1, description="restarts from the latest checkpoint after a failure (-1: forever)")
     use_gpu: bool | None = Field(default=None, description="default: use GPUs when the cluster has them")
+    cpus_per_worker: float | None = Field(default=None, gt=0, description="default: the local CPUs split over max workers")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints (0: only at the end)")
     log_every: int = Field(default=50, gt=0)
     resume_from: str | None = Field(default=None, description="a checkpoint directory, or 'latest' in run_dir")

@@ -59,7 +59,8 @@ def run_training(config: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=_worker_resources(config, use_gpu)),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run_dir,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3)),
@@ -73,6 +74,14 @@ def run_training(config: TrainConfig) -> dict:
     with open(os.path.join(run_dir, "metrics.json"), "w") as stream:
         json.dump(metrics, stream, indent=1, default=str)
     return metrics
+
+
+def _worker_resources(config: TrainConfig, use_gpu: bool) -> dict:
+    """CPUs per worker: as configured, else this cluster's CPUs split over the most workers (torch threads follow)."""
+    import ray
+
+    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.max_workers)
+    return {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
 
 
 def _cluster_has_gpus() -> bool:

@@ -1,0 +1,37 @@
+"""Writes a benchmark's figures with the device, date and commit to bench/results/NAME.json."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(RESULTS)).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def record(name: str, figures: dict, settings: dict | None = None) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as stream:
+        json.dump({"benchmark": name, "device": device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "commit": commit(), "torch": torch.__version__, "settings": settings or {}, "figures": figures},
+                  stream, indent=1)
+    print(f"wrote {path}")
+    return path

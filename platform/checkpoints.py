@@ -1,0 +1,61 @@
+"""Reading a training checkpoint as a whole: meta, the dense model, and every shard's rows.
+
+Layout of a checkpoint directory (written by the training workers):
+  meta.json                      step, world size, buckets, model, label columns, the job config
+  dense.pt                       dense model state_dict and its optimizer (rank 0)
+  shard-RRRRR-of-WWWWW.pt        one store snapshot per worker
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from terarec.store import DeviceStore, load_store, make_sparse_optimizer
+
+from .config import TrainConfig
+
+
+DENSE_FILE, META_FILE = "dense.pt", "meta.json"
+
+
+def shard_file(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.pt"
+
+
+@dataclass
+class CheckpointContents:
+    directory: str
+    meta: dict
+    config: TrainConfig
+    dense_state: dict
+
+    @property
+    def step(self) -> int:
+        return self.meta["step"]
+
+    def shard_paths(self) -> list[str]:
+        world = self.meta["world_size"]
+        return [os.path.join(self.directory, shard_file(rank, world)) for rank in range(world)]
+
+    def load_rows(self, store: DeviceStore | None = None, keep=None) -> DeviceStore:
+        """All shards' rows (or those `keep` selects) in one store."""
+        if store is None:
+            store = DeviceStore(self.meta.get("embedding_dim") or self.config.embedding.dim,
+                                make_sparse_optimizer(self.config.embedding.optimizer, self.config.embedding.lr),
+                                seed=self.config.seed, init_scale=self.config.embedding.init_scale)
+        load_store(store, self.shard_paths(), keep=keep)
+        return store
+
+
+def open_checkpoint(directory: str) -> CheckpointContents:
+    meta_path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{directory} is not a terarec checkpoint: it has no meta.json")
+    with open(meta_path) as stream:
+        meta = json.load(stream)
+    config = TrainConfig.model_validate(meta["config"])
+    dense_state = torch.load(os.path.join(directory, DENSE_FILE), map_location="cpu", weights_only=True)
+    return CheckpointContents(directory, meta, config, dense_state)

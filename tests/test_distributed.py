@@ -1,0 +1,111 @@
+"""Sharded training on a real local Ray: N workers equal 1, exact resume, resharding, a killed worker."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from terarec.platform.checkpoints import open_checkpoint
+from terarec.platform.config import load_config
+from terarec.platform.runner import run_training
+
+pytestmark = pytest.mark.slow
+STEPS, HALF = 6, 3
+
+
+def job_overrides(workers, **extra):
+    settings = {"workers": workers, "cpus_per_worker": 0.5, "embedding.dim": 8, "dlrm.bottom_mlp": "[16]",
+                "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam",
+                "eval_rows": 2000, "log_every": 2, "steps": STEPS, "batch_size": 240, "seed": 5} | extra
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def job(data, run_dir, workers, **extra):
+    return load_config(overrides=job_overrides(workers, **extra), flags={"data": data, "run_dir": str(run_dir)})
+
+
+def final_state(metrics):
+    """(dense params, keys sorted, values sorted) of the run's final checkpoint."""
+    checkpoint = open_checkpoint(metrics["checkpoint"])
+    keys, values = checkpoint.load_rows().export()
+    return checkpoint.dense_state["model"], keys, values
+
+
+def assert_same_training(a, b):
+    dense_a, keys_a, values_a = a
+    dense_b, keys_b, values_b = b
+    assert dense_a.keys() == dense_b.keys()
+    for name in dense_a:
+        torch.testing.assert_close(dense_a[name], dense_b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.equal(keys_a, keys_b)
+    torch.testing.assert_close(values_a, values_b, rtol=1e-4, atol=1e-5)
+
+
+def checkpoint_at(run_dir, step):
+    for root, _dirs, files in os.walk(run_dir):
+        if "meta.json" in files and open_checkpoint(root).step == step:
+            return root
+    raise AssertionError(f"no checkpoint at step {step} under {run_dir}")
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, synth_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for workers in (1, 2, 3):
+        out[workers] = run_training(job(synth_data, base / f"w{workers}", workers, checkpoint_every=HALF))
+    out["base"] = base
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_n_workers_equal_one_worker(runs, workers):
+    assert runs[workers]["steps"] == STEPS
+    assert_same_training(final_state(runs[1]), final_state(runs[workers]))
+    assert abs(runs[1]["auc"] - runs[workers]["auc"]) < 1e-4
+
+
+@pytest.mark.parametrize("first, second", [(1, 1), (2, 3), (3, 2)], ids=["resume", "reshard-2-to-3", "reshard-3-to-2"])
+def test_resume_and_reshard_equal_an_uninterrupted_run(runs, synth_data, first, second):
+    middle = checkpoint_at(runs["base"] / f"w{first}", HALF)
+    resumed = run_training(job(synth_data, runs["base"] / f"resume-{first}-{second}", second, resume_from=middle))
+    assert resumed["steps"] == STEPS
+    assert_same_training(final_state(runs[1]), final_state(resumed))
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, tmp_path):
+    """SIGKILL one training worker mid-run: Ray Train restarts the group from the last checkpoint."""
+    from ray.util.state import list_actors
+
+    run_dir = tmp_path / "killed"
+    settings = job_overrides(2, steps=60, checkpoint_every=10, max_failures=2)
+    command = [sys.executable, "-m", "terarec.platform.cli", "train", "--data", synth_data, "--run-dir", str(run_dir)]
+    command += [arg for setting in settings for arg in ("--set", setting)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and killed is None:
+        if any(open_checkpoint(root).step >= 10 for root, _d, files in os.walk(run_dir) if "meta.json" in files):
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed is not None, "the run never wrote its first checkpoint"
+    assert process.wait(timeout=300) == 0, "".join(output)
+    reader.join(timeout=5)
+    log = "".join(output)
+    assert "restored step" in log, log
+    metrics = final_state({"checkpoint": checkpoint_at(run_dir, 60)})
+    uninterrupted = run_training(job(synth_data, tmp_path / "clean", 2, steps=60, checkpoint_every=10, max_failures=2))
+    assert_same_training(final_state(uninterrupted), metrics)
