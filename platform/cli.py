@@ -23,6 +23,7 @@ class UserError(Exception):
 def _add_train(subparsers) -> None:
     train = subparsers.add_parser("train", help="train a model on a local Ray or a cluster")
     train.add_argument("--config", help="YAML config file")
+    train.add_argument("--config-json", help="the whole config as one JSON object (what the control plane submits)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key (dotted, YAML value), e.g. --set embedding.dim=32")
     train.add_argument("--model", help="dlrm, lr, ... (see `terarec models`)")
@@ -39,7 +40,8 @@ def _add_train(subparsers) -> None:
 def _train(args) -> int:
     flags = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items()}
     flags["resume_from"] = args.resume
-    config = load_config(args.config, args.set, flags)
+    tree = parse_json_config(args.config_json) if args.config_json else None
+    config = load_config(args.config, args.set, flags, tree)
     from .runner import run_training
 
     metrics = run_training(config)
@@ -47,6 +49,16 @@ def _train(args) -> int:
     print(f"[terarec] done: {json.dumps(summary)}")
     print(f"[terarec] metrics: {config.run_dir}/metrics.json")
     return 0
+
+
+def parse_json_config(text: str) -> dict:
+    try:
+        tree = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--config-json is not valid JSON: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError("--config-json must be a JSON object")
+    return tree
 
 
 def _models(args) -> int:

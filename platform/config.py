@@ -187,9 +187,10 @@ def validate_config(tree: dict) -> TrainConfig:
         raise ConfigError(format_validation_error(error)) from None
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None, flags: dict | None = None) -> TrainConfig:
-    """File, then --set overrides, then explicit flags (None values ignored)."""
-    tree = read_yaml(path) if path else {}
+def load_config(path: str | None = None, overrides: list[str] | None = None, flags: dict | None = None,
+                tree: dict | None = None) -> TrainConfig:
+    """File, then a config tree (e.g. JSON from the API), then --set overrides, then explicit flags (None ignored)."""
+    tree = merge(read_yaml(path) if path else {}, tree or {})
     tree = merge(tree, parse_overrides(overrides or []))
     for key, value in (flags or {}).items():
         if value is not None:
