@@ -1,0 +1,234 @@
+"""The SSD table: a persistent table of value rows under one directory, with snapshots.
+
+Layout of `path/`:
+  chunk-<c>.g<gen>.bin   `chunk_rows` fixed-width records (value_width float32 each); row r of the table is
+                         record r % chunk_rows of chunk r // chunk_rows
+  keys-<id>.bin          the keys of snapshot <id>, int64, in slot order (key i owns row i)
+  snapshot-<id>.json     a manifest: shape, optimizer, step, and every file of the snapshot with size and CRC-32
+  CURRENT                the name of the latest manifest, replaced atomically
+
+A snapshot is a consistent point: `commit` syncs the chunks, writes the keys and a
+manifest, then swaps CURRENT. Chunk files named by a snapshot are never changed:
+the first write to one afterwards copies it to the next generation
+(copy-on-write), so reopening after a crash gives the last snapshot exactly.
+Opening checks every file's size and checksum and names the file that fails.
+One process writes a table at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "terarec-ssd-table"
+VERSION = 1
+_CRC_BLOCK = 64 << 20
+
+
+class DamagedTableError(ValueError):
+    """A file of an SSD table is missing, truncated or fails its checksum."""
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SsdTable:
+    """Rows addressed by slot in chunk files under `path`; `meta` (dim, optimizer…) must match on reopening.
+
+    >>> import tempfile
+    >>> table = SsdTable(tempfile.mkdtemp(), value_width=2, meta={"dim": 2}, chunk_rows=4)
+    >>> table.reserve(5); table.write(torch.tensor([4]), torch.ones(1, 2))
+    >>> table.commit(torch.arange(5), step=1)
+    1
+    """
+
+    name = "ssd"
+
+    def __init__(self, path: str | os.PathLike, value_width: int, meta: dict, chunk_rows: int = 1 << 16,
+                 keep: int = 2, verify: bool = True):
+        self.root = Path(path)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.value_width = value_width
+        self.meta = {**meta, "value_width": value_width}
+        self.chunk_rows = chunk_rows
+        self.keep = keep
+        self.chunks: list[np.memmap] = []
+        self.chunk_gens: list[int] = []
+        self.chunk_crcs: list[int | None] = []
+        self.frozen: list[bool] = []  # named by a snapshot: copy before writing
+        self.snapshot_id = 0
+        self.step = 0
+        self.keys = torch.empty(0, dtype=torch.int64)  # of the snapshot opened
+        self.kept: list[dict] = []
+        self.bytes_read = self.bytes_written = 0
+        if (self.root / "CURRENT").exists():
+            self._open(verify)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * self.value_width * 4
+
+    def _chunk_path(self, chunk: int, gen: int) -> Path:
+        return self.root / f"chunk-{chunk:06d}.g{gen:06d}.bin"
+
+    def _map(self, chunk: int) -> np.memmap:
+        path = self._chunk_path(chunk, self.chunk_gens[chunk])
+        return np.memmap(path, dtype=np.float32, mode="r+", shape=(self.chunk_rows, self.value_width))
+
+    def _check(self, path: Path, size: int, crc: int, manifest: Path, verify: bool) -> None:
+        if not path.exists():
+            raise DamagedTableError(f"SSD table file {path} is missing (named by {manifest}); restore the directory "
+                                    f"from a backup or start a new table elsewhere")
+        actual = path.stat().st_size
+        if actual != size:
+            raise DamagedTableError(f"SSD table file {path} is truncated or damaged: {actual} bytes, {manifest} "
+                                    f"says {size}; restore the directory from a backup or start a new table elsewhere")
+        if verify and _crc32(path) != crc:
+            raise DamagedTableError(f"SSD table file {path} is damaged: its CRC-32 does not match {manifest}; "
+                                    f"restore the directory from a backup or start a new table elsewhere")
+
+    def _open(self, verify: bool) -> None:
+        current = self.root / "CURRENT"
+        manifest_path = self.root / current.read_text().strip()
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}")
+        except (OSError, ValueError) as error:
+            raise DamagedTableError(f"SSD table manifest {manifest_path} is missing or damaged ({error}); restore "
+                                    f"the directory from a backup or start a new table elsewhere") from error
+        if manifest["version"] != VERSION:
+            raise ValueError(f"SSD table {self.root} has format version {manifest['version']}; this terarec reads {VERSION}")
+        stored = {k: manifest["meta"].get(k) for k in self.meta}
+        if stored != self.meta:
+            raise ValueError(f"SSD table {self.root} holds rows of {manifest['meta']}; this store expects {self.meta}. "
+                             f"Point store.path at another directory or match the embedding dim and optimizer")
+        self.chunk_rows = manifest["chunk_rows"]
+        for chunk, entry in enumerate(manifest["chunks"]):
+            self._check(self.root / entry["file"], self.chunk_bytes, entry["crc32"], manifest_path, verify)
+            self.chunk_gens.append(entry["gen"])
+            self.chunk_crcs.append(entry["crc32"])
+            self.frozen.append(True)
+            self.chunks.append(self._map(chunk))
+        keys_path = self.root / manifest["keys"]["file"]
+        self._check(keys_path, manifest["keys"]["bytes"], manifest["keys"]["crc32"], manifest_path, verify)
+        self.keys = torch.from_numpy(np.fromfile(keys_path, dtype=np.int64))
+        self.snapshot_id = manifest["snapshot"]
+        self.step = manifest["step"]
+        self.kept = [manifest]
+
+    # -- the tier interface ------------------------------------------------------------------------
+
+    def reserve(self, rows: int) -> None:
+        while len(self.chunks) * self.chunk_rows < rows:
+            chunk = len(self.chunks)
+            with open(self._chunk_path(chunk, 0), "wb") as f:
+                f.truncate(self.chunk_bytes)
+            self.chunk_gens.append(0)
+            self.chunk_crcs.append(None)
+            self.frozen.append(False)
+            self.chunks.append(self._map(chunk))
+
+    def _by_chunk(self, slots: np.ndarray):
+        """Yield (chunk, positions in `slots`, records in the chunk), one chunk at a time."""
+        chunk_of = slots // self.chunk_rows
+        order = np.argsort(chunk_of, kind="stable")
+        sorted_chunks = chunk_of[order]
+        bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
+        for group in np.split(order, bounds):
+            if group.size:
+                chunk = int(chunk_of[group[0]])
+                yield chunk, group, slots[group] - chunk * self.chunk_rows
+
+    def read(self, slots: torch.Tensor) -> torch.Tensor:
+        """[N] slots -> [N, W] rows (CPU)."""
+        slots = slots.cpu().numpy()
+        out = np.empty((slots.size, self.value_width), dtype=np.float32)
+        for chunk, positions, records in self._by_chunk(slots):
+            out[positions] = self.chunks[chunk][records]
+        self.bytes_read += out.nbytes
+        return torch.from_numpy(out)
+
+    peek = read
+
+    def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        slots = slots.cpu().numpy()
+        values = values.detach().cpu().numpy()
+        for chunk, positions, records in self._by_chunk(slots):
+            if self.frozen[chunk]:
+                self._copy_on_write(chunk)
+            self.chunks[chunk][records] = values[positions]
+            self.chunk_crcs[chunk] = None
+        self.bytes_written += values.nbytes
+
+    def _copy_on_write(self, chunk: int) -> None:
+        source = self._chunk_path(chunk, self.chunk_gens[chunk])
+        self.chunks[chunk] = None
+        self.chunk_gens[chunk] += 1
+        shutil.copyfile(source, self._chunk_path(chunk, self.chunk_gens[chunk]))
+        self.chunks[chunk] = self._map(chunk)
+        self.frozen[chunk] = False
+
+    # -- snapshots ---------------------------------------------------------------------------------
+
+    def commit(self, keys: torch.Tensor, step: int) -> int:
+        """Make the current rows, `keys` (in slot order) and `step` the next snapshot; returns its id."""
+        snapshot = self.snapshot_id + 1
+        entries = []
+        for chunk, mapped in enumerate(self.chunks):
+            path = self._chunk_path(chunk, self.chunk_gens[chunk])
+            if self.chunk_crcs[chunk] is None:
+                mapped.flush()
+                self.chunk_crcs[chunk] = _crc32(path)
+            entries.append({"file": path.name, "gen": self.chunk_gens[chunk], "crc32": self.chunk_crcs[chunk]})
+        keys_bytes = keys.cpu().numpy().astype(np.int64).tobytes()
+        keys_name = f"keys-{snapshot:06d}.bin"
+        _write_durably(self.root / keys_name, keys_bytes)
+        manifest = {"format": FORMAT, "version": VERSION, "snapshot": snapshot, "step": step, "meta": self.meta,
+                    "rows": int(keys.numel()), "chunk_rows": self.chunk_rows, "chunks": entries,
+                    "keys": {"file": keys_name, "bytes": len(keys_bytes), "crc32": zlib.crc32(keys_bytes)}}
+        manifest_name = f"snapshot-{snapshot:06d}.json"
+        _write_durably(self.root / manifest_name, json.dumps(manifest, indent=1).encode())
+        _write_durably(self.root / "CURRENT.tmp", manifest_name.encode())
+        os.replace(self.root / "CURRENT.tmp", self.root / "CURRENT")
+        directory = os.open(self.root, os.O_RDONLY)
+        os.fsync(directory)
+        os.close(directory)
+        self.snapshot_id, self.step = snapshot, step
+        self.frozen = [True] * len(self.chunks)
+        self.kept = [*self.kept, manifest][-self.keep:]
+        self._collect_garbage()
+        return snapshot
+
+    def _collect_garbage(self) -> None:
+        """Delete chunk, key and manifest files that no kept snapshot names."""
+        named = {"CURRENT"}
+        for manifest in self.kept:
+            named |= {entry["file"] for entry in manifest["chunks"]}
+            named |= {manifest["keys"]["file"], f"snapshot-{manifest['snapshot']:06d}.json"}
+        for path in self.root.iterdir():
+            if path.name not in named and path.name.startswith(("chunk-", "keys-", "snapshot-")):
+                path.unlink()
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{self.name}_bytes_read": float(self.bytes_read), f"{self.name}_bytes_written": float(self.bytes_written),
+                f"{self.name}_snapshot": float(self.snapshot_id)}

@@ -1,0 +1,151 @@
+"""Store options `cached_host` and `cached_ssd`: a bounded fast-tier cache in front of a larger table.
+
+The encoder maps key -> backing slot (the row's place in the bottom table) and
+never forgets a key; the cache levels (`cache.py`) hold the working set. Rows
+are touched only in the top level: `lookup` makes the batch's rows resident and
+reads them, `update` applies the optimizer to them there and marks them dirty.
+
+A batch with more unique keys than the cache holds is served in cache-sized
+pieces: each piece is made resident and read (or updated) before the next, so
+rows of earlier pieces may be evicted again within the batch. It is correct,
+only slower; a cache at least as large as a batch avoids it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import EmbeddingStore
+from .cache import CacheLevel, pieces
+from .encoder import IdEncoder
+from .optim import SparseOptimizer
+
+
+class TieredStore(EmbeddingStore):
+    """Rows in `cache` (a CacheLevel, possibly over further levels) in front of `table` (HostTable or SsdTable).
+
+    >>> from terarec.store.host import HostTable
+    >>> from terarec.store.optim import SparseSGD
+    >>> table = HostTable(value_width=4)
+    >>> store = TieredStore(4, SparseSGD(lr=0.1), CacheLevel(table, 4, capacity=2), table)
+    >>> store.lookup(torch.tensor([7, 9, 11])).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, dim: int, optimizer: SparseOptimizer, cache: CacheLevel, table, seed: int = 0,
+                 init_scale: float = 0.05):
+        super().__init__(dim, optimizer, seed, init_scale)
+        if cache.value_width != self.value_width:
+            raise ValueError(f"cache rows are {cache.value_width} floats wide; this store needs {self.value_width}")
+        self.cache = cache
+        self.table = table
+        self.device = cache.device
+        keys = getattr(table, "keys", torch.empty(0, dtype=torch.int64))
+        self.encoder = IdEncoder.from_items(keys, torch.arange(keys.numel()), device=self.device)
+        self.cache.reserve(len(self.encoder))
+        self.step = getattr(table, "step", 0)
+        self.lookups = 0
+        self.inserts = 0
+        self._batch_clock = 0  # the cache clock when the last lookup began; prefetch protects that batch
+        self._batch_size = 0
+
+    def __len__(self) -> int:
+        return len(self.encoder)
+
+    @property
+    def levels(self) -> list[CacheLevel]:
+        """The cache levels from the top down."""
+        levels, level = [], self.cache
+        while isinstance(level, CacheLevel):
+            levels.append(level)
+            level = level.lower
+        return levels
+
+    def _slots(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N] keys -> backing slots [N], fresh [N] (inserted by this call)."""
+        before = len(self.encoder)
+        slots = self.encoder.find_or_insert(keys)
+        fresh = slots >= before
+        if len(self.encoder) > before:
+            self.cache.reserve(len(self.encoder))
+            self.inserts += len(self.encoder) - before
+        return slots, fresh
+
+    def _resident(self, keys: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor, record: bool) -> torch.Tensor:
+        """Cache slots of one piece; fresh keys get their initial values, dirty."""
+        cache_slots = self.cache.resident(slots, skip_fill=fresh, record=record)
+        if bool(fresh.any()):
+            fresh_slots = cache_slots[fresh]
+            self.cache.values[fresh_slots] = self.initial_values(keys[fresh])
+            self.cache.dirty[fresh_slots] = True
+        return cache_slots
+
+    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        keys = keys.to(self.device)
+        self.lookups += keys.numel()
+        self._batch_clock, self._batch_size = self.cache.clock, keys.numel()
+        if insert:
+            slots, fresh = self._slots(keys)
+            held = torch.arange(keys.numel(), device=self.device)
+        else:
+            slots = self.encoder.find(keys)
+            held = (slots >= 0).nonzero().squeeze(1)
+            slots, fresh = slots[held], torch.zeros_like(held, dtype=torch.bool)
+        rows = torch.zeros((keys.numel(), self.dim), device=self.device)
+        held_keys = keys[held]
+        for piece in pieces(held.numel(), self.cache.capacity):
+            cache_slots = self._resident(held_keys[piece], slots[piece], fresh[piece], record=True)
+            rows[held[piece]] = self.cache.values[cache_slots, : self.dim]
+        return rows
+
+    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+        self.step += 1
+        keys = keys.to(self.device)
+        grads = grads.to(self.device, torch.float32)
+        slots, fresh = self._slots(keys)
+        for piece in pieces(keys.numel(), self.cache.capacity):
+            cache_slots = self._resident(keys[piece], slots[piece], fresh[piece], record=False)
+            self.cache.values[cache_slots] = self.optimizer.apply(self.cache.values[cache_slots], grads[piece], self.step)
+            self.cache.dirty[cache_slots] = True
+
+    def prefetch(self, keys: torch.Tensor) -> None:
+        """Make the known keys among the next batch's resident now, keeping the last lookup's rows.
+
+        Keys beyond what the cache can hold beside the last lookup's are left for the next lookup.
+        """
+        slots = self.encoder.find(keys.to(self.device))
+        slots = slots[slots >= 0][: max(self.cache.capacity - self._batch_size, 0)]
+        if slots.numel():
+            self.cache.resident(slots, record=False, protect_from=self._batch_clock)
+
+    def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, slots = self.encoder.items()
+        return keys.cpu(), self.cache.peek(slots).cpu()
+
+    def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        slots, _ = self._slots(keys.to(self.device))
+        self.cache.write(slots, values)
+
+    def flush(self) -> None:
+        """Write dirty rows down every level; an SSD table then commits a snapshot (see `snapshot_id`)."""
+        for level in self.levels:
+            level.flush()
+        if hasattr(self.table, "commit"):
+            self.table.commit(self.encoder.items()[0], self.step)
+
+    def snapshot(self) -> int:
+        """flush(), then the id of the snapshot it made (0 for tables that keep none)."""
+        self.flush()
+        return getattr(self.table, "snapshot_id", 0)
+
+    @property
+    def snapshot_id(self) -> int:
+        return getattr(self.table, "snapshot_id", 0)
+
+    def index_bytes(self) -> int:
+        """Bookkeeping bytes: the encoder's table plus every level's slot map and per-slot state."""
+        return self.encoder.capacity * 16 + sum(level.metadata_bytes() for level in self.levels)
+
+    def metrics(self) -> dict[str, float]:
+        rows = len(self)
+        return {"rows": float(rows), "lookups": float(self.lookups), "inserts": float(self.inserts),
+                "index_bytes_per_row": self.index_bytes() / rows if rows else 0.0, **self.cache.metrics()}
