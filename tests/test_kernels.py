@@ -23,6 +23,7 @@ from terarec.kernels.gather import (gather_rows_reference, gather_sum_reference,
                                     reduce_by_key_reference)
 from terarec.kernels.interaction import dot_interaction_reference  # noqa: E402
 from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference  # noqa: E402
+from terarec.kernels import triton_cross  # noqa: E402
 from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2  # noqa: E402
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward, unpack_bits  # noqa: E402
 from terarec.kernels.triton_gather import GatherRows, GatherSum, reduce_by_key_forward  # noqa: E402
@@ -83,7 +84,8 @@ def test_dot_interaction(dtype, self_interaction, pad_to, num_sparse, dim):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("matrix", [False, True])
-def test_cross(dtype, matrix):
+def test_cross(dtype, matrix, monkeypatch):
+    monkeypatch.setattr(triton_cross, "BWD_PROGRAMS", 2)           # several row blocks per backward program
     dim = 24
     inputs = [rand(70, dim, dtype=dtype), rand(70, dim, dtype=dtype),
               rand(*((dim, dim) if matrix else (dim,)), dtype=dtype, scale=dim ** -0.5), rand(dim, dtype=dtype)]
