@@ -149,7 +149,7 @@ class SynthSummary:
 
 def write_synthetic(out_dir: str, rows: int, seed: int = 0, cardinality_scale: float = 1e-3,
                     tasks: Sequence[str] = ("click",), eval_fraction: float = 0.1, rows_per_file: int = 1_000_000,
-                    row_group_size: int = 65_536) -> SynthSummary:
+                    row_group_size: int = 16_384) -> SynthSummary:
     """Write `rows` synthetic rows: the last `round(rows * eval_fraction)` to `out_dir/eval/`, the rest to
     `out_dir/train/`, plus `out_dir/meta.json`. The same arguments give the same bytes of data."""
     tasks = list(tasks)
