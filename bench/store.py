@@ -1,0 +1,361 @@
+"""Benchmark of the store options (device, cached_host, cached_ssd) and their ceilings, then DLRM on each.
+
+Prints a table, writes JSON to <out>/store-<device>.json and a markdown table to <out>/store.md.
+
+    python bench/store.py --out bench/results            # on a GPU machine
+    python bench/store.py --quick --out /tmp/bench        # a small dry run (CPU works)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from terarec.models import DLRM, Batch, Embedding
+from terarec.store import SparseAdagrad, feature_keys, make_store
+from terarec.store.cache import METADATA_BYTES_PER_SLOT
+
+DIM = 128
+OPTIMIZER = SparseAdagrad(lr=0.01)  # value = row + accumulator: 256 floats, 1 KiB per key
+WIDTH = DIM * 2
+ROW_BYTES = WIDTH * 4
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of fn() over `repeat` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+# -- ceilings -------------------------------------------------------------------------------------------
+
+def ceilings(device: torch.device, rows: int, gather: int) -> dict:
+    out = {}
+    table = torch.randn(rows, WIDTH, device=device)
+    index = torch.randint(0, rows, (gather,), device=device)
+    seconds = timed(lambda: table.index_select(0, index), device, 10)
+    out["gather_GBps"] = 2 * gather * ROW_BYTES / seconds / 1e9  # read + write
+    out["gather_Mrows_s"] = gather / seconds / 1e6
+    del table
+    if device.type == "cuda":
+        host = torch.empty(rows, WIDTH, pin_memory=True).normal_()
+        chunk = host[: min(rows, (256 << 20) // ROW_BYTES)]
+        seconds = timed(lambda: chunk.to(device, non_blocking=True), device, 10)
+        out["h2d_GBps"] = chunk.numel() * 4 / seconds / 1e9
+        try:
+            from terarec.store.host import HostTable
+            mapped = HostTable(WIDTH, device=device, mode="uva")
+            mapped.reserve(rows)
+            mapped.values.copy_(host)
+            seconds = timed(lambda: mapped.read(index), device, 10)
+            out["uva_gather_GBps"] = gather * ROW_BYTES / seconds / 1e9
+            out["uva_gather_Mrows_s"] = gather / seconds / 1e6
+            assert torch.equal(mapped.read(index[:1000]).cpu(), host[index[:1000].cpu()])
+            del mapped
+        except Exception as error:  # reported, not fatal: the copy path still runs
+            out["uva_error"] = repr(error)
+        del host
+    return out
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the kernel to forget a file's cached pages (works without root for clean pages)."""
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def disk_speed(directory: Path, nbytes: int) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "speed.bin"
+    block = np.random.default_rng(0).bytes(64 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(block)):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    out = {"write_GBps": nbytes / (time.perf_counter() - start) / 1e9}
+    drop_from_page_cache(path)
+    fd = os.open(path, os.O_RDONLY)
+    start = time.perf_counter()
+    while os.read(fd, 8 << 20):
+        pass
+    out["seq_read_GBps"] = nbytes / (time.perf_counter() - start) / 1e9
+    os.close(fd)
+    drop_from_page_cache(path)
+    rng = np.random.default_rng(1)
+
+    def random_reads(offsets, counter, index):
+        fd = os.open(path, os.O_RDONLY)
+        for offset in offsets:
+            os.pread(fd, 4096, int(offset))
+        counter[index] = len(offsets)
+        os.close(fd)
+
+    for threads in (1, 16):
+        offsets = rng.integers(0, nbytes // 4096, (threads, 4000)) * 4096
+        counts = [0] * threads
+        workers = [threading.Thread(target=random_reads, args=(offsets[t], counts, t)) for t in range(threads)]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        iops = sum(counts) / (time.perf_counter() - start)
+        out[f"rand4k_{threads}thr_kiops"] = iops / 1e3
+        out[f"rand4k_{threads}thr_GBps"] = iops * 4096 / 1e9
+        drop_from_page_cache(path)
+    path.unlink()
+    return out
+
+
+# -- store throughput at a set hit rate --------------------------------------------------------------
+
+def build(kind: str, device: torch.device, cache_rows: int, host_rows: int, path: Path, mode: str | None = None):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if path.exists():
+        shutil.rmtree(path)
+    store = make_store(kind, DIM, OPTIMIZER, device=device, cache_bytes=cache_rows * (ROW_BYTES + METADATA_BYTES_PER_SLOT),
+                       host_bytes=host_rows * (ROW_BYTES + METADATA_BYTES_PER_SLOT) if host_rows else None,
+                       path=str(path))
+    if mode is not None:
+        store.table.mode = mode
+    return store
+
+
+def store_throughput(store, device: torch.device, universe: int, batch: int, steps: int, cold_path: Path | None) -> dict:
+    """Fill `universe` keys, then uniform random unique batches: LRU hit rate ~ cache rows / universe."""
+    keys = torch.arange(universe, device=device)
+    grads = torch.randn(batch, DIM, device=device) * 1e-3
+    for start in range(0, universe, batch):
+        store.lookup(keys[start:start + batch])
+    batches = [keys[torch.randperm(universe, device=device)[:batch]] for _ in range(steps + 2)]
+    for b in batches[:2]:  # steady state
+        store.lookup(b)
+        store.update(b, grads)
+    if cold_path is not None:
+        store.flush()
+        for chunk in cold_path.glob("chunk-*"):
+            drop_from_page_cache(chunk)
+    before = store.metrics()
+    sync(device)
+    start = time.perf_counter()
+    for b in batches[2:]:
+        store.lookup(b)
+        store.update(b, grads)
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    after = store.metrics()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    looked = delta.get("cache_hits", 0.0) + delta.get("cache_misses", 0.0)
+    moved = sum(v for k, v in delta.items() if k.endswith(("bytes_in", "bytes_out")))
+    out = {"step_ms": seconds * 1e3, "Mrows_s": batch / seconds / 1e6,
+           "GBps": 2 * batch * ROW_BYTES / seconds / 1e9,  # rows (with state) read and written per step
+           "hit_rate": delta["cache_hits"] / looked if looked else 1.0,  # the device store always hits
+           "lower_GBps": moved / steps / seconds / 1e9,
+           "index_bytes_per_row": after.get("index_bytes_per_row", 0.0)}
+    if "host_cache_hits" in delta:
+        host_looked = delta["host_cache_hits"] + delta["host_cache_misses"]
+        out["host_cache_hit_rate"] = delta["host_cache_hits"] / host_looked if host_looked else 1.0
+    return out
+
+
+# -- DLRM -----------------------------------------------------------------------------------------------
+
+def zipf_batches(count: int, batch: int, vocab: int, seed: int) -> list[Batch]:
+    """Raw IDs of rank r in [0, vocab) drawn with probability ~ 1 / (r + 1)^1.05, per feature."""
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** 1.05)
+    out = []
+    for _ in range(count):
+        sparse = np.searchsorted(cdf, rng.random((batch, 26)) * cdf[-1])
+        out.append(Batch(torch.from_numpy(rng.standard_normal((batch, 13), dtype=np.float32)),
+                         torch.from_numpy(sparse.astype(np.int64)),
+                         torch.from_numpy(rng.integers(0, 2, (batch, 1)).astype(np.float32))))
+    return out
+
+
+def dlrm_run(store, device: torch.device, batches: list[Batch], warm: int) -> dict:
+    model = DLRM(Embedding(store), num_dense=13, num_sparse=26).to(device)
+    dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    batches = [b.to(device) for b in batches]
+
+    def step(batch: Batch) -> torch.Tensor:
+        dense_opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(batch), batch.labels)
+        loss.backward()
+        dense_opt.step()
+        model.embedding.apply_gradients()
+        return loss
+
+    for batch in batches[:warm]:
+        step(batch)
+    before = store.metrics()
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches[warm:]:
+        loss = step(batch)
+    sync(device)
+    seconds = time.perf_counter() - start
+    after = store.metrics()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    timed_samples = sum(len(b) for b in batches[warm:])
+    out = {"samples_s": timed_samples / seconds, "loss": float(loss.detach()), "rows": after["rows"],
+           "table_GB": after["rows"] * ROW_BYTES / 1e9}
+    for tier in ("cache", "host_cache"):
+        if f"{tier}_hits" in delta:
+            looked = delta[f"{tier}_hits"] + delta[f"{tier}_misses"]
+            out[f"{tier}_hit_rate"] = delta[f"{tier}_hits"] / looked if looked else 1.0
+            out[f"{tier}_GB"] = after[f"{tier}_capacity_rows"] * ROW_BYTES / 1e9
+    if "index_bytes_per_row" in after:
+        out["index_bytes_per_row"] = after["index_bytes_per_row"]
+    return out
+
+
+def unique_rows(batches: list[Batch]) -> int:
+    return int(torch.unique(torch.cat([feature_keys(b.sparse).flatten() for b in batches])).numel())
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--scratch", default="/tmp/terarec-bench", help="directory for SSD tables (on the disk)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a dry run")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scratch = Path(args.scratch)
+    q = args.quick
+    cache_rows = 1 << (14 if q else 21)  # 2 GiB of rows on the GPU
+    batch = 1 << (11 if q else 17)
+    steps = 4 if q else 12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _git_commit(),
+              "torch": torch.__version__, "dim": DIM, "optimizer": "adagrad", "row_bytes": ROW_BYTES,
+              "cache_rows": cache_rows, "batch_unique_keys": batch}
+    t0 = time.perf_counter()
+    result["ceilings"] = ceilings(device, 2 * cache_rows, batch)
+    result["disk"] = disk_speed(scratch, (64 if q else 2048) << 20)
+    print(f"ceilings {result['ceilings']}\ndisk {result['disk']}  ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    options = [("device", "device", None, 0), ("cached_host", "cached_host", "copy", 0)]
+    if device.type == "cuda" and "uva_error" not in result["ceilings"]:
+        options.append(("cached_host", "cached_host", "uva", 0))
+    options += [("cached_ssd", "cached_ssd", None, 0), ("cached_ssd+host", "cached_ssd", None, cache_rows)]
+    rows = []
+    for hit in (0.5, 0.9, 0.99):
+        universe = int(cache_rows / hit)
+        for label, kind, mode, host_rows in options:
+            if kind == "device" and hit != 0.5:
+                continue
+            store = build(kind, device, cache_rows, host_rows, scratch / "table", mode)
+            figures = store_throughput(store, device, universe, batch, steps, None)
+            rows.append({"option": label + (f" ({mode})" if mode else ""), "target_hit": hit, **figures})
+            print(_fmt(rows[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            del store
+    store = build("cached_ssd", device, cache_rows, 0, scratch / "table")
+    figures = store_throughput(store, device, int(cache_rows / 0.5), batch, steps, scratch / "table")
+    rows.append({"option": "cached_ssd, cold page cache", "target_hit": 0.5, **figures})
+    print(_fmt(rows[-1]), flush=True)
+    start = time.perf_counter()
+    store.flush()
+    result["ssd_snapshot_s"] = time.perf_counter() - start
+    del store
+    result["store"] = rows
+
+    pool = zipf_batches(8 if q else 40, 1024 if q else 16384, 1 << (16 if q else 22), seed=0)
+    table_rows = unique_rows(pool)
+    warm = 4 if q else 15
+    dlrm_cache = max(table_rows // 8, 3 * unique_rows(pool[:1]))  # an eighth of the table, at least 3 batches
+    configs = [("device", "device", 0), ("cached_host", "cached_host", 0),
+               ("cached_ssd+host", "cached_ssd", table_rows // 4)]
+    dlrm = []
+    for label, kind, host_rows in configs:
+        store = build(kind, device, dlrm_cache, host_rows, scratch / "dlrm")
+        dlrm.append({"option": label, **dlrm_run(store, device, pool, warm)})
+        print(_fmt(dlrm[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        del store
+    result["dlrm"] = {"batch": len(pool[0]), "table_rows": table_rows, "cache_rows": dlrm_cache, "runs": dlrm}
+    shutil.rmtree(scratch, ignore_errors=True)
+    write(result, Path(args.out))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _fmt(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    slug = result["device"].lower().replace(" ", "-")
+    (out / f"store-{slug}.json").write_text(json.dumps(result, indent=1))
+    c = result["ceilings"]
+    lines = [f"### Store options on {result['device']} ({result['date']}, commit {str(result['commit'])[:9]})", "",
+             f"dim {DIM}, Adagrad (1 KiB per key with state), cache {result['cache_rows']} rows, "
+             f"{result['batch_unique_keys']} unique keys per step, lookup + update, uniform keys.", "",
+             "| option | target hit | measured hit | Mrows/s | GB/s (rows r+w) | lower-tier GB/s | ms/step |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["store"]:
+        lines.append(f"| {r['option']} | {r['target_hit']:.0%} | {r['hit_rate']:.1%} | {r['Mrows_s']:.1f} | "
+                     f"{r['GBps']:.1f} | {r['lower_GBps']:.2f} | {r['step_ms']:.2f} |")
+    d = result["disk"]
+    lines += ["", "Ceilings measured in the same run: "
+              f"index_select gather {c['gather_GBps']:.0f} GB/s ({c['gather_Mrows_s']:.0f} M rows/s); "
+              + (f"zero-copy (UVA) host gather {c['uva_gather_GBps']:.1f} GB/s ({c['uva_gather_Mrows_s']:.1f} M rows/s); "
+                 if "uva_gather_GBps" in c else "")
+              + (f"pinned H2D copy {c['h2d_GBps']:.1f} GB/s; " if "h2d_GBps" in c else "")
+              + f"disk sequential read {d['seq_read_GBps']:.2f} GB/s, write {d['write_GBps']:.2f} GB/s, random 4 KiB "
+              f"reads {d['rand4k_1thr_kiops']:.1f} k IOPS (1 thread) / {d['rand4k_16thr_kiops']:.1f} k IOPS (16 threads). "
+              f"SSD snapshot (flush + commit) {result['ssd_snapshot_s']:.2f} s.", ""]
+    m = result["dlrm"]
+    lines += [f"DLRM, batch {m['batch']}, 26 features of bounded Zipf(1.05) IDs, table {m['table_rows']} rows "
+              f"({m['table_rows'] * ROW_BYTES / 1e9:.2f} GB), GPU cache {m['cache_rows']} rows:", "",
+              "| option | samples/s | vs device | cache hit | host-cache hit | index bytes/row |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    base = m["runs"][0]["samples_s"]
+    for r in m["runs"]:
+        lines.append(f"| {r['option']} | {r['samples_s']:.0f} | {r['samples_s'] / base:.0%} | "
+                     f"{r.get('cache_hit_rate', 1.0):.1%} | "
+                     + (f"{r['host_cache_hit_rate']:.1%}" if "host_cache_hit_rate" in r else "-")
+                     + f" | {r.get('index_bytes_per_row', 0.0):.0f} |")
+    (out / "store.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
