@@ -1,0 +1,72 @@
+"""`terarec serve` (the control plane under uvicorn) and `terarec deploy` (a checkpoint onto Ray Serve)."""
+from __future__ import annotations
+
+import json
+
+from terarec.platform.cli import UserError
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="run the REST control plane (jobs, models, predict)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--token-file", help="file holding the API bearer token (default: $TERAREC_API_TOKEN)")
+    serve.add_argument("--db", help="SQLite file of job records (default: $TERAREC_DB_PATH or terarec-jobs.db)")
+    serve.set_defaults(func=_serve)
+
+    deploy = subparsers.add_parser("deploy", help="serve a checkpoint with Ray Serve on the running cluster")
+    deploy.add_argument("checkpoint", help="a checkpoint directory (meta.json, dense.pt, shard-*.pt)")
+    deploy.add_argument("--name", required=True, help="model name; an existing one is rolled out to this checkpoint")
+    deploy.add_argument("--replicas", type=int, default=1, help="Serve replicas of the dense model")
+    deploy.add_argument("--servers", type=int, help="embedding server actors (default: the checkpoint's world size)")
+    deploy.set_defaults(func=_deploy)
+
+
+def _settings(**values):
+    from pydantic import ValidationError
+
+    from terarec.platform.config import format_validation_error
+
+    from .settings import Settings
+
+    try:
+        return Settings(**{key: value for key, value in values.items() if value is not None})
+    except ValidationError as error:
+        raise UserError(format_validation_error(error).replace("config field", "setting")) from None
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = _settings(api_token_file=args.token_file, db_path=args.db)
+    try:
+        app = create_app(settings)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _deploy(args) -> int:
+    from pydantic import ValidationError
+
+    from terarec.platform.config import format_validation_error
+
+    from .ray_cluster import RayCluster, RayUnavailable
+    from .schemas import ModelRequest
+
+    try:
+        request = ModelRequest(name=args.name, checkpoint=args.checkpoint, replicas=args.replicas, servers=args.servers)
+    except ValidationError as error:
+        raise UserError(format_validation_error(error).replace("config field", "argument")) from None
+    try:
+        RayCluster(_settings()).connect_driver()
+    except RayUnavailable as error:
+        raise UserError(str(error)) from None
+    from terarec.actors.inference import deploy_model
+
+    served = deploy_model(request.name, request.checkpoint, request.replicas, request.servers)
+    print(f"[terarec] serving: {json.dumps(served)}")
+    return 0

@@ -1,0 +1,1 @@
+"""One APIRouter per resource: jobs, models, health (and metrics)."""

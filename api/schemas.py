@@ -1,0 +1,107 @@
+"""Request and response bodies of the REST API (the OpenAPI page at /docs is generated from these)."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from terarec.actors.inference import NUM_DENSE, NUM_SPARSE
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- jobs ------------------------------------------------------------------------------------------------
+class JobRequest(Body):
+    """A training job: the `terarec train` config (the TrainConfig fields), validated before it is submitted."""
+
+    config: dict[str, Any] | str | None = Field(
+        default=None, description="TrainConfig fields as an object, or the path of a YAML config on the control "
+                                  "plane's host; default: TERAREC_DEFAULT_CONFIG, if set")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys over the config, like "
+                                      "`terarec train --set`, e.g. {\"steps\": 200, \"embedding.dim\": 32}")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"config": {"data": "/data/criteo", "steps": 1000, "batch_size": 4096, "embedding": {"dim": 16}}},
+        {"config": "/etc/terarec/train.yaml", "overrides": {"steps": 200}}]})
+
+
+class JobView(BaseModel):
+    id: str
+    status: str = Field(description="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED (Ray's), or LOST when Ray no "
+                                    "longer knows the job")
+    message: str | None = None
+    run_dir: str
+    config: dict[str, Any]
+    created_at: float
+    updated_at: float
+    ray_reachable: bool = Field(description="false when Ray could not be asked: status is the last one known")
+    dashboard_url: str
+    progress: dict[str, Any] | None = Field(default=None, description="the latest line of RUN_DIR/curve.jsonl")
+    result: dict[str, Any] | None = Field(default=None, description="RUN_DIR/metrics.json once the job is done")
+    checkpoint: str | None = Field(default=None, description="the final checkpoint: deploy it with POST /v1/models")
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class JobLogs(BaseModel):
+    id: str
+    logs: str
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+class ModelRequest(Body):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                      description="lowercase letters, digits and dashes; deploying an existing name rolls it out")
+    checkpoint: str = Field(min_length=1, description="a checkpoint directory (meta.json, dense.pt, shard-*.pt)")
+    replicas: int = Field(default=1, ge=1, le=256, description="Serve replicas of the dense model")
+    servers: int | None = Field(default=None, ge=1, le=1024,
+                                description="embedding server actors; default: the checkpoint's world size")
+
+
+class ModelView(BaseModel):
+    name: str
+    status: str = Field(description="Ray Serve's application status: DEPLOYING, RUNNING, DEPLOY_FAILED, ...")
+    message: str | None = None
+    replicas: int = Field(description="replicas running now")
+    checkpoint: str | None = Field(default=None, description="what a replica serves (during a rollout, either one)")
+    step: int | None = None
+    model: str | None = None
+    tasks: list[str] | None = Field(default=None, description="the label columns, in the order of `scores`")
+    servers: int | None = Field(default=None, description="embedding server actors holding the rows")
+
+
+class ModelList(BaseModel):
+    models: list[ModelView]
+
+
+DenseValue = Annotated[float, Field(allow_inf_nan=False)]
+RawId = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+
+
+class PredictRow(Body):
+    dense: list[DenseValue] = Field(min_length=NUM_DENSE, max_length=NUM_DENSE,
+                                    description="I1..I13: raw counts as in Criteo (negative values count as 0), "
+                                                "or log(1 + x) values when `transformed` is true")
+    sparse: list[RawId] = Field(min_length=NUM_SPARSE, max_length=NUM_SPARSE,
+                                description="C1..C26: raw categorical IDs as signed 64-bit integers")
+
+
+class PredictRequest(Body):
+    rows: list[PredictRow] = Field(min_length=1)
+    transformed: bool = Field(default=False, description="dense values are already log(1 + max(x, 0)), as stored "
+                                                         "in terarec's parquet data")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"rows": [
+        {"dense": [1, 2, 0, 5, 1382, 4, 15, 2, 181, 1, 2, 0, 2],
+         "sparse": list(range(1, NUM_SPARSE + 1))}]}]})
+
+
+class PredictResponse(BaseModel):
+    model: str
+    scores: list[list[float]] = Field(description="per row, one click probability per task of the model")
