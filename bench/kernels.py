@@ -277,7 +277,10 @@ def bench_dlrm_step(batch: int, steps: int) -> dict:
 
     eager_ms, fused_ms = timed(False), timed(True)
     os.environ.pop("TERAREC_FUSED")
+    with torch.no_grad():
+        lookup_ms = median_ms(lambda: embedding(batches[0].sparse))
     return {"batch": batch, "eager_ms": round(eager_ms, 3), "fused_ms": round(fused_ms, 3),
+            "embedding_lookup_fwd_ms": round(lookup_ms, 3),
             "speedup": round(eager_ms / fused_ms, 2), "samples_per_s_fused": round(batch / fused_ms * 1e3),
             "config": "DLRM 13-512-256-128 / 479-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
                       "fp32 with TF32 matmuls, median of steps"}

@@ -25,7 +25,9 @@ def _relu_dropout_fwd(h_ptr, out_ptr, words_ptr, M, N, WORDS, p, scale, seed,
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    keep = tl.rand(seed, offs.to(tl.int32)) >= p
+    quads = rows[:, None] * tl.cdiv(N, 4) + tl.program_id(1) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)[None, :]
+    u0, u1, u2, u3 = tl.rand4x(seed, quads)                                      # one Philox call per 4 elements
+    keep = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), (BLOCK_M, BLOCK_N)) >= p
     bit = (h > 0) & keep & mask
     tl.store(out_ptr + offs, tl.where(bit, h * scale, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
     bits = tl.reshape(bit.to(tl.int32), (BLOCK_M, BLOCK_N // 32, 32))
@@ -46,8 +48,11 @@ def _relu_mask_bwd(g_ptr, mask_src_ptr, d_pre_ptr, db_part_ptr, M, N, WORDS, sca
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FROM_BITS:
-        words = tl.load(mask_src_ptr + rows[:, None] * WORDS + cols[None, :] // 32, mask=mask, other=0)
-        on = ((words >> (cols[None, :] % 32)) & 1) != 0
+        word_cols = tl.program_id(1) * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+        words = tl.load(mask_src_ptr + rows[:, None] * WORDS + word_cols[None, :],
+                        mask=(rows[:, None] < M) & (word_cols[None, :] < WORDS), other=0)   # [BLOCK_M, BLOCK_N / 32]
+        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        on = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
     else:
         on = tl.load(mask_src_ptr + offs, mask=mask, other=0.0) > 0
     d_pre = tl.where(on, g * scale, 0.0)

@@ -18,10 +18,10 @@ from .interaction import interaction_output_dim
 
 @triton.jit
 def _load_vectors(dense_ptr, sparse_ptr, b, F: tl.constexpr, D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows [dense_b, sparse_b0, ..., sparse_b{F-1}] of sample b as a [BLOCK_N, BLOCK_D] fp32 tile."""
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, k0=0):
+    """Columns k0 .. k0 + BLOCK_D of rows [dense_b, sparse_b0, ..., sparse_b{F-1}] as a [BLOCK_N, BLOCK_D] fp32 tile."""
     i = tl.arange(0, BLOCK_N)[:, None]
-    d = tl.arange(0, BLOCK_D)[None, :]
+    d = k0 + tl.arange(0, BLOCK_D)[None, :]
     in_d = d < D
     x = tl.load(sparse_ptr + b * (F * D) + (i - 1) * D + d, mask=(i >= 1) & (i <= F) & in_d, other=0.0)
     x_dense = tl.load(dense_ptr + b * D + i * 0 + d, mask=(i == 0) & in_d, other=0.0)
@@ -41,10 +41,13 @@ def _pair_index(i, j, SELF: tl.constexpr):
 def _dot_interaction_fwd(dense_ptr, sparse_ptr, out_ptr,
                          F: tl.constexpr, D: tl.constexpr, PAIRS: tl.constexpr, WIDTH: tl.constexpr,
                          SELF: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PAD: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_PAD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    x = _load_vectors(dense_ptr, sparse_ptr, b, F, D, BLOCK_N, BLOCK_D)          # [N, D]
-    gram = tl.dot(x, tl.trans(x), input_precision=PRECISION)                     # [N, N]
+    gram = tl.zeros([BLOCK_N, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, BLOCK_D, BLOCK_K):                                        # small dot operands: occupancy
+        x = _load_vectors(dense_ptr, sparse_ptr, b, F, D, BLOCK_N, BLOCK_K, k0)  # [N, K]
+        gram += tl.dot(x, tl.trans(x), input_precision=PRECISION)                # [N, N]
     out_row = out_ptr + b * WIDTH
     i = tl.arange(0, BLOCK_N)[:, None]
     j = tl.arange(0, BLOCK_N)[None, :]
@@ -96,9 +99,10 @@ def dot_interaction_forward(dense: torch.Tensor, sparse: torch.Tensor, self_inte
     pairs = interaction_output_dim(dim, num_sparse, self_interaction) - dim
     out = torch.empty((batch, width), device=dense.device, dtype=dense.dtype)
     pad = width - dim - pairs
+    launch = _launch_args(dense, sparse)
     _dot_interaction_fwd[(batch,)](dense, sparse, out, PAIRS=pairs, WIDTH=width, SELF=self_interaction,
                                    BLOCK_PAD=triton.next_power_of_2(pad) if pad else 0,
-                                   **_launch_args(dense, sparse))
+                                   BLOCK_K=min(32, launch["BLOCK_D"]), **launch)
     return out
 
 

@@ -191,7 +191,8 @@ def test_dispatchers_use_references_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dispatchers_run_fused_on_cuda(monkeypatch):
     """The public ops take the fused path on CUDA and agree with TERAREC_FUSED=0."""
-    dense, sparse = torch.randn(64, 128, device="cuda"), torch.randn(64, 26, 128, device="cuda")
+    dense = torch.randn(64, 128, device="cuda", requires_grad=True)
+    sparse = torch.randn(64, 26, 128, device="cuda", requires_grad=True)
     weights = [torch.randn(64, 479, device="cuda") * 0.05, torch.randn(1, 64, device="cuda") * 0.1]
     biases = [torch.randn(64, device="cuda"), torch.randn(1, device="cuda")]
 
