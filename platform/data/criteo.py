@@ -60,34 +60,42 @@ class ConvertSummary:
     files: list[str] = field(default_factory=list)
 
 
-def _parse_unsigned(fields: np.ndarray, base: int, max_digits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed-width byte strings [...] -> (values uint64, ok bool): digits of `base` only, at most max_digits."""
-    lengths = np.char.str_len(fields)
-    digits = _DIGITS[base][fields.view(np.uint8).reshape(*fields.shape, FIELD_WIDTH)]
-    inside = np.arange(FIELD_WIDTH) < lengths[..., None]
+def _parse_unsigned(chars: np.ndarray, lengths: np.ndarray, base: int, max_digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-aligned characters [..., width] uint8 with their lengths -> (values uint64, ok bool): digits of
+    `base` only, at most `max_digits` of them."""
+    digits = _DIGITS[base][chars]
+    inside = np.arange(chars.shape[-1]) < lengths[..., None]
     ok = ~((digits == _NOT_A_DIGIT) & inside).any(-1) & (lengths <= max_digits)
-    values = np.zeros(fields.shape, dtype=np.uint64)
-    for j in range(FIELD_WIDTH):
+    values = np.zeros(lengths.shape, dtype=np.uint64)
+    for j in range(min(chars.shape[-1], max_digits)):
         values = np.where(inside[..., j], values * np.uint64(base) + digits[..., j], values)
     return values, ok
 
 
+def _characters(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-width byte strings -> (uint8 characters [..., longest], lengths)."""
+    lengths = np.char.str_len(fields)
+    longest = max(1, int(lengths.max(initial=0)))
+    return fields.view(np.uint8).reshape(*fields.shape, FIELD_WIDTH)[..., :longest], lengths
+
+
 def _parse_dense(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[n, 13] byte strings -> (int64 values, ok); empty is 0, a leading '-' negates."""
-    negative = (fields.view(np.uint8).reshape(*fields.shape, FIELD_WIDTH)[..., 0] == ord("-")) & \
-        (np.char.str_len(fields) > 1)
-    unsigned = np.where(negative, np.char.replace(fields, b"-", b"0", count=1), fields).astype(fields.dtype)
-    values, ok = _parse_unsigned(unsigned, 10, 19)
+    chars, lengths = _characters(fields)
+    negative = (chars[..., 0] == ord("-")) & (lengths > 1)
+    chars = chars.copy()
+    chars[..., 0][negative] = ord("0")
+    values, ok = _parse_unsigned(chars, lengths, 10, 19)
+    ok &= lengths - negative <= 18
     values = values.view(np.int64)
-    ok &= np.char.str_len(unsigned) - negative <= 18
     return np.where(negative, -values, values), ok
 
 
 def _parse_sparse(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[n, 26] hex byte strings -> (raw IDs int64, ok); empty is MISSING_ID."""
-    values, ok = _parse_unsigned(fields, 16, 16)
-    ids = splitmix64(values).view(np.int64)
-    return np.where(np.char.str_len(fields) == 0, MISSING_ID, ids), ok
+    chars, lengths = _characters(fields)
+    values, ok = _parse_unsigned(chars, lengths, 16, 16)
+    return np.where(lengths == 0, MISSING_ID, splitmix64(values).view(np.int64)), ok
 
 
 def _reason(line: bytes) -> str:
