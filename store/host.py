@@ -32,8 +32,8 @@ class _PinnedRows:
         self.memory = cupy.cuda.PinnedMemory(nbytes, flags)
         buffer = np.frombuffer(cupy.cuda.PinnedMemoryPointer(self.memory, 0), dtype=np.float32, count=rows * width)
         self.cpu = torch.from_numpy(buffer.reshape(rows, width))
-        device_ptr = cupy.cuda.runtime.hostGetDevicePointer(self.memory.ptr, 0)
-        mapped = cupy.cuda.UnownedMemory(device_ptr, nbytes, self.memory, device.index or 0)
+        # with unified addressing, mapped host memory has the same address on the GPU
+        mapped = cupy.cuda.UnownedMemory(self.memory.ptr, nbytes, self.memory, device.index or 0)
         self.gpu = cupy.ndarray((rows, width), dtype=cupy.float32, memptr=cupy.cuda.MemoryPointer(mapped, 0))
 
 
