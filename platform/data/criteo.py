@@ -28,7 +28,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from terarec.platform.data.errors import DataArgumentError, DataError, DataNotFoundError, MalformedInputError
-from terarec.platform.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, SplitWriter, arrow_schema, splitmix64,
+from terarec.platform.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, split_writers, splitmix64,
                                           transform_dense)
 
 NUM_FIELDS = 1 + len(DENSE_COLUMNS) + len(SPARSE_COLUMNS)
@@ -124,49 +124,41 @@ def convert_tsv(in_path: str, out_dir: str, eval_fraction: float = 0.1, strict: 
         raise DataNotFoundError(f"input file {in_path} does not exist; pass the path of a Criteo TSV file")
     schema = arrow_schema()
     eval_cut = np.uint64(round(eval_fraction * EVAL_BUCKETS))
-    writers = {split: SplitWriter(out_dir, split, schema, rows_per_file, row_group_size) for split in ("train", "eval")}
     malformed, errors = 0, []
     opener = gzip.open if in_path.endswith(".gz") else open
-    try:
-        with opener(in_path, "rb") as source, \
-                tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc="convert", disable=None) as bar:
-            for first_line in itertools.count(1, CHUNK_LINES):
-                raw = list(itertools.islice(source, CHUNK_LINES))
-                if not raw:
-                    break
-                lines = [line.rstrip(b"\r\n") for line in raw]
-                numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
-                whole = np.array([line.count(b"\t") == NUM_FIELDS - 1 for line in lines], dtype=bool)
-                good = np.zeros(len(lines), dtype=bool)
-                if whole.any():
-                    kept = [line for line, w in zip(lines, whole) if w]
-                    fields = np.array(b"\t".join(kept).split(b"\t"), dtype=f"S{FIELD_WIDTH}").reshape(-1, NUM_FIELDS)
-                    dense, dense_ok = _parse_dense(fields[:, 1:14])
-                    sparse, sparse_ok = _parse_sparse(fields[:, 14:])
-                    label_ok = (fields[:, 0] == b"0") | (fields[:, 0] == b"1")
-                    valid = label_ok & dense_ok.all(1) & sparse_ok.all(1) & (np.char.str_len(fields) < FIELD_WIDTH).all(1)
-                    good[whole] = valid
-                    rows = np.flatnonzero(valid)
-                    table = pa.Table.from_arrays(
-                        [(fields[rows, 0] == b"1").astype(np.float32), *transform_dense(dense[rows]).T,
-                         *sparse[rows].T], schema=schema)
-                    to_eval = splitmix64(numbers[whole][rows].astype(np.uint64)) % np.uint64(EVAL_BUCKETS) < eval_cut
-                    writers["train"].write(table.filter(pa.array(~to_eval)))
-                    writers["eval"].write(table.filter(pa.array(to_eval)))
-                bad = np.flatnonzero(~good)
-                if len(bad) and strict:
-                    raise MalformedInputError(
-                        f"{in_path}, line {numbers[bad[0]]}: {_reason(lines[bad[0]])}. Fix or remove the line, "
-                        f"or convert without --strict to skip malformed lines")
-                malformed += len(bad)
-                errors += [LineError(int(numbers[i]), _reason(lines[i])) for i in bad[:MAX_ERRORS - len(errors)]]
-                bar.update(sum(map(len, raw)))
-        for writer in writers.values():
-            writer.close()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
+    with split_writers(out_dir, schema, rows_per_file, row_group_size) as writers, opener(in_path, "rb") as source, \
+            tqdm(total=os.path.getsize(in_path), unit="B", unit_scale=True, desc="convert", disable=None) as bar:
+        for first_line in itertools.count(1, CHUNK_LINES):
+            raw = list(itertools.islice(source, CHUNK_LINES))
+            if not raw:
+                break
+            lines = [line.rstrip(b"\r\n") for line in raw]
+            numbers = np.arange(first_line, first_line + len(lines), dtype=np.int64)
+            whole = np.array([line.count(b"\t") == NUM_FIELDS - 1 for line in lines], dtype=bool)
+            good = np.zeros(len(lines), dtype=bool)
+            if whole.any():
+                kept = [line for line, w in zip(lines, whole) if w]
+                fields = np.array(b"\t".join(kept).split(b"\t"), dtype=f"S{FIELD_WIDTH}").reshape(-1, NUM_FIELDS)
+                dense, dense_ok = _parse_dense(fields[:, 1:14])
+                sparse, sparse_ok = _parse_sparse(fields[:, 14:])
+                label_ok = (fields[:, 0] == b"0") | (fields[:, 0] == b"1")
+                valid = label_ok & dense_ok.all(1) & sparse_ok.all(1) & (np.char.str_len(fields) < FIELD_WIDTH).all(1)
+                good[whole] = valid
+                rows = np.flatnonzero(valid)
+                table = pa.Table.from_arrays(
+                    [(fields[rows, 0] == b"1").astype(np.float32), *transform_dense(dense[rows]).T,
+                     *sparse[rows].T], schema=schema)
+                to_eval = splitmix64(numbers[whole][rows].astype(np.uint64)) % np.uint64(EVAL_BUCKETS) < eval_cut
+                writers["train"].write(table.filter(pa.array(~to_eval)))
+                writers["eval"].write(table.filter(pa.array(to_eval)))
+            bad = np.flatnonzero(~good)
+            if len(bad) and strict:
+                raise MalformedInputError(
+                    f"{in_path}, line {numbers[bad[0]]}: {_reason(lines[bad[0]])}. Fix or remove the line, "
+                    f"or convert without --strict to skip malformed lines")
+            malformed += len(bad)
+            errors += [LineError(int(numbers[i]), _reason(lines[i])) for i in bad[:MAX_ERRORS - len(errors)]]
+            bar.update(sum(map(len, raw)))
     summary = ConvertSummary(rows_written=writers["train"].rows + writers["eval"].rows, malformed=malformed,
                              first_errors=errors, train_rows=writers["train"].rows, eval_rows=writers["eval"].rows,
                              files=writers["train"].files + writers["eval"].files)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -137,3 +138,18 @@ class SplitWriter:
         if self._file_rows == self.rows_per_file:
             self._writer.close()
             self._writer, self._file_rows = None, 0
+
+
+@contextmanager
+def split_writers(out_dir: str, schema: pa.Schema, rows_per_file: int,
+                  row_group_size: int) -> Iterator[dict[str, SplitWriter]]:
+    """Writers for `train` and `eval`: closed when the block ends, their files removed if it raises."""
+    writers = {split: SplitWriter(out_dir, split, schema, rows_per_file, row_group_size) for split in ("train", "eval")}
+    try:
+        yield writers
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise

@@ -21,7 +21,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from terarec.platform.data.errors import DataArgumentError
-from terarec.platform.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, SplitWriter, arrow_schema, label_column,
+from terarec.platform.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_column, split_writers,
                                           splitmix64, transform_dense)
 
 # Distinct values of C1..C26 in Criteo Kaggle (the counts DLRM reports for the 7-day set).
@@ -168,27 +168,20 @@ def write_synthetic(out_dir: str, rows: int, seed: int = 0, cardinality_scale: f
     cardinalities = cardinalities_for(cardinality_scale)
     model = HiddenModel(seed, cardinalities, len(tasks))
     eval_rows = round(rows * eval_fraction)
-    writers = {split: SplitWriter(out_dir, split, schema, rows_per_file, row_group_size) for split in ("train", "eval")}
     label_sums = np.zeros(len(tasks))
-    try:
-        with tqdm(total=rows, unit="rows", desc="synth", disable=None) as progress:
-            for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
-                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 1, chunk])))
-                n = min(CHUNK_ROWS, rows - start)
-                dense, ranks = model.draw(rng, n)
-                labels = model.labels(rng, model.logits(dense, ranks))
-                label_sums += labels.sum(axis=0)
-                table = pa.Table.from_arrays([*labels.T, *dense.T, *model.raw_ids(ranks).T], schema=schema)
-                cut = max(0, min(n, rows - eval_rows - start))
-                writers["train"].write(table.slice(0, cut))
-                writers["eval"].write(table.slice(cut))
-                progress.update(n)
-        for writer in writers.values():
-            writer.close()
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
+    with split_writers(out_dir, schema, rows_per_file, row_group_size) as writers, \
+            tqdm(total=rows, unit="rows", desc="synth", disable=None) as progress:
+        for chunk, start in enumerate(range(0, rows, CHUNK_ROWS)):
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 1, chunk])))
+            n = min(CHUNK_ROWS, rows - start)
+            dense, ranks = model.draw(rng, n)
+            labels = model.labels(rng, model.logits(dense, ranks))
+            label_sums += labels.sum(axis=0)
+            table = pa.Table.from_arrays([*labels.T, *dense.T, *model.raw_ids(ranks).T], schema=schema)
+            cut = max(0, min(n, rows - eval_rows - start))
+            writers["train"].write(table.slice(0, cut))
+            writers["eval"].write(table.slice(cut))
+            progress.update(n)
     summary = SynthSummary(out_dir=out_dir, rows=rows, train_rows=rows - eval_rows, eval_rows=eval_rows, seed=seed,
                            tasks=tasks, cardinalities=cardinalities,
                            label_rates={task: float(s / rows) for task, s in zip(tasks, label_sums)},
