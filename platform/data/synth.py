@@ -33,7 +33,7 @@ FM_RANK = 4
 DENSE_SPARSE_PAIRS = ((0, 9), (4, 23))  # (I1, C10), (I5, C24): dense value times a per-ID weight
 PART_STD = {"linear": 1.0, "dense": 0.5, "fm": 1.0, "dense_sparse": 0.6, "click": 0.5}  # logit std per part
 CTR = 0.25
-FOLLOW_RATE = 0.2  # P(task t = 1 | click) for every task after the first
+FOLLOW_RATE = 0.2  # mean propensity of each later task (it fires only on clicks: P(conversion | click) ~ 0.25)
 CHUNK_ROWS = 65_536  # rows drawn per random stream; the data does not depend on file or row-group sizes
 PILOT_ROWS = 65_536  # rows used to standardize the logit parts and calibrate the biases
 
