@@ -162,12 +162,12 @@ class InnerProduct(nn.Module):
     def __init__(self, num_fields: int):
         super().__init__()
         rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        self.register_buffer("pairs", rows * num_fields + cols, persistent=False)  # into the flat [F, F] Gram
         self.output_dim = rows.numel()
 
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
-        return (fields[:, self.rows] * fields[:, self.cols]).sum(dim=2)
+        gram = torch.bmm(fields, fields.transpose(1, 2))  # [B, F, F]
+        return gram.flatten(1)[:, self.pairs]
 
 
 class OuterProduct(nn.Module):
