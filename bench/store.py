@@ -251,6 +251,8 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/terarec-bench", help="directory for SSD tables (on the disk)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a dry run")
     parser.add_argument("--commit", default=None)
+    parser.add_argument("--dlrm-only", action="store_true", help="only the DLRM runs, one per --dlrm-cache fraction")
+    parser.add_argument("--dlrm-cache", default="0.125", help="GPU cache sizes as fractions of the table, comma-separated")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scratch = Path(args.scratch)
@@ -263,6 +265,11 @@ def main() -> None:
               "torch": torch.__version__, "dim": DIM, "optimizer": "adagrad", "row_bytes": ROW_BYTES,
               "cache_rows": cache_rows, "batch_unique_keys": batch}
     t0 = time.perf_counter()
+    if args.dlrm_only:
+        result["dlrm"] = dlrm_sweep(args, device, scratch, t0)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "store-dlrm-sweep.json").write_text(json.dumps(result, indent=1))
+        return
     result["ceilings"] = ceilings(device, 2 * cache_rows, batch)
     result["disk"] = disk_speed(scratch, (64 if q else 2048) << 20)
     print(f"ceilings {result['ceilings']}\ndisk {result['disk']}  ({time.perf_counter() - t0:.0f}s)", flush=True)
@@ -292,21 +299,32 @@ def main() -> None:
     del store
     result["store"] = rows
 
+    result["dlrm"] = dlrm_sweep(args, device, scratch, t0)
+    shutil.rmtree(scratch, ignore_errors=True)
+    write(result, Path(args.out))
+
+
+def dlrm_sweep(args, device: torch.device, scratch: Path, t0: float) -> dict:
+    """DLRM on the device store, then on cached_host and cached_ssd (+ a host cache of a quarter of the table)
+    for each GPU cache size (a fraction of the table, at least 3 batches' keys)."""
+    q = args.quick
     pool = zipf_batches(8 if q else 40, 1024 if q else 16384, 1 << (16 if q else 22), seed=0)
     table_rows = unique_rows(pool)
     warm = 4 if q else 15
-    dlrm_cache = max(table_rows // 8, 3 * unique_rows(pool[:1]))  # an eighth of the table, at least 3 batches
-    configs = [("device", "device", 0), ("cached_host", "cached_host", 0),
-               ("cached_ssd+host", "cached_ssd", table_rows // 4)]
-    dlrm = []
-    for label, kind, host_rows in configs:
-        store = build(kind, device, dlrm_cache, host_rows, scratch / "dlrm")
-        dlrm.append({"option": label, **dlrm_run(store, device, pool, warm)})
-        print(_fmt(dlrm[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        del store
-    result["dlrm"] = {"batch": len(pool[0]), "table_rows": table_rows, "cache_rows": dlrm_cache, "runs": dlrm}
-    shutil.rmtree(scratch, ignore_errors=True)
-    write(result, Path(args.out))
+    store = build("device", device, 0, 0, scratch / "dlrm")
+    runs = [{"option": "device", "cache_fraction": 1.0, **dlrm_run(store, device, pool, warm)}]
+    print(_fmt(runs[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    del store
+    for fraction in (float(f) for f in args.dlrm_cache.split(",")):
+        cache_rows = max(int(table_rows * fraction), 3 * unique_rows(pool[:1]))
+        for label, kind, host_rows in [("cached_host", "cached_host", 0),
+                                       ("cached_ssd+host", "cached_ssd", table_rows // 4)]:
+            store = build(kind, device, cache_rows, host_rows, scratch / "dlrm")
+            runs.append({"option": label, "cache_fraction": fraction, "cache_rows": cache_rows,
+                         **dlrm_run(store, device, pool, warm)})
+            print(_fmt(runs[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            del store
+    return {"batch": len(pool[0]), "table_rows": table_rows, "runs": runs}
 
 
 def _git_commit() -> str | None:
@@ -344,12 +362,12 @@ def write(result: dict, out: Path) -> None:
               f"SSD snapshot (flush + commit) {result['ssd_snapshot_s']:.2f} s.", ""]
     m = result["dlrm"]
     lines += [f"DLRM, batch {m['batch']}, 26 features of bounded Zipf(1.05) IDs, table {m['table_rows']} rows "
-              f"({m['table_rows'] * ROW_BYTES / 1e9:.2f} GB), GPU cache {m['cache_rows']} rows:", "",
-              "| option | samples/s | vs device | cache hit | host-cache hit | index bytes/row |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              f"({m['table_rows'] * ROW_BYTES / 1e9:.2f} GB), host cache (cached_ssd) a quarter of the table:", "",
+              "| option | GPU cache rows | samples/s | vs device | cache hit | host-cache hit | index bytes/row |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     base = m["runs"][0]["samples_s"]
     for r in m["runs"]:
-        lines.append(f"| {r['option']} | {r['samples_s']:.0f} | {r['samples_s'] / base:.0%} | "
+        lines.append(f"| {r['option']} | {r.get('cache_rows', '-')} | {r['samples_s']:.0f} | {r['samples_s'] / base:.0%} | "
                      f"{r.get('cache_hit_rate', 1.0):.1%} | "
                      + (f"{r['host_cache_hit_rate']:.1%}" if "host_cache_hit_rate" in r else "-")
                      + f" | {r.get('index_bytes_per_row', 0.0):.0f} |")
