@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +21,8 @@ from terarec.kernels.comm import Communicator, LocalCommunicator
 from terarec.models import Batch, Embedding, build_model, model_spec
 from terarec.platform.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
 from terarec.platform.config import TrainConfig
-from terarec.platform.data.reader import BatchReader, count_rows, label_columns_of_files, list_split_files
+from terarec.platform.data.reader import BatchReader, count_rows, list_split_files
+from terarec.platform.data.schema import label_columns_of
 from terarec.platform.metrics import log_loss, roc_auc
 from terarec.store import make_sparse_optimizer, save_store
 from terarec.store.factory import make_store
@@ -47,7 +49,7 @@ class TrainWorker:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
-        self.label_columns = label_columns_of_files(self.train_files)
+        self.label_columns = label_columns_of(pq.read_schema(self.train_files[0]))
         self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)
 
         torch.manual_seed(config.seed)  # identical dense replicas on every rank
@@ -133,22 +135,26 @@ class TrainWorker:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """AUC and log loss per task over the eval split (every rank takes part; all ranks get the result)."""
+        """AUC and log loss per task over the eval split (every rank takes part; all ranks get the result).
+
+        Each eval batch is gathered in rank order, which is the global row order, so the figures do
+        not depend on the worker count.
+        """
         self.model.eval()
         config = self.config
-        max_batches = math.ceil(config.eval_rows / config.eval_batch_size) if config.eval_rows else None
-        logits, labels = [], []
-        with BatchReader(self.eval_files, config.eval_batch_size, rank=self.rank, world_size=self.world_size,
-                         shuffle=False, drop_last=False, epochs=1) as reader:
-            for index, batch in enumerate(reader):
-                if max_batches is not None and index >= max_batches:
-                    break
-                batch = batch.to(self.device)
-                logits.append(self.model(batch).float().cpu())
-                labels.append(batch.labels.cpu())
         tasks = len(self.label_columns)
-        local = torch.cat([torch.cat(logits), torch.cat(labels)], dim=1) if logits else torch.zeros(0, 2 * tasks)
-        everything = torch.cat(self.comm.all_gather(local))
+        batch_size = max(self.world_size, config.eval_batch_size // self.world_size * self.world_size)
+        gathered, rows = [], 0
+        with BatchReader(self.eval_files, batch_size, rank=self.rank, world_size=self.world_size,
+                         shuffle=False, drop_last=False, epochs=1) as reader:
+            for batch in reader:
+                batch = batch.to(self.device)
+                local = torch.cat([self.model(batch).float(), batch.labels], dim=1).cpu()
+                gathered.append(torch.cat(self.comm.all_gather(local)))
+                rows += gathered[-1].shape[0]
+                if config.eval_rows and rows >= config.eval_rows:
+                    break
+        everything = torch.cat(gathered)[: config.eval_rows] if gathered else torch.zeros(0, 2 * tasks)
         all_logits, all_labels = everything[:, :tasks], everything[:, tasks:]
         metrics: dict[str, float] = {"eval_rows": float(all_logits.shape[0])}
         for task, column in enumerate(self.label_columns):
@@ -185,15 +191,15 @@ class TrainWorker:
         return self.step
 
 
-def train_loop_per_worker(config_dict: dict) -> None:
-    """What Ray Train runs on each worker."""
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What Ray Train runs on each worker: loop_config = {config, resume_dir, tty}."""
     import ray.train
     from ray.experimental.tqdm_ray import tqdm
 
     from terarec.actors.monitoring import WorkerMetrics
     from terarec.kernels.comm import default_communicator
 
-    config = TrainConfig.model_validate(config_dict)
+    config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
@@ -201,7 +207,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
     rank = worker.rank
 
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = config_dict.get("_resume_dir")
+    resume_dir = loop_config.get("resume_dir")
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             worker.restore(directory)
@@ -211,7 +217,8 @@ def train_loop_per_worker(config_dict: dict) -> None:
         print(f"[terarec] rank {rank}/{worker.world_size}: resumed from {resume_dir} at step {worker.step}")
 
     monitor = WorkerMetrics(rank)
-    progress = tqdm(total=worker.total_steps, desc="train") if rank == 0 else None
+    # A bar on a terminal; plain log lines where the driver's output goes to a file or a pipe.
+    progress = tqdm(total=worker.total_steps, desc="train") if rank == 0 and loop_config.get("tty") else None
     if progress is not None:
         progress.update(worker.step)
     curve_path = os.path.join(config.run_dir, "curve.jsonl")
@@ -220,9 +227,14 @@ def train_loop_per_worker(config_dict: dict) -> None:
     def on_log(log: StepLog) -> None:
         monitor.record(log, worker.store)
         if rank == 0:
-            progress.update(log.step - last_step[0])
-            last_step[0] = log.step
-            progress.set_description(f"train loss {log.loss:.4f} | {log.samples_per_s:,.0f} samples/s")
+            line = f"train loss {log.loss:.4f} | {log.samples_per_s:,.0f} samples/s"
+            if progress is not None:
+                progress.update(log.step - last_step[0])
+                last_step[0] = log.step
+                progress.set_description(line)
+            else:
+                print(f"[terarec] step {log.step}/{worker.total_steps} | {line} | exchange {log.exchange_mb:.1f} MB "
+                      f"{log.exchange_s * 1e3:.0f} ms", flush=True)
             with open(curve_path, "a") as stream:
                 stream.write(json.dumps(log.__dict__) + "\n")
 

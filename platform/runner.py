@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 import time
 
 from .config import ConfigError, TrainConfig
@@ -46,9 +47,8 @@ def run_training(config: TrainConfig) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     config = config.model_copy(update={"run_dir": run_dir,
                                        "data": config.data if "://" in config.data else os.path.abspath(config.data)})
-    loop_config = config.model_dump(mode="json")
-    if config.resume_from:
-        loop_config["_resume_dir"] = os.path.abspath(find_checkpoint(run_dir, config.resume_from))
+    loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(),
+                   "resume_dir": os.path.abspath(find_checkpoint(run_dir, config.resume_from)) if config.resume_from else None}
 
     dashboard = connect_ray(config.ray_address)
     if dashboard:

@@ -84,7 +84,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, t
     from ray.util.state import list_actors
 
     run_dir = tmp_path / "killed"
-    settings = job_overrides(2, steps=60, checkpoint_every=10, max_failures=2)
+    settings = job_overrides(2, steps=200, batch_size=2400, checkpoint_every=20, max_failures=2)
     command = [sys.executable, "-m", "terarec.platform.cli", "train", "--data", synth_data, "--run-dir", str(run_dir)]
     command += [arg for setting in settings for arg in ("--set", setting)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -95,7 +95,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, t
     killed = None
     deadline = time.time() + 240
     while time.time() < deadline and killed is None:
-        if any(open_checkpoint(root).step >= 10 for root, _d, files in os.walk(run_dir) if "meta.json" in files):
+        if any(open_checkpoint(root).step >= 60 for root, _d, files in os.walk(run_dir) if "meta.json" in files):
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 killed = workers[-1].pid
@@ -105,7 +105,9 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, t
     assert process.wait(timeout=300) == 0, "".join(output)
     reader.join(timeout=5)
     log = "".join(output)
-    assert "restored step" in log, log
-    metrics = final_state({"checkpoint": checkpoint_at(run_dir, 60)})
-    uninterrupted = run_training(job(synth_data, tmp_path / "clean", 2, steps=60, checkpoint_every=10, max_failures=2))
+    restored = [int(line.split("restored step ")[1].split()[0]) for line in log.splitlines() if "restored step" in line]
+    assert restored and min(restored) >= 20, log  # restarted from a checkpoint, not from scratch
+    metrics = final_state({"checkpoint": checkpoint_at(run_dir, 200)})
+    uninterrupted = run_training(job(synth_data, tmp_path / "clean", 2, steps=200, batch_size=2400, checkpoint_every=20,
+                                     max_failures=2))
     assert_same_training(final_state(uninterrupted), metrics)
