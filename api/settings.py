@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     db_path: str = Field(default="terarec-jobs.db", description="SQLite file of job and model records")
     storage: str = Field(default="runs", description="where jobs write their run directories (a path or a URI)")
     default_config: str | None = Field(default=None, description="YAML config that POST /v1/jobs starts from")
+    train_command: str = Field(default="terarec train", description="how a job's entrypoint runs training on the "
+                               "cluster; `--config-json '<config>'` is appended")
     max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0, description="larger request bodies get 413")
     max_predict_rows: int = Field(default=4096, gt=0, description="rows one predict request may carry")
     ray_dashboard_url: str = Field(default="http://127.0.0.1:8265", description="Ray dashboard / Jobs API")

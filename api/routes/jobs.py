@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import shlex
+import time
 import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -36,9 +37,9 @@ def job_config(body: JobRequest, default_config: str | None, storage: str, job_i
     return validate_config(tree)
 
 
-def entrypoint(config: TrainConfig) -> str:
+def entrypoint(train_command: str, config: TrainConfig) -> str:
     """`terarec train --config-json '<json>'`: the whole config, shell-quoted."""
-    return f"terarec train --config-json {shlex.quote(json.dumps(config.model_dump(mode='json')))}"
+    return f"{train_command} --config-json {shlex.quote(json.dumps(config.model_dump(mode='json')))}"
 
 
 @router.post("", response_model=JobView, status_code=201, summary="submit a training job")
@@ -52,14 +53,26 @@ def submit_job(body: JobRequest, request: Request) -> JobView:
     client = state.ray.jobs()
     record = state.records.add_job(job_id, config.run_dir, config.model_dump(mode="json"))
     try:
-        client.submit_job(entrypoint=entrypoint(config), submission_id=job_id,
-                          metadata={"terarec": "train", "run_dir": config.run_dir})
+        submit(client, entrypoint(state.settings.train_command, config), job_id, config.run_dir)
     except Exception as error:  # the record stays, FAILED with the reason
         message = f"submission to Ray failed: {error}"
         state.records.set_job_status(job_id, "FAILED", message)
         raise HTTPException(status_code=503, detail=f"job {job_id}: {message}") from None
     state.telemetry.jobs_submitted.inc()
     return job_view(state, record)
+
+
+def submit(client, command: str, job_id: str, run_dir: str, patience_s: float = 60.0) -> None:
+    """Submit, retrying while Ray says no agent is ready yet (a cluster that just started); nothing was submitted then."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            client.submit_job(entrypoint=command, submission_id=job_id, metadata={"terarec": "train", "run_dir": run_dir})
+            return
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 @router.get("", response_model=JobList, summary="list jobs, newest first")
