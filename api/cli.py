@@ -52,6 +52,7 @@ def _serve(args) -> int:
 def _deploy(args) -> int:
     from pydantic import ValidationError
 
+    from terarec.platform.checkpoints import open_checkpoint
     from terarec.platform.config import format_validation_error
 
     from .ray_cluster import RayCluster, RayUnavailable
@@ -61,6 +62,7 @@ def _deploy(args) -> int:
         request = ModelRequest(name=args.name, checkpoint=args.checkpoint, replicas=args.replicas, servers=args.servers)
     except ValidationError as error:
         raise UserError(format_validation_error(error).replace("config field", "argument")) from None
+    open_checkpoint(request.checkpoint)  # a wrong path fails here, before joining the cluster
     try:
         RayCluster(_settings()).connect_driver()
     except RayUnavailable as error:
