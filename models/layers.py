@@ -133,18 +133,19 @@ class CIN(nn.Module):
             self.output_dim += size - hidden if split_half and not last else size
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        batch, num_fields, dim = x0.shape
+        batch, _, dim = x0.shape
+        x0 = x0.transpose(1, 2)  # [B, D, m]: every layer is then one GEMM over B*D rows
         hidden, pooled = x0, []
         for k, weight in enumerate(self.weights):
-            z = (hidden.unsqueeze(2) * x0.unsqueeze(1)).reshape(batch, -1, dim)  # [B, H_{k-1} * m, D]
-            maps = torch.matmul(weight, z)  # [B, H_k, D]
+            z = (hidden.unsqueeze(3) * x0.unsqueeze(2)).reshape(batch, dim, -1)  # [B, D, H_{k-1} * m]
+            maps = nn.functional.linear(z, weight)  # [B, D, H_k]
             if self.activation == "relu":
                 maps = torch.relu(maps)
             if self.split_half and k < len(self.weights) - 1:
-                hidden, direct = maps.split(maps.shape[1] // 2, dim=1)
+                hidden, direct = maps.split(maps.shape[2] // 2, dim=2)
             else:
                 hidden = direct = maps
-            pooled.append(direct.sum(dim=2))
+            pooled.append(direct.sum(dim=1))
         return torch.cat(pooled, dim=1)
 
     def extra_repr(self) -> str:
