@@ -1,8 +1,9 @@
 """Collectives behind one interface: `Communicator`.
 
 Backends: `LocalCommunicator` (one worker), `GlooCommunicator` (torch.distributed
-gloo, CPU; GPU tensors are staged through host memory). The NCCL-through-CuPy
-backend plugs into the same interface.
+gloo, CPU; GPU tensors are staged through host memory) and `NcclCommunicator`
+(NCCL through CuPy, GPU; nccl.py). `default_communicator` picks NCCL when every
+worker has a CUDA device and cupy, gloo otherwise.
 """
 from __future__ import annotations
 
@@ -85,7 +86,11 @@ class GlooCommunicator(Communicator):
 
 
 def default_communicator() -> Communicator:
-    """The communicator of the current process group, or a local one."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return GlooCommunicator()
-    return LocalCommunicator()
+    """The communicator of the current process group: NCCL if all its workers can run it, else gloo; local for one."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return LocalCommunicator()
+    from .nccl import NcclCommunicator, nccl_available
+
+    everyone = torch.tensor([int(nccl_available())])
+    dist.all_reduce(everyone, op=dist.ReduceOp.MIN)  # one backend for all, or the collectives would not meet
+    return NcclCommunicator.from_process_group() if everyone.item() else GlooCommunicator()
