@@ -46,7 +46,8 @@ def score(model: nn.Module, dense: torch.Tensor, sparse: torch.Tensor) -> torch.
     return torch.sigmoid(logits.reshape(dense.shape[0], -1).float())
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128, graceful_shutdown_timeout_s=30)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128, graceful_shutdown_timeout_s=30,
+                  max_surge_percent=25)  # a rollout starts replacements before it stops old replicas
 class InferenceModel:
     """One replica: the dense model of a checkpoint; embedding rows come from the named servers."""
 

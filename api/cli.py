@@ -12,6 +12,8 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--token-file", help="file holding the API bearer token (default: $TERAREC_API_TOKEN)")
     serve.add_argument("--db", help="SQLite file of job records (default: $TERAREC_DB_PATH or terarec-jobs.db)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="uvicorn's log level (info logs every request)")
     serve.set_defaults(func=_serve)
 
     deploy = subparsers.add_parser("deploy", help="serve a checkpoint with Ray Serve on the running cluster")
@@ -45,7 +47,7 @@ def _serve(args) -> int:
         app = create_app(settings)
     except ValueError as error:
         raise UserError(str(error)) from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
