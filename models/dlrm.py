@@ -15,7 +15,7 @@ class DLRMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     bottom_mlp: list[int] = Field(default=[64], description="hidden sizes of the bottom MLP")
-    top_mlp: list[int] = Field(default=[128, 64], description="hidden sizes of the top MLP")
+    top_mlp: list[int] = Field(default=[256, 128], description="hidden sizes of the top MLP")
     self_interaction: bool = False
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 

@@ -26,7 +26,7 @@ class Strict(BaseModel):
 class EmbeddingConfig(Strict):
     dim: int = Field(default=16, gt=0, le=4096, description="embedding width D")
     optimizer: Literal["sgd", "adagrad", "adam"] = "adagrad"
-    lr: float = Field(default=0.05, gt=0)
+    lr: float = Field(default=0.2, gt=0)
     init_scale: float = Field(default=0.05, gt=0, description="initial rows are uniform in [-init_scale, init_scale)")
     num_buckets: int = Field(default=4096, gt=0, description="keys -> buckets -> workers; resharding moves buckets")
     comm_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="fp32", description="rows on the wire")
@@ -35,7 +35,7 @@ class EmbeddingConfig(Strict):
 
 class DenseOptimizerConfig(Strict):
     name: Literal["sgd", "adagrad", "adam"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=3e-3, gt=0)
 
 
 class StoreConfig(Strict):

@@ -43,6 +43,10 @@ def run_training(config: TrainConfig) -> dict:
 
     from terarec.actors.train_worker import train_loop_per_worker
 
+    from terarec.platform.data.reader import list_split_files
+
+    for split in ("train", "eval"):  # fail here, with the path, rather than inside every worker
+        list_split_files(config.data, split)
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     config = config.model_copy(update={"run_dir": run_dir,

@@ -10,7 +10,7 @@ if [ ! -f data/quickstart/meta.json ]; then
 fi
 terarec train --model dlrm --data data/quickstart --run-dir runs/quickstart-dlrm --steps "$steps" --batch-size 2048 --seed 0 "$@"
 terarec train --model lr --data data/quickstart --run-dir runs/quickstart-lr --steps "$steps" --batch-size 2048 --seed 0 \
-  --set embedding.lr=0.1 --set dense_optimizer.lr=0.01
+  --set dense_optimizer.lr=0.01
 python - <<'PY'
 import json
 dlrm = json.load(open("runs/quickstart-dlrm/metrics.json"))

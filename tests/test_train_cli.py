@@ -1,0 +1,68 @@
+"""`terarec train` end to end through the CLI, and what bad input gets."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "terarec.platform.cli"]
+
+
+def terarec(*args, env=None, timeout=600):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def clicks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clicks")
+    result = terarec("data", "synth", "--out", str(out), "--rows", "400000", "--seed", "1", "--cardinality-scale", "1e-4")
+    assert result.returncode == 0, result.stderr
+    return str(out)
+
+
+@pytest.mark.slow
+def test_dlrm_beats_logistic_regression(ray_cluster, clicks, tmp_path):
+    aucs = {}
+    for model, extra in (("dlrm", []), ("lr", ["--set", "dense_optimizer.lr=0.01"])):
+        run_dir = tmp_path / model
+        result = terarec("train", "--model", model, "--data", clicks, "--run-dir", str(run_dir), "--steps", "340",
+                         "--batch-size", "1024", "--seed", "0", "--set", "eval_rows=20000", *extra)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        for key in ("auc", "logloss", "samples_per_s", "steps", "train_rows", "model"):
+            assert key in metrics
+        assert metrics["steps"] == 340 and metrics["train_rows"] == 340 * 1024 and metrics["model"] == model
+        assert (run_dir / "curve.jsonl").read_text().count("\n") >= 6
+        aucs[model] = metrics["auc"]
+    assert aucs["lr"] > 0.70, aucs
+    assert aucs["dlrm"] > aucs["lr"] + 0.02, aucs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "-5"], "config field 'batch_size': Input should be greater than 0"),
+    (["--model", "nope"], "unknown model 'nope'"),
+    (["--set", "embedding.dim=abc"], "config field 'embedding.dim'"),
+    (["--set", "embedding.dimm=8"], "config field 'embedding.dimm': unknown key"),
+    (["--set", "novalue"], "expected key=value"),
+    (["--set", "workers=[3,2]"], "config field 'workers'"),
+    (["--set", "store.kind=cached_ssd"], "needs store.path"),
+    (["--config", "/nonexistent/job.yaml"], "config file /nonexistent/job.yaml does not exist"),
+])
+def test_bad_config_exits_2_with_one_line(tmp_path, args, message):
+    result = terarec("train", "--data", str(tmp_path), *args, env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_yaml_and_missing_data(tmp_path):
+    bad = tmp_path / "job.yaml"
+    bad.write_text("model: [dlrm\n")
+    result = terarec("train", "--config", str(bad), "--data", str(tmp_path))
+    assert result.returncode == 2 and "not valid YAML" in result.stderr
+    result = terarec("train", "--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr
