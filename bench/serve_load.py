@@ -154,7 +154,8 @@ def run_cells(name: str, url: str, bodies: dict[int, bytes], headers: dict, args
 def markdown(figures: dict, settings: dict) -> str:
     lines = ["# Online inference under load (bench/serve_load.py)", "",
              f"{device_name()}, {settings['date']}; {settings['model']} checkpoint, {settings['seconds']} s or "
-             f"{settings['max_requests']} requests per cell, loopback HTTP, JSON bodies.", "",
+             f"{settings['max_requests']} requests per cell, loopback HTTP, JSON bodies; load generator, servers and "
+             f"Ray share the {settings['cpus']} cores (load average {settings['load_average_1m']:.1f} at the end).", "",
              "terarec: control plane -> Ray Serve (@serve.batch, 1 replica of 1 CPU) -> 2 embedding servers. "
              "bare: FastAPI + torch in one process (same schema, same model, rows in a local store).", "",
              "| rows/request | clients | terarec p50 ms | terarec p99 ms | terarec rows/s | bare p50 ms | bare p99 ms | bare rows/s |",
@@ -218,7 +219,7 @@ def main() -> None:
 
     settings = {"seconds": args.seconds, "max_requests": args.max_requests, "rows": args.rows, "steps": args.steps,
                 "model": "dlrm (default sizes, embedding dim 16)", "batches": BATCHES, "concurrency": CONCURRENCY,
-                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+                "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
     record("serve_load", figures, settings)
     with open(os.path.join(RESULTS, "serve_load.md"), "w") as stream:
         stream.write(markdown(figures, settings))
