@@ -64,7 +64,6 @@ class RayCluster:
                                      "(set RAY_ADDRESS, or start Ray with `ray start --head --dashboard-host 127.0.0.1`)") from None
 
 
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
