@@ -111,3 +111,10 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, t
     uninterrupted = run_training(job(synth_data, tmp_path / "clean", 2, steps=200, batch_size=2400, checkpoint_every=20,
                                      max_failures=2))
     assert_same_training(final_state(uninterrupted), metrics)
+
+
+def test_elastic_worker_range_trains_like_a_fixed_run(runs, synth_data):
+    """workers=[1, 2] becomes Ray Train's elastic num_workers=(1, 2); any size it gets trains the same."""
+    elastic = run_training(job(synth_data, runs["base"] / "elastic", "[1,2]"))
+    assert elastic["steps"] == STEPS and elastic["world_size"] in (1, 2)
+    assert_same_training(final_state(runs[1]), final_state(elastic))
