@@ -133,11 +133,13 @@ class CIN(nn.Module):
             self.output_dim += size - hidden if split_half and not last else size
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        batch, _, dim = x0.shape
-        x0 = x0.transpose(1, 2)  # [B, D, m]: every layer is then one GEMM over B*D rows
+        batch, num_fields, dim = x0.shape
+        x0 = x0.transpose(1, 2).contiguous()  # [B, D, m]: every layer is then one GEMM over B*D rows
         hidden, pooled = x0, []
         for k, weight in enumerate(self.weights):
-            z = (hidden.unsqueeze(3) * x0.unsqueeze(2)).reshape(batch, dim, -1)  # [B, D, H_{k-1} * m]
+            # outer products as a batched GEMM: its backward is two GEMMs, not broadcast products and sums
+            z = torch.bmm(hidden.reshape(-1, hidden.shape[2], 1), x0.reshape(-1, 1, num_fields))
+            z = z.reshape(batch, dim, -1)  # [B, D, H_{k-1} * m]
             maps = nn.functional.linear(z, weight)  # [B, D, H_k]
             if self.activation == "relu":
                 maps = torch.relu(maps)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terarec.models import (MODELS, Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, MMoEConfig, PNNConfig,
-                            XDeepFMConfig, build_model)
+from terarec.models import (CIN, MODELS, Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, FMInteraction,
+                            MMoEConfig, PNNConfig, XDeepFMConfig, build_model)
 from terarec.platform.data.reader import BatchReader, list_split_files
 from terarec.platform.data.synth import write_synthetic
 from terarec.platform.metrics import roc_auc
@@ -100,6 +100,20 @@ def expected_params(name, c, D=DIM, F=NUM_SPARSE, n=NUM_DENSE, T=TASKS):
         experts = c.num_experts * mlp_params([d0, *c.expert_mlp])
         return experts + T * d0 * c.num_experts + T * mlp_params([c.expert_mlp[-1], *c.tower_mlp, 1])
     raise KeyError(name)
+
+
+def test_fm_and_cin_compute_their_equations():
+    fields = torch.randn(4, 5, 3)
+    pairs = sum((fields[:, i] * fields[:, j]).sum(1) for i in range(5) for j in range(i + 1, 5))
+    assert torch.allclose(FMInteraction()(fields).squeeze(1), pairs, atol=1e-5)
+    for split_half in (True, False):
+        cin = CIN(5, [8, 6, 3], split_half=split_half)
+        hidden, pooled = fields, []
+        for k, weight in enumerate(cin.weights):  # xDeepFM eq. 6, then sum pooling over D
+            maps = torch.einsum("hij,bid,bjd->bhd", weight.view(weight.shape[0], hidden.shape[1], 5), hidden, fields)
+            hidden, direct = maps.split(maps.shape[1] // 2, 1) if split_half and k < 2 else (maps, maps)
+            pooled.append(direct.sum(2))
+        assert torch.allclose(cin(fields), torch.cat(pooled, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("name,config", VARIANTS, ids=VARIANT_IDS)
