@@ -8,6 +8,7 @@ import sys
 import time
 
 from .config import ConfigError, TrainConfig
+from .plots import plot_curve
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str | None:
@@ -77,6 +78,7 @@ def run_training(config: TrainConfig) -> dict:
                 "use_gpu": use_gpu}
     with open(os.path.join(run_dir, "metrics.json"), "w") as stream:
         json.dump(metrics, stream, indent=1, default=str)
+    plot_curve(run_dir)
     return metrics
 
 

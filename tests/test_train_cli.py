@@ -37,6 +37,7 @@ def test_dlrm_beats_logistic_regression(ray_cluster, clicks, tmp_path):
             assert key in metrics
         assert metrics["steps"] == 340 and metrics["train_rows"] == 340 * 1024 and metrics["model"] == model
         assert (run_dir / "curve.jsonl").read_text().count("\n") >= 6
+        assert (run_dir / "curve.png").stat().st_size > 1000
         aucs[model] = metrics["auc"]
     assert aucs["lr"] > 0.70, aucs
     assert aucs["dlrm"] > aucs["lr"] + 0.02, aucs
