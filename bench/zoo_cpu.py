@@ -43,9 +43,9 @@ with contextlib.redirect_stdout(io.StringIO()):  # deepctr_torch prints a versio
 CHUNK = 25  # batches per lockstep turn
 
 
-def configs(deep: list[int], cin: list[int], cross_layers: int) -> dict:
+def configs(deep: list[int], cin: list[int], cross_layers: int, init_std: float) -> dict:
     """terarec config and DeepCTR-Torch constructor of each model, at the same sizes."""
-    no_l2 = dict(l2_reg_embedding=0.0, l2_reg_dnn=0.0)
+    no_l2 = dict(l2_reg_embedding=0.0, l2_reg_dnn=0.0, init_std=init_std)
     return {
         "deepfm": (DeepFMConfig(deep_mlp=deep),
                    lambda lin, dnn: PeerDeepFM(lin, dnn, dnn_hidden_units=deep, l2_reg_linear=0.0, **no_l2)),
@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--cross-layers", type=int, default=3)
     parser.add_argument("--sparse-lr", type=float, default=0.05)
     parser.add_argument("--dense-lr", type=float, default=3e-3)
+    parser.add_argument("--peer-init-std", type=float, default=0.05 / 3**0.5,
+                        help="DeepCTR's init_std (embeddings and DNN weights); the default is the std of terarec's "
+                             "initial rows, uniform in +-0.05 (DeepCTR's own default is 1e-4)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
     parser.add_argument("--models", nargs="+", default=["deepfm", "xdeepfm", "dcn", "dcnv2", "pnn"])
     args = parser.parse_args()
@@ -161,7 +164,7 @@ def main() -> None:
         train, evaluation = load(data_dir, "train"), load(data_dir, "eval")
     batches = [train.slice(i, i + args.batch_size) for i in range(0, len(train) - args.batch_size + 1, args.batch_size)]
     vocabularies = [np.unique(train.sparse[:, f].numpy()) for f in range(len(SPARSE_COLUMNS))]
-    table = configs(args.deep, args.cin, args.cross_layers)
+    table = configs(args.deep, args.cin, args.cross_layers, args.peer_init_std)
 
     rows = []
     progress = tqdm(total=len(args.models) * args.epochs * len(batches), unit="batch", desc="zoo vs deepctr")
@@ -206,7 +209,9 @@ def write_markdown(rows: list[dict], settings: dict) -> None:
              f"Synthetic click data: {settings['train_rows']} train / {settings['eval_rows']} eval rows, "
              f"cardinality scale {settings['cardinality_scale']}; {settings['epochs']} epochs of batch "
              f"{settings['batch_size']}; dim {settings['dim']}, deep {settings['deep']}, CIN {settings['cin']}, "
-             f"{settings['cross_layers']} cross layers; {settings['optimizers']}. Written by bench/zoo_cpu.py.", "",
+             f"{settings['cross_layers']} cross layers; {settings['optimizers']}; DeepCTR init_std "
+             f"{settings['peer_init_std']:.4g}. Same batches in the same order, the two trained in lockstep. "
+             f"Written by bench/zoo_cpu.py.", "",
              "| model | terarec AUC | DeepCTR AUC | diff | terarec samples/s | DeepCTR samples/s | speedup | "
              "terarec params (dense + rows) | DeepCTR params |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
