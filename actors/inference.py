@@ -17,7 +17,8 @@ import torch
 from ray import serve
 from torch import nn
 
-from terarec.models import Batch, Embedding, build_model, model_spec
+from terarec.models import Batch, Embedding, build_model
+from terarec.models.registry import store_width
 from terarec.platform.checkpoints import CheckpointContents, open_checkpoint
 from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 
@@ -36,7 +37,7 @@ def model_from_checkpoint(checkpoint: CheckpointContents, backend) -> nn.Module:
 
 
 def embedding_dim(checkpoint: CheckpointContents) -> int:
-    return checkpoint.meta.get("embedding_dim") or model_spec(checkpoint.config.model).embedding_dim or checkpoint.config.embedding.dim
+    return checkpoint.meta.get("embedding_dim") or store_width(checkpoint.config.model, checkpoint.config.embedding.dim)
 
 
 @torch.inference_mode()

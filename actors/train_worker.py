@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from terarec.kernels.comm import Communicator, LocalCommunicator
-from terarec.models import Batch, Embedding, build_model, model_spec
+from terarec.models import Batch, Embedding, build_model
+from terarec.models.registry import is_multi_task, store_width
 from terarec.platform.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
 from terarec.platform.config import TrainConfig
 from terarec.platform.data.reader import BatchReader, count_rows, list_split_files
@@ -49,14 +50,15 @@ class TrainWorker:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
-        self.label_columns = label_columns_of(pq.read_schema(self.train_files[0]))
+        label_columns = label_columns_of(pq.read_schema(self.train_files[0]))
+        # single-task models learn the first label (click); multi-task ones every label column
+        self.label_columns = label_columns if is_multi_task(config.model) else label_columns[:1]
         self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)
 
         torch.manual_seed(config.seed)  # identical dense replicas on every rank
-        spec = model_spec(config.model)
-        dim = spec.embedding_dim or config.embedding.dim
+        dim = store_width(config.model, config.embedding.dim)
         store_cfg = config.store
-        self.store = make_store(store_cfg.kind, dim, make_sparse_optimizer(config.embedding.optimizer, config.embedding.lr),
+        self.store = make_store(store_cfg.kind, dim, make_sparse_optimizer(config.embedding.optimizer, config.sparse_lr),
                                 seed=config.seed, init_scale=config.embedding.init_scale, device=device,
                                 policy=store_cfg.policy, cache_bytes=store_cfg.cache_bytes,
                                 host_bytes=store_cfg.host_bytes,
@@ -77,10 +79,11 @@ class TrainWorker:
         self.model.train()
         batch = batch.to(self.device, non_blocking=True)
         logits = self.model(batch)
+        labels = batch.labels[:, : len(self.label_columns)]
         # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
         # so summed gradients equal one worker's gradients on the whole global batch.
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
-        loss = loss / (self.config.batch_size * batch.labels.shape[1])
+        loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        loss = loss / (self.config.batch_size * labels.shape[1])
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self._all_reduce_dense_grads()
@@ -149,7 +152,7 @@ class TrainWorker:
                          shuffle=False, drop_last=False, epochs=1) as reader:
             for batch in reader:
                 batch = batch.to(self.device)
-                local = torch.cat([self.model(batch).float(), batch.labels], dim=1).cpu()
+                local = torch.cat([self.model(batch).float(), batch.labels[:, :tasks]], dim=1).cpu()
                 gathered.append(torch.cat(self.comm.all_gather(local)))
                 rows += gathered[-1].shape[0]
                 if config.eval_rows and rows >= config.eval_rows:

@@ -3,7 +3,9 @@
 The rows live outside torch's parameters (in a store, or spread over workers);
 the forward reads the unique keys' rows into a leaf tensor, and
 `apply_gradients` hands that tensor's gradient (already summed per unique key
-by autograd) to the store's sparse optimizer.
+by autograd) to the store's sparse optimizer. On CUDA the rows are spread to
+`[B, F, D]` by the 16-byte-load gather kernel, whose backward is the per-key
+gradient reduction.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from terarec.kernels.gather import gather_rows
 from terarec.store.keys import feature_keys
 
 
@@ -47,7 +50,7 @@ class Embedding(nn.Module):
         if self.training and torch.is_grad_enabled():
             rows.requires_grad_(True)
             self._pending.append((unique_keys, rows))
-        return rows[inverse]
+        return gather_rows(rows, inverse)
 
     def apply_gradients(self) -> None:
         """Send the gradients of every forward since the last call to the store's optimizer."""

@@ -21,17 +21,18 @@ class ModelSpec:
     cls: type[nn.Module]
     config: type[BaseModel]
     embedding_dim: int | None = None  # fixed by the model (LR: 1); None means the job's embedding.dim
+    sparse_lr: float = 0.05  # the default embedding.lr for this model
 
 
 MODELS: dict[str, ModelSpec] = {
-    "dlrm": ModelSpec(DLRM, DLRMConfig),
-    "lr": ModelSpec(LogisticRegression, LRConfig, embedding_dim=1),
+    "dlrm": ModelSpec(DLRM, DLRMConfig, sparse_lr=0.2),
+    "lr": ModelSpec(LogisticRegression, LRConfig, embedding_dim=1, sparse_lr=0.1),
     "deepfm": ModelSpec(DeepFM, DeepFMConfig),
     "xdeepfm": ModelSpec(XDeepFM, XDeepFMConfig),
     "dcn": ModelSpec(DCN, DCNConfig),
     "dcnv2": ModelSpec(DCN, DCNv2Config),
     "pnn": ModelSpec(PNN, PNNConfig),
-    "mmoe": ModelSpec(MMoE, MMoEConfig),
+    "mmoe": ModelSpec(MMoE, MMoEConfig, sparse_lr=0.03),
 }
 
 
@@ -41,11 +42,25 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
+def store_width(name: str, dim: int) -> int:
+    """Row width the store must hold for model `name` at embedding.dim = dim: fixed (LR: 1),
+    the model's own `embedding_width(dim)` (DeepFM: dim + 1 for the first-order weight), or dim."""
+    spec = model_spec(name)
+    if spec.embedding_dim is not None:
+        return spec.embedding_dim
+    width = getattr(spec.cls, "embedding_width", None)
+    return width(dim) if width else dim
+
+
+def is_multi_task(name: str) -> bool:
+    return bool(getattr(model_spec(name).cls, "multi_task", False))
+
+
 def build_model(name: str, embedding: Embedding, num_dense: int, num_sparse: int,
                 config: BaseModel | None = None, num_tasks: int = 1) -> nn.Module:
     """A zoo model around an Embedding front. Multi-task models take `num_tasks`."""
     spec = model_spec(name)
     config = config if config is not None else spec.config()
-    if getattr(spec.cls, "multi_task", False):
+    if is_multi_task(name):
         return spec.cls(embedding, num_dense, num_sparse, config, num_tasks=num_tasks)
     return spec.cls(embedding, num_dense, num_sparse, config)

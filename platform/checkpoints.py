@@ -44,7 +44,7 @@ class CheckpointContents:
         """All shards' rows (or those `keep` selects) in one store."""
         if store is None:
             store = DeviceStore(self.meta.get("embedding_dim") or self.config.embedding.dim,
-                                make_sparse_optimizer(self.config.embedding.optimizer, self.config.embedding.lr),
+                                make_sparse_optimizer(self.config.embedding.optimizer, self.config.sparse_lr),
                                 seed=self.config.seed, init_scale=self.config.embedding.init_scale)
         load_store(store, self.shard_paths(), keep=keep)
         return store

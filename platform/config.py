@@ -26,7 +26,7 @@ class Strict(BaseModel):
 class EmbeddingConfig(Strict):
     dim: int = Field(default=16, gt=0, le=4096, description="embedding width D")
     optimizer: Literal["sgd", "adagrad", "adam"] = "adagrad"
-    lr: float = Field(default=0.2, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="sparse learning rate; default: the model's own")
     init_scale: float = Field(default=0.05, gt=0, description="initial rows are uniform in [-init_scale, init_scale)")
     num_buckets: int = Field(default=4096, gt=0, description="keys -> buckets -> workers; resharding moves buckets")
     comm_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="fp32", description="rows on the wire")
@@ -118,6 +118,11 @@ class TrainConfig(Strict):
 
     def model_section(self) -> BaseModel:
         return getattr(self.models, self.model)
+
+    @property
+    def sparse_lr(self) -> float:
+        """embedding.lr, or the model's default (what its embeddings train well with under Adagrad)."""
+        return self.embedding.lr or MODELS[self.model].sparse_lr
 
 
 def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:

@@ -14,6 +14,7 @@ from terarec.platform.data.synth import write_synthetic
 from terarec.platform.metrics import roc_auc
 from terarec.store import DeviceStore, SparseAdagrad, load_store, save_store
 from terarec.store.keys import feature_keys
+from terarec.models.registry import store_width
 
 NUM_DENSE, NUM_SPARSE, DIM, TASKS = 13, 26, 8, 2
 ZOO = ["deepfm", "xdeepfm", "dcn", "dcnv2", "pnn", "mmoe"]
@@ -42,15 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def store_width(name: str, dim: int) -> int:
-    """What the trainer must give the store: a fixed width (LR), the model's embedding_width(dim), or dim."""
-    spec = MODELS[name]
-    if spec.embedding_dim is not None:
-        return spec.embedding_dim
-    width = getattr(spec.cls, "embedding_width", None)
-    return width(dim) if width else dim
 
 
 def make_model(name, config=None, dim=DIM, num_tasks=TASKS, sparse_lr=0.05, seed=0):
