@@ -1,7 +1,15 @@
-"""Store option `device`: every row and its optimizer state in one tensor on the worker's device."""
+"""Store option `device`: every row and its optimizer state in one tensor on the worker's device.
+
+On CUDA the rows are read with the 16-byte-load gather kernel and updated in
+place by the fused sparse-optimizer kernel (`terarec.kernels.triton_sparse_update`);
+elsewhere by the torch references (gather, `optimizer.apply`, scatter).
+"""
 from __future__ import annotations
 
 import torch
+
+from terarec.kernels.dispatch import use_fused
+from terarec.kernels.gather import gather_rows
 
 from .base import EmbeddingStore
 from .encoder import IdEncoder
@@ -54,9 +62,9 @@ class DeviceStore(EmbeddingStore):
         self.lookups += keys.numel()
         if insert:
             slots = self._slots(keys)  # may grow self.values: index it only afterwards
-            return self.values[slots, : self.dim]
+            return gather_rows(self.values[:, : self.dim], slots)
         slots = self.encoder.find(keys)
-        rows = self.values[slots.clamp(min=0), : self.dim]
+        rows = gather_rows(self.values[:, : self.dim], slots.clamp(min=0))
         return rows.masked_fill((slots < 0).unsqueeze(1), 0.0)
 
     def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
@@ -64,7 +72,12 @@ class DeviceStore(EmbeddingStore):
         if keys.numel() == 0:
             return
         slots = self._slots(keys)
-        self.values[slots] = self.optimizer.apply(self.values[slots], grads.to(self.device, torch.float32), self.step)
+        grads = grads.to(self.device, torch.float32)
+        if use_fused(self.values):
+            from terarec.kernels.triton_sparse_update import sparse_update_
+            sparse_update_(self.values, slots, grads, self.optimizer, self.step)
+        else:
+            self.values[slots] = self.optimizer.apply(self.values[slots], grads, self.step)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, slots = self.encoder.items()

@@ -1,12 +1,16 @@
 """ID encoder: a growable open-addressing hash table from 64-bit keys to dense slots.
 
-Vectorized in torch (CPU or GPU): each probing round handles every pending key
-at once, so a batch of N keys costs a few tensor passes, not N Python steps.
+Vectorized in torch (the reference, and the CPU path): each probing round
+handles every pending key at once, so a batch of N keys costs a few tensor
+passes, not N Python steps. On CUDA the same table is probed by one Triton
+kernel (`terarec.kernels.triton_hash`: lock-free, `atomic_cas` on the keys).
 Nobody plans its capacity: it doubles when the load passes `max_load`.
 """
 from __future__ import annotations
 
 import torch
+
+from terarec.kernels.dispatch import use_fused
 
 from .keys import EMPTY_KEY, splitmix64
 
@@ -55,6 +59,10 @@ class IdEncoder:
         return keys[order], slots[order]
 
     def _probe(self, keys: torch.Tensor, insert: bool, new_slots: torch.Tensor | None = None) -> torch.Tensor:
+        if use_fused(self.table_keys):
+            from terarec.kernels.triton_hash import probe
+            slots, self.size = probe(self.table_keys, self.table_slots, keys, insert, self.size, new_slots)
+            return slots
         mask = self.capacity - 1
         result = torch.full_like(keys, -1)
         pending = torch.arange(keys.numel(), device=self.device)
