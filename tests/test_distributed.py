@@ -21,7 +21,7 @@ STEPS, HALF = 6, 3
 
 def job_overrides(workers, **extra):
     settings = {"workers": workers, "cpus_per_worker": 0.5, "embedding.dim": 8, "dlrm.bottom_mlp": "[16]",
-                "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam",
+                "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam", "embedding.lr": 0.02,
                 "eval_rows": 2000, "log_every": 2, "steps": STEPS, "batch_size": 240, "seed": 5} | extra
     return [f"{key}={value}" for key, value in settings.items()]
 
