@@ -33,12 +33,19 @@ class DeviceStore(EmbeddingStore):
         self.values = torch.empty((initial_capacity, self.value_width), device=self.device)
         self.lookups = 0
         self.inserts = 0
+        self._last_slots: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.encoder)
 
     def _slots(self, keys: torch.Tensor) -> torch.Tensor:
-        """Find or insert; fresh slots get their initial values."""
+        """Find or insert; fresh slots get their initial values.
+
+        The Embedding front updates exactly the keys tensor it looked up, so the last
+        lookup's slots are kept and reused for it (slots never move, even when tables grow).
+        """
+        if self._last_slots is not None and self._last_slots[0] is keys:
+            return self._last_slots[1]
         before = len(self.encoder)
         slots = self.encoder.find_or_insert(keys)
         if len(self.encoder) > before:
@@ -46,6 +53,7 @@ class DeviceStore(EmbeddingStore):
             fresh = slots >= before
             self.values[slots[fresh]] = self.initial_values(keys.to(self.device)[fresh])
             self.inserts += int(fresh.sum())
+        self._last_slots = (keys, slots)
         return slots
 
     def _reserve(self, rows: int) -> None:

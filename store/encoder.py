@@ -72,9 +72,12 @@ class IdEncoder:
             found_keys = self.table_keys[positions]
             hit = found_keys == pending_keys
             result[pending[hit]] = self.table_slots[positions[hit]]
-            done = hit | (found_keys == EMPTY_KEY)
-            if insert:
-                done = hit | self._claim(keys, pending, positions, found_keys == EMPTY_KEY, result, new_slots)
+            empty = found_keys == EMPTY_KEY
+            done = hit | empty
+            if insert and bool(empty.any()):
+                done = hit | self._claim(keys, pending, positions, empty, result, new_slots)
+            elif insert:
+                done = hit
             pending, positions = pending[~done], (positions[~done] + 1) & mask
         return result
 
