@@ -3,8 +3,8 @@
 # and the logistic-regression baseline on the same data; prints both AUCs.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-rows=${ROWS:-500000}
-steps=${STEPS:-300}
+rows=${ROWS:-1000000}
+steps=${STEPS:-800}
 if [ ! -f data/quickstart/meta.json ]; then
   terarec data synth --out data/quickstart --rows "$rows" --seed 0
 fi
