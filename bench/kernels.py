@@ -4,9 +4,10 @@ Forward and forward+backward for each op, then a whole DLRM training step
 (fused vs TERAREC_FUSED=0). Times are medians of `triton.testing.do_bench`;
 figures are compared with the ceilings of ARCHITECTURE.md. Prints a table and
 writes bench/results/kernels-<device>.json, kernels.md and kernels.png (or
-under --out).
+under --out). With --only, the named groups' rows replace theirs in the
+existing results and the markdown says which rows were re-measured when.
 
-    python bench/kernels.py [--out DIR] [--commit SHA]
+    python bench/kernels.py [--out DIR] [--commit SHA] [--only mlp,dropout,...]
     TRITON_INTERPRET=1 python bench/kernels.py --small --no-compile    # CPU smoke run
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from terarec.kernels.cross import cross_v1_reference, cross_v2_reference
 from terarec.kernels.gather import gather_rows_reference, gather_sum_reference
 from terarec.kernels.interaction import dot_interaction_reference
+from terarec.kernels import triton_mlp
 from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference
 from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward
@@ -34,6 +36,7 @@ from terarec.kernels.triton_interaction import FusedDotInteraction
 HBM_GBS = 2993.0            # ARCHITECTURE.md, H100 device-to-device copy (read + write)
 TF32_TFLOPS = 406.0         # ARCHITECTURE.md, tf32 matmul 8192^3
 CUDA = torch.cuda.is_available()
+GROUPS = ("dlrm", "interaction", "mlp", "dropout", "cross", "gather")
 DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -154,10 +157,23 @@ def bench_mlp(table: Table, batch: int, name: str, sizes: list[int], last_activa
                         grads[i] @ plain[i]
         return run
 
+    def with_mask_pass(run):
+        """The previous backward: cuBLAS GEMM, then the mask and bias-sum pass over its output."""
+        def patched():
+            fused_matmul = triton_mlp.masked_grad_matmul
+            triton_mlp.masked_grad_matmul = lambda g, w, m, scale: relu_mask_backward(g @ w, m, scale)
+            try:
+                run()
+            finally:
+                triton_mlp.masked_grad_matmul = fused_matmul
+        return patched
+
     compile_fn = compiled(reference, use_compile)
     for backward in (False, True):
         runs = impls(reference, fused, compile_fn, [x, *weights, *biases], backward)
         runs["bare_gemms"] = bare_gemms(backward)
+        if backward:
+            runs["mask_pass"] = with_mask_pass(runs["fused"])
         table.add(name, backward, runs, ((3 if backward else 1) * flops, "TFLOP/s", TF32_TFLOPS),
                   note=f"{'-'.join(map(str, sizes))}, B={batch}, fp32 with TF32 matmuls")
 
@@ -313,7 +329,13 @@ def main():
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--steps", type=int, default=20, help="timed DLRM training steps")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=list(GROUPS),
+                        help=f"comma-separated groups to run, of {','.join(GROUPS)}; their rows replace those "
+                             "in the existing results")
     args = parser.parse_args()
+    unknown = set(args.only) - set(GROUPS)
+    if unknown:
+        parser.error(f"--only: unknown group(s) {', '.join(sorted(unknown))}; pick from {', '.join(GROUPS)}")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     batch = 256 if args.small else 65536
@@ -321,37 +343,76 @@ def main():
     device_name = torch.cuda.get_device_name() if CUDA else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     slug = device_name.lower().replace("nvidia ", "").replace(" ", "-")
-    result = {"device": device_name, "date": datetime.date.today().isoformat(), "commit": args.commit,
+    path = args.out / f"kernels-{slug}.json"
+    today = datetime.date.today().isoformat()
+    partial = set(args.only) != set(GROUPS)
+    result = {"device": device_name, "date": today, "commit": args.commit,
               "torch": torch.__version__, "batch": batch, "settings": "fp32 tensors, TF32 matmuls on"}
-
-    def save():
-        (args.out / f"kernels-{slug}.json").write_text(json.dumps({**result, "rows": table.rows}, indent=1))
+    old_rows = []
+    if partial and path.exists():
+        previous = json.loads(path.read_text())
+        old_rows = previous.pop("rows")
+        result = {**previous, "remeasured": [*previous.get("remeasured", []), {
+            "groups": args.only, "device": device_name, "date": today, "commit": args.commit,
+            "torch": torch.__version__}]}
 
     table = Table()
+
+    def rows() -> list[dict]:
+        """The new rows, in the old rows' places where they replace them."""
+        new = {(r["op"], r["pass"]): r for r in table.rows}
+        merged = [new.pop((r["op"], r["pass"]), r) for r in old_rows]
+        return merged + list(new.values())
+
+    def save():
+        path.write_text(json.dumps({**result, "rows": rows()}, indent=1))
+
     print(f"{'op':<22} {'pass':<8} {'eager':>9} {'compile':>9} {'fused':>9} {'bare':>9} {'speedup':>7}  figure")
-    result["dlrm_step"] = bench_dlrm_step(batch, 3 if args.small else args.steps)
-    print("DLRM training step:", result["dlrm_step"], flush=True)
+    if "dlrm" in args.only:
+        result["dlrm_step"] = bench_dlrm_step(batch, 3 if args.small else args.steps)
+        print("DLRM training step:", result["dlrm_step"], flush=True)
+        save()
+    if "interaction" in args.only:
+        bench_interaction(table, batch, use_compile)
+        save()
+    if "mlp" in args.only:
+        bench_mlp(table, batch, "bottom_mlp", [13, 512, 256, 128], True, use_compile)
+        bench_mlp(table, batch, "top_mlp", [480, 1024, 1024, 512, 256, 1], False, use_compile)
+        save()
+    if "dropout" in args.only:
+        result["dropout_mask_memory"] = bench_dropout(table, batch, use_compile)
+        save()
+    if "cross" in args.only:
+        bench_cross(table, batch, 1024 if not args.small else 64, use_compile)
+    if "gather" in args.only:
+        bench_gather(table, batch, use_compile)
     save()
-    bench_interaction(table, batch, use_compile)
-    save()
-    bench_mlp(table, batch, "bottom_mlp", [13, 512, 256, 128], True, use_compile)
-    bench_mlp(table, batch, "top_mlp", [480, 1024, 1024, 512, 256, 1], False, use_compile)
-    save()
-    result["dropout_mask_memory"] = bench_dropout(table, batch, use_compile)
-    save()
-    bench_cross(table, batch, 1024 if not args.small else 64, use_compile)
-    bench_gather(table, batch, use_compile)
-    save()
-    step = result["dlrm_step"]
-    markdown = (f"Fused kernels vs PyTorch on {device_name}, {result['date']} (commit {args.commit[:10]}); "
-                f"{result['settings']}; medians of triton.testing.do_bench.\n\n{table.markdown()}\n\n"
-                f"Whole DLRM training step (B={step['batch']}): eager {step['eager_ms']} ms, fused "
-                f"{step['fused_ms']} ms, {step['speedup']}× ({step['config']}).\n\n"
-                f"Dropout mask memory: bitmask {result['dropout_mask_memory']['bitmask_bytes']} B vs bool "
-                f"{result['dropout_mask_memory']['bool_mask_bytes']} B "
-                f"(ratio {result['dropout_mask_memory']['ratio']}).\n")
+    all_rows = rows()
+    final = Table()
+    final.rows = all_rows
+    lines = [f"Fused kernels vs PyTorch on {result['device']}, {result['date']} (commit {result['commit'][:10]}); "
+             f"{result['settings']}; medians of triton.testing.do_bench."]
+    for again in result.get("remeasured", []):
+        lines.append(f"Re-measured on {again['device']}, {again['date']} (commit {again['commit'][:10]}, torch "
+                     f"{again['torch']}): the {', '.join(again['groups'])} rows.")
+    markdown = "\n".join(lines) + f"\n\n{final.markdown()}\n"
+    variants = [r for r in all_rows if "mask_pass" in r["ms"]]
+    if variants:
+        markdown += ("\nFusedMLP backward, the mask in the GEMM epilogue (fused) vs a mask pass after cuBLAS "
+                     "(the previous backward), fwd+bwd: " + "; ".join(
+                         f"{r['op']} {r['ms']['fused']:.3f} vs {r['ms']['mask_pass']:.3f} ms, bare GEMMs "
+                         f"{r['ms']['bare_gemms']:.3f} ms (fused {100 * (r['ms']['fused'] / r['ms']['bare_gemms'] - 1):+.0f}%)"
+                         for r in variants) + ".\n")
+    if "dlrm_step" in result:
+        step = result["dlrm_step"]
+        markdown += (f"\nWhole DLRM training step (B={step['batch']}): eager {step['eager_ms']} ms, fused "
+                     f"{step['fused_ms']} ms, {step['speedup']}× ({step['config']}).\n")
+    if "dropout_mask_memory" in result:
+        memory = result["dropout_mask_memory"]
+        markdown += (f"\nDropout mask memory: bitmask {memory['bitmask_bytes']} B vs bool "
+                     f"{memory['bool_mask_bytes']} B (ratio {memory['ratio']}).\n")
     (args.out / "kernels.md").write_text(markdown)
-    plot(table.rows, args.out / "kernels.png")
+    plot(all_rows, args.out / "kernels.png")
     print(markdown)
 
 

@@ -28,9 +28,11 @@ class FusedMLPFunction(torch.autograd.Function):
     """All layers in one autograd node (CUDA; needs Triton).
 
     Forward: bias + ReLU in the cuBLASLt epilogue (`torch._addmm_activation`);
-    dropout through the bitmask kernel. Backward, per layer: one fused pass
-    applies the ReLU derivative (and dropout mask and scale) and sums the bias
-    gradient, then two GEMMs give the weight and input gradients.
+    dropout through the bitmask kernel. Backward: the GEMM that carries the
+    gradient down to each hidden layer applies that layer's ReLU derivative
+    (and dropout mask and scale) and sums its bias gradient in its epilogue
+    (`masked_grad_matmul`); the weight gradients are cuBLAS GEMMs. Only a last
+    layer with an activation takes a separate mask pass.
     """
 
     @staticmethod
@@ -60,22 +62,25 @@ class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         from .triton_dropout import relu_mask_backward
+        from .triton_mlp import masked_grad_matmul
         n = ctx.num_layers
         saved = ctx.saved_tensors
         inputs, weights, masks = saved[:n], saved[n:2 * n], saved[2 * n:]
-        d_weights, d_biases = [None] * n, [None] * n
+        scales = [ctx.scale if m.dtype == torch.int32 else 1.0 for m in masks]
+        d_weights, d_biases, d_x = [None] * n, [None] * n, None
         grad = grad.contiguous()
+        if ctx.has_mask[-1]:
+            d_pre, d_bias = relu_mask_backward(grad, masks[-1], scales[-1])
+        else:
+            d_pre, d_bias = grad, grad.sum(0, dtype=torch.float32)
         for i in reversed(range(n)):
-            if ctx.has_mask[i]:
-                scale = ctx.scale if masks[i].dtype == torch.int32 else 1.0
-                d_pre, d_bias = relu_mask_backward(grad, masks[i], scale)
-            else:
-                d_pre, d_bias = grad, grad.sum(0, dtype=torch.float32)
             d_weights[i] = d_pre.t() @ inputs[i]
             d_biases[i] = d_bias.to(weights[i].dtype)
-            if i > 0 or ctx.needs_input_grad[0]:
-                grad = d_pre @ weights[i]
-        return (grad if ctx.needs_input_grad[0] else None), None, None, *d_weights, *d_biases
+            if i > 0:
+                d_pre, d_bias = masked_grad_matmul(d_pre, weights[i], masks[i - 1], scales[i - 1])
+            elif ctx.needs_input_grad[0]:
+                d_x = d_pre @ weights[0]
+        return d_x, None, None, *d_weights, *d_biases
 
 
 def fused_mlp(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],

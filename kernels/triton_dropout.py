@@ -3,7 +3,9 @@
 Forward: out = relu(h) * keep / (1 - p), and the bits (relu(h) > 0) & keep packed
 32 to an int32 word, [M, ceil(N / 32)]: 1/8 of a bool mask. Backward, in one
 pass: d_pre = grad * bit / (1 - p), with the bias gradient's per-block column
-sums written on the way (the bias gradient of the layer that produced h).
+sums written on the way (the bias gradient of the layer that produced h);
+`relu_mask_tile` reads a tile of the mask for the same step inside a GEMM's
+epilogue (triton_mlp.py).
 Without dropout the same backward reads the mask off the saved output (out > 0)
 and no bits are stored at all.
 """
@@ -38,23 +40,34 @@ def _relu_dropout_fwd(h_ptr, out_ptr, words_ptr, M, N, WORDS, p, scale, seed,
 
 
 @triton.jit
+def relu_mask_tile(mask_src_ptr, rows, pid_n, M, N, WORDS,
+                   FROM_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The mask of tile (rows, column block pid_n), bool [BLOCK_M, BLOCK_N]; BLOCK_N a multiple of 32.
+
+    mask_src is the packed bits (FROM_BITS) or the saved ReLU output (mask = out > 0).
+    """
+    if FROM_BITS:
+        word_cols = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
+        words = tl.load(mask_src_ptr + rows[:, None].to(tl.int64) * WORDS + word_cols[None, :],
+                        mask=(rows[:, None] < M) & (word_cols[None, :] < WORDS), other=0)   # [BLOCK_M, BLOCK_N / 32]
+        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+        return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return tl.load(mask_src_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+                       mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0) > 0
+
+
+@triton.jit
 def _relu_mask_bwd(g_ptr, mask_src_ptr, d_pre_ptr, db_part_ptr, M, N, WORDS, scale,
                    FROM_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """mask_src is the packed bits (FROM_BITS) or the saved ReLU output (mask = out > 0)."""
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FROM_BITS:
-        word_cols = tl.program_id(1) * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
-        words = tl.load(mask_src_ptr + rows[:, None] * WORDS + word_cols[None, :],
-                        mask=(rows[:, None] < M) & (word_cols[None, :] < WORDS), other=0)   # [BLOCK_M, BLOCK_N / 32]
-        bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
-        on = tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
-    else:
-        on = tl.load(mask_src_ptr + offs, mask=mask, other=0.0) > 0
+    on = relu_mask_tile(mask_src_ptr, rows, tl.program_id(1), M, N, WORDS, FROM_BITS, BLOCK_M, BLOCK_N)
     d_pre = tl.where(on, g * scale, 0.0)
     tl.store(d_pre_ptr + offs, d_pre.to(d_pre_ptr.dtype.element_ty), mask=mask)
     tl.store(db_part_ptr + pid_m * N + cols, tl.sum(d_pre, axis=0), mask=cols < N)

@@ -28,6 +28,7 @@ from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2  # noqa: E40
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward, unpack_bits  # noqa: E402
 from terarec.kernels.triton_gather import GatherRows, GatherSum, reduce_by_key_forward  # noqa: E402
 from terarec.kernels.triton_interaction import FusedDotInteraction  # noqa: E402
+from terarec.kernels.triton_mlp import masked_grad_matmul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -122,6 +123,55 @@ def test_relu_dropout_bitmask(dtype):
     ref = torch.where(keep, grad.double() / (1 - p), 0.0)
     assert_close(d_pre, ref, dtype, "backward")
     assert_close(d_bias, ref.sum(0), torch.float32, "bias gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("from_bits", [False, True])
+@pytest.mark.parametrize("m, k, n", [(70, 48, 80), (130, 1, 40), (64, 13, 100)])
+def test_masked_grad_matmul(dtype, from_bits, m, k, n):
+    """(grad @ weight) * mask * scale and its column sums, the mask from the bits or from the ReLU output."""
+    grad = torch.randn(m, k, device=DEVICE).to(dtype)
+    weight = (torch.randn(k, n, device=DEVICE) * k ** -0.5).to(dtype)
+    h = torch.randn(m, n, device=DEVICE).to(dtype)
+    if from_bits:
+        mask_src, scale = relu_dropout(h, 0.4)[1], 1 / 0.6
+        on = unpack_bits(mask_src, n)
+    else:
+        mask_src, scale = h.relu(), 1.0
+        on = h > 0
+    d_pre, d_bias = masked_grad_matmul(grad, weight, mask_src, scale)
+    ref = torch.where(on, grad.double() @ weight.double() * scale, 0.0)
+    tolerance = torch.bfloat16 if dtype != torch.float32 else dtype
+    assert d_pre.dtype == dtype and d_bias.dtype == torch.float32
+    assert_close(d_pre, ref, tolerance, "masked gradient")
+    assert_close(d_bias, ref.sum(0), tolerance, "bias gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_mlp_dropout_backward_in_dtype(dtype):
+    """Dropout on, three layers: the backward GEMMs apply each hidden layer's bits and scale (checked through
+    the reference run with the masks the forward drew, ReLU included, read back from the saved bits)."""
+    sizes = [24, 64, 96, 8]
+    weights = [rand(o, i, dtype=dtype, scale=i ** -0.5) for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [rand(o, dtype=dtype) for o in sizes[1:]]
+    x, p, n = rand(90, sizes[0], dtype=dtype), 0.25, len(weights)
+    torch.manual_seed(3)
+    out = FusedMLPFunction.apply(x, False, p, *weights, *biases)
+    keeps = [unpack_bits(bits, bits.shape[1] * 32) for bits in out.grad_fn.saved_tensors[2 * n:3 * n - 1]]
+
+    def reference(x, *params):
+        h = x
+        for i in range(n):
+            h = h @ params[i].t() + params[n + i]
+            if i < n - 1:
+                h = torch.where(keeps[i][:, :h.shape[1]], h / (1 - p), 0.0)        # the bits hold h > 0 too
+        return h
+
+    def fused(*inputs):
+        torch.manual_seed(3)
+        return FusedMLPFunction.apply(inputs[0], False, p, *inputs[1:])
+
+    check_against_reference(fused, reference, [x, *weights, *biases], dtype)
 
 
 def test_bitmask_is_an_eighth_of_a_bool_mask():
