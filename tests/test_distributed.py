@@ -118,3 +118,31 @@ def test_elastic_worker_range_trains_like_a_fixed_run(runs, synth_data):
     elastic = run_training(job(synth_data, runs["base"] / "elastic", "[1,2]"))
     assert elastic["steps"] == STEPS and elastic["world_size"] in (1, 2)
     assert_same_training(final_state(runs[1]), final_state(elastic))
+
+
+def test_worker_metrics_reach_rays_prometheus_endpoint(ray_cluster, synth_data, tmp_path):
+    """samples/s, loss, shard rows, exchange bytes and store figures show on the node's /metrics while training."""
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    seen: set[str] = set()
+    wanted = {"ray_terarec_samples_per_s", "ray_terarec_loss", "ray_terarec_shard_rows", "ray_terarec_exchange_mb",
+              "ray_terarec_store"}
+
+    def poll():
+        deadline = time.time() + 120
+        while time.time() < deadline and not wanted <= seen:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                seen.update(line.split("{")[0] for line in text.splitlines() if line.startswith("ray_terarec_"))
+            except OSError:
+                pass
+            time.sleep(1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    run_training(job(synth_data, tmp_path / "metrics", 2, steps=400, log_every=5))
+    poller.join(timeout=60)
+    assert wanted <= seen, seen
