@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -194,6 +195,12 @@ class TrainWorker:
         return self.step
 
 
+def log_line(message: str) -> None:
+    """One line to the driver's output. Ray Train routes print() to both the raw stream and its logger
+    (the line shows twice); the root logger alone shows it once."""
+    logging.getLogger().info(message)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """What Ray Train runs on each worker: loop_config = {config, resume_dir, tty}."""
     import ray.train
@@ -214,10 +221,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             worker.restore(directory)
-        print(f"[terarec] rank {rank}/{worker.world_size}: restored step {worker.step} after a restart")
+        log_line(f"[terarec] rank {rank}/{worker.world_size}: restored step {worker.step} after a restart")
     elif resume_dir:
         worker.restore(resume_dir)
-        print(f"[terarec] rank {rank}/{worker.world_size}: resumed from {resume_dir} at step {worker.step}")
+        log_line(f"[terarec] rank {rank}/{worker.world_size}: resumed from {resume_dir} at step {worker.step}")
 
     monitor = WorkerMetrics(rank)
     # A bar on a terminal; plain log lines where the driver's output goes to a file or a pipe.
@@ -236,8 +243,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 last_step[0] = log.step
                 progress.set_description(line)
             else:
-                print(f"[terarec] step {log.step}/{worker.total_steps} | {line} | exchange {log.exchange_mb:.1f} MB "
-                      f"{log.exchange_s * 1e3:.0f} ms", flush=True)
+                log_line(f"[terarec] step {log.step}/{worker.total_steps} | {line} | exchange {log.exchange_mb:.1f} MB "
+                         f"{log.exchange_s * 1e3:.0f} ms")
             with open(curve_path, "a") as stream:
                 stream.write(json.dumps(log.__dict__) + "\n")
 
