@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from results import record
 from terarec.models import DLRM, Batch, Embedding
 from terarec.store import SparseAdagrad, feature_keys, make_store
 from terarec.store.cache import METADATA_BYTES_PER_SLOT
@@ -188,60 +189,79 @@ def store_throughput(store, device: torch.device, universe: int, batch: int, ste
 
 # -- DLRM -----------------------------------------------------------------------------------------------
 
-def zipf_batches(count: int, batch: int, vocab: int, seed: int) -> list[Batch]:
-    """Raw IDs of rank r in [0, vocab) drawn with probability ~ 1 / (r + 1)^1.05, per feature."""
-    rng = np.random.default_rng(seed)
-    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1) ** 1.05)
-    out = []
-    for _ in range(count):
-        sparse = np.searchsorted(cdf, rng.random((batch, 26)) * cdf[-1])
-        out.append(Batch(torch.from_numpy(rng.standard_normal((batch, 13), dtype=np.float32)),
-                         torch.from_numpy(sparse.astype(np.int64)),
-                         torch.from_numpy(rng.integers(0, 2, (batch, 1)).astype(np.float32))))
-    return out
+class ZipfIds:
+    """Fresh batches of 26 sparse features, each ID of rank r in [0, vocab) drawn with probability
+    ~ 1 / (r + 1)^exponent, independently per sample and feature (so new tail IDs keep arriving)."""
+
+    def __init__(self, vocab: int, exponent: float, device: torch.device, seed: int = 0):
+        weights = 1.0 / np.arange(1, vocab + 1, dtype=np.float64) ** exponent
+        self.p = weights / weights.sum()
+        self.cdf = torch.from_numpy(np.cumsum(self.p)).to(device)
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.device = device
+
+    def batch(self, size: int) -> Batch:
+        u = torch.rand((size, 26), generator=self.generator, device=self.device, dtype=torch.float64)
+        sparse = torch.searchsorted(self.cdf, u * self.cdf[-1]).clamp_(max=self.cdf.numel() - 1)
+        dense = torch.randn((size, 13), generator=self.generator, device=self.device)
+        labels = torch.randint(0, 2, (size, 1), generator=self.generator, device=self.device).float()
+        return Batch(dense, sparse, labels)
+
+    def lru_plan(self, batch: int, hit: float) -> tuple[int, float]:
+        """(cache rows, characteristic time in batches) for an LRU hit rate of `hit` over the unique keys
+        of each batch, by Che's approximation: a key is cached iff it was used in the last T batches."""
+        q = -np.expm1(batch * np.log1p(-self.p))  # chance an ID appears in a batch
+
+        def cached(t: float) -> np.ndarray:  # chance an ID appeared in the last t batches
+            return -np.expm1(t * np.log1p(-np.minimum(q, 1 - 1e-16)))
+
+        low, high = 1e-3, 1e8
+        for _ in range(100):
+            t = (low * high) ** 0.5
+            low, high = (t, high) if (q * cached(t)).sum() / q.sum() < hit else (low, t)
+        return int(26 * cached(high).sum()), high
 
 
-def dlrm_run(store, device: torch.device, batches: list[Batch], warm: int) -> dict:
-    """One pass over all batches to insert every key (and `warm` more steps), then one timed pass."""
+def dlrm_run(store, device: torch.device, ids: ZipfIds, batch: int, warm_batches: int, steps: int) -> dict:
+    """Warm the store with the unique keys of `warm_batches` fresh batches (8 batches a lookup, oldest
+    first), train 5 steps, then time `steps` training steps on fresh batches."""
     model = DLRM(Embedding(store), num_dense=13, num_sparse=26).to(device)
     dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    batches = [b.to(device) for b in batches]
 
-    def step(batch: Batch) -> torch.Tensor:
+    def step(b: Batch) -> torch.Tensor:
         dense_opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(batch), batch.labels)
+        loss = loss_fn(model(b), b.labels)
         loss.backward()
         dense_opt.step()
         model.embedding.apply_gradients()
         return loss
 
-    for batch in batches + batches[:warm]:
-        step(batch)
+    for start in range(0, warm_batches, 8):
+        sparse = torch.cat([ids.batch(batch).sparse for _ in range(min(8, warm_batches - start))])
+        store.lookup(torch.unique(feature_keys(sparse)))
+    for _ in range(5):
+        step(ids.batch(batch))
+    timed_batches = [ids.batch(batch) for _ in range(steps)]
     before = store.metrics()
     sync(device)
     start = time.perf_counter()
-    for batch in batches:
-        loss = step(batch)
+    for b in timed_batches:
+        loss = step(b)
     sync(device)
     seconds = time.perf_counter() - start
     after = store.metrics()
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
-    timed_samples = sum(len(b) for b in batches)
-    out = {"samples_s": timed_samples / seconds, "loss": float(loss.detach()), "rows": after["rows"],
-           "table_GB": after["rows"] * ROW_BYTES / 1e9}
+    out = {"samples_s": steps * batch / seconds, "step_ms": seconds / steps * 1e3, "loss": float(loss.detach()),
+           "rows": after["rows"], "table_GB": after["rows"] * ROW_BYTES / 1e9}
     for tier in ("cache", "host_cache"):
         if f"{tier}_hits" in delta:
             looked = delta[f"{tier}_hits"] + delta[f"{tier}_misses"]
             out[f"{tier}_hit_rate"] = delta[f"{tier}_hits"] / looked if looked else 1.0
-            out[f"{tier}_GB"] = after[f"{tier}_capacity_rows"] * ROW_BYTES / 1e9
+            out[f"{tier}_capacity_rows"] = after[f"{tier}_capacity_rows"]
     if "index_bytes_per_row" in after:
         out["index_bytes_per_row"] = after["index_bytes_per_row"]
     return out
-
-
-def unique_rows(batches: list[Batch]) -> int:
-    return int(torch.unique(torch.cat([feature_keys(b.sparse).flatten() for b in batches])).numel())
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -252,8 +272,12 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/terarec-bench", help="directory for SSD tables (on the disk)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a dry run")
     parser.add_argument("--commit", default=None)
-    parser.add_argument("--dlrm-only", action="store_true", help="only the DLRM runs, one per --dlrm-cache fraction")
-    parser.add_argument("--dlrm-cache", default="0.125", help="GPU cache sizes as fractions of the table, comma-separated")
+    parser.add_argument("--dlrm-only", action="store_true", help="only the DLRM runs")
+    parser.add_argument("--dlrm-hits", default="0.5,0.9,0.99", help="target GPU-cache hit rates, comma-separated")
+    parser.add_argument("--dlrm-options", default="device,cached_host,cached_ssd+host",
+                        help=f"comma-separated, of {', '.join(DLRM_OPTIONS)}")
+    parser.add_argument("--zipf", type=float, default=1.05, help="exponent of the DLRM ID distribution")
+    parser.add_argument("--tag", default="", help="suffix of the recorded result's name")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scratch = Path(args.scratch)
@@ -267,9 +291,10 @@ def main() -> None:
               "cache_rows": cache_rows, "batch_unique_keys": batch}
     t0 = time.perf_counter()
     if args.dlrm_only:
-        result["dlrm"] = dlrm_sweep(args, device, scratch, t0)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "store-dlrm-sweep.json").write_text(json.dumps(result, indent=1))
+        dlrm = dlrm_sweep(args, device, scratch, t0)
+        shutil.rmtree(scratch, ignore_errors=True)
+        record(f"store_dlrm_zipf{args.tag}", dlrm, {"dim": DIM, "optimizer": "adagrad", "row_bytes": ROW_BYTES})
+        print("\n".join(dlrm_table(dlrm)))
         return
     result["ceilings"] = ceilings(device, 2 * cache_rows, batch)
     result["disk"] = disk_speed(scratch, (64 if q else 2048) << 20)
@@ -305,27 +330,51 @@ def main() -> None:
     write(result, Path(args.out))
 
 
+DLRM_OPTIONS = {"device": ("device", 0), "cached_host": ("cached_host", 0),
+                "cached_ssd+host": ("cached_ssd", 4), "cached_ssd": ("cached_ssd", 0)}  # kind, host cache 1/n of IDs
+
+
 def dlrm_sweep(args, device: torch.device, scratch: Path, t0: float) -> dict:
-    """DLRM on the device store, then on cached_host and cached_ssd (+ a host cache of a quarter of the table)
-    for each GPU cache size (a fraction of the table, at least 3 batches' keys)."""
+    """DLRM on fresh Zipf batches: for each target hit rate, a GPU cache sized for it (Che's approximation),
+    every option warmed on the same key history, then timed; `device` once, warmed for the largest target."""
     q = args.quick
-    pool = zipf_batches(8 if q else 30, 1024 if q else 16384, 1 << (16 if q else 22), seed=0)
-    table_rows = unique_rows(pool)
-    warm = 2 if q else 5
-    store = build("device", device, 0, 0, scratch / "dlrm")
-    runs = [{"option": "device", "cache_fraction": 1.0, **dlrm_run(store, device, pool, warm)}]
-    print(_fmt(runs[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    del store
-    for fraction in (float(f) for f in args.dlrm_cache.split(",")):
-        cache_rows = max(int(table_rows * fraction), 3 * unique_rows(pool[:1]))
-        for label, kind, host_rows in [("cached_host", "cached_host", 0),
-                                       ("cached_ssd+host", "cached_ssd", table_rows // 4)]:
+    vocab, batch, steps = (1 << 12, 1024, 4) if q else (1 << 18, 16384, 20)
+    hits = [float(h) for h in args.dlrm_hits.split(",")]
+    options = args.dlrm_options.split(",")
+    runs = []
+    for hit in sorted(hits, reverse=True):
+        cache_rows, horizon = ZipfIds(vocab, args.zipf, device).lru_plan(batch, hit)
+        warm = int(1.5 * horizon) + 8
+        for label in options:
+            if label == "device" and hit != max(hits):
+                continue
+            kind, host_share = DLRM_OPTIONS[label]
+            host_rows = 26 * vocab // host_share if host_share else 0
             store = build(kind, device, cache_rows, host_rows, scratch / "dlrm")
-            runs.append({"option": label, "cache_fraction": fraction, "cache_rows": cache_rows,
-                         **dlrm_run(store, device, pool, warm)})
+            ids = ZipfIds(vocab, args.zipf, device, seed=1)  # the same batches for every option
+            runs.append({"option": label, "target_hit": hit, "warm_batches": warm, "cache_rows": cache_rows,
+                         **dlrm_run(store, device, ids, batch, warm, steps)})
             print(_fmt(runs[-1]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
             del store
-    return {"batch": len(pool[0]), "table_rows": table_rows, "runs": runs}
+    return {"batch": batch, "vocab_per_feature": vocab, "zipf_exponent": args.zipf, "timed_steps": steps,
+            "runs": runs}
+
+
+def dlrm_table(m: dict) -> list[str]:
+    lines = [f"DLRM, batch {m['batch']}, 26 features of fresh Zipf({m['zipf_exponent']}) IDs over {m['vocab_per_feature']} "
+             f"per feature, {m['timed_steps']} steps timed after the warm-up; GPU cache sized for the target "
+             "hit rate (Che's approximation), hit rates measured over the unique keys of each timed batch; "
+             "cached_ssd+host has a host cache of a quarter of the ID universe.", "",
+             "| option | target hit | GPU cache rows | table rows | samples/s | vs device | GPU-cache hit | host-cache hit | index bytes/row |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    base = next((r["samples_s"] for r in m["runs"] if r["option"] == "device"), None)
+    for r in m["runs"]:
+        lines.append(f"| {r['option']} | {r['target_hit']:.0%} | {r['cache_rows'] if r['option'] != 'device' else '-'} | "
+                     f"{r['rows']:.0f} | {r['samples_s']:,.0f} | " + (f"{r['samples_s'] / base:.0%}" if base else "-")
+                     + f" | {r.get('cache_hit_rate', 1.0):.1%} | "
+                     + (f"{r['host_cache_hit_rate']:.1%}" if "host_cache_hit_rate" in r else "-")
+                     + f" | {r.get('index_bytes_per_row', 0.0):.0f} |")
+    return lines
 
 
 def _git_commit() -> str | None:
@@ -361,17 +410,7 @@ def write(result: dict, out: Path) -> None:
               + f"disk sequential read {d['seq_read_GBps']:.2f} GB/s, write {d['write_GBps']:.2f} GB/s, random 4 KiB "
               f"reads {d['rand4k_1thr_kiops']:.1f} k IOPS (1 thread) / {d['rand4k_16thr_kiops']:.1f} k IOPS (16 threads). "
               f"SSD snapshot (flush + commit) {result['ssd_snapshot_s']:.2f} s.", ""]
-    m = result["dlrm"]
-    lines += [f"DLRM, batch {m['batch']}, 26 features of bounded Zipf(1.05) IDs, a second pass over 30 batches timed, table {m['table_rows']} rows "
-              f"({m['table_rows'] * ROW_BYTES / 1e9:.2f} GB), host cache (cached_ssd) a quarter of the table:", "",
-              "| option | GPU cache rows | samples/s | vs device | cache hit | host-cache hit | index bytes/row |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    base = m["runs"][0]["samples_s"]
-    for r in m["runs"]:
-        lines.append(f"| {r['option']} | {r.get('cache_rows', '-')} | {r['samples_s']:.0f} | {r['samples_s'] / base:.0%} | "
-                     f"{r.get('cache_hit_rate', 1.0):.1%} | "
-                     + (f"{r['host_cache_hit_rate']:.1%}" if "host_cache_hit_rate" in r else "-")
-                     + f" | {r.get('index_bytes_per_row', 0.0):.0f} |")
+    lines += dlrm_table(result["dlrm"])
     (out / "store.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -13,6 +13,12 @@ the first write to one afterwards copies it to the next generation
 (copy-on-write), so reopening after a crash gives the last snapshot exactly.
 Opening checks every file's size and checksum and names the file that fails.
 One process writes a table at a time.
+
+I/O. A read sorts its slots and gathers each chunk's records in ascending order
+with one `index_select` over the chunk's map (torch spreads the copy and the page
+faults over its threads). A write is queued to one background thread and applied
+in order, so write-back leaves the caller's critical path; a read of a slot with a
+queued write waits for that write, and `commit` waits for all of them.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import json
 import os
 import shutil
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,7 @@ import torch
 FORMAT = "terarec-ssd-table"
 VERSION = 1
 _CRC_BLOCK = 64 << 20
+MAX_QUEUED_WRITES = 4  # a write waits for the oldest queued one beyond this, bounding the memory they hold
 
 
 class DamagedTableError(ValueError):
@@ -78,6 +86,8 @@ class SsdTable:
         self.keys = torch.empty(0, dtype=torch.int64)  # of the snapshot opened
         self.kept: list[dict] = []
         self.bytes_read = self.bytes_written = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ssd-write-back")
+        self._queued: list[tuple[Future, torch.Tensor]] = []  # (write, its sorted slots), oldest first
         if (self.root / "CURRENT").exists():
             self._open(verify)
 
@@ -148,43 +158,69 @@ class SsdTable:
             self.frozen.append(False)
             self.chunks.append(self._map(chunk))
 
-    def _by_chunk(self, slots: np.ndarray):
-        """Yield (chunk, positions in `slots`, records in the chunk), one chunk at a time."""
-        chunk_of = slots // self.chunk_rows
-        order = np.argsort(chunk_of, kind="stable")
-        sorted_chunks = chunk_of[order]
-        bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
-        for group in np.split(order, bounds):
-            if group.size:
-                chunk = int(chunk_of[group[0]])
-                yield chunk, group, slots[group] - chunk * self.chunk_rows
+    def _by_chunk(self, slots: torch.Tensor):
+        """Sort [N] slots; returns their order [N] and (chunk, start, end, records) per chunk, where
+        slots[order[start:end]] are that chunk's slots and `records` their ascending places in it."""
+        sorted_slots, order = torch.sort(slots)
+        chunk_of = sorted_slots // self.chunk_rows
+        chunks, counts = torch.unique_consecutive(chunk_of, return_counts=True)
+        groups, start = [], 0
+        for chunk, count in zip(chunks.tolist(), counts.tolist()):
+            groups.append((chunk, start, start + count, sorted_slots[start:start + count] - chunk * self.chunk_rows))
+            start += count
+        return order, groups
+
+    def _rows(self, chunk: int) -> torch.Tensor:
+        """[chunk_rows, W] view of a chunk's map."""
+        return torch.from_numpy(self.chunks[chunk])
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """[N] slots -> [N, W] rows (CPU)."""
-        slots = slots.cpu().numpy()
-        out = np.empty((slots.size, self.value_width), dtype=np.float32)
-        for chunk, positions, records in self._by_chunk(slots):
-            out[positions] = self.chunks[chunk][records]
-        self.bytes_read += out.nbytes
-        return torch.from_numpy(out)
+        """[N] slots -> [N, W] rows (CPU), written ones included even while their write is queued."""
+        slots = slots.to("cpu", torch.int64)
+        self._wait_for(slots)
+        order, groups = self._by_chunk(slots)
+        staged = torch.empty((slots.numel(), self.value_width))  # in sorted slot order
+        for chunk, start, end, records in groups:
+            torch.index_select(self._rows(chunk), 0, records, out=staged[start:end])
+        out = torch.empty_like(staged)
+        out[order] = staged
+        self.bytes_read += out.numel() * 4
+        return out
 
     peek = read
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
-        slots = slots.cpu().numpy()
-        values = values.detach().cpu().numpy()
-        for chunk, positions, records in self._by_chunk(slots):
+        """Queue [N] unique slots' rows [N, W] for writing; reads and `commit` see them from now on."""
+        slots = slots.to("cpu", torch.int64)
+        order, groups = self._by_chunk(slots)
+        values = values.detach().to(torch.float32)[order.to(values.device)].cpu()  # a copy, in sorted slot order
+        while len(self._queued) >= MAX_QUEUED_WRITES:
+            self._queued.pop(0)[0].result()
+        job = self._writer.submit(self._apply, groups, values)
+        self._queued.append((job, slots[order]))
+        self.bytes_written += values.numel() * 4
+
+    def _apply(self, groups: list, values: torch.Tensor) -> None:
+        """Write one queued write (on the write-back thread)."""
+        for chunk, start, end, records in groups:
             if self.frozen[chunk]:
                 self._copy_on_write(chunk)
-            self.chunks[chunk][records] = values[positions]
+            self._rows(chunk).index_copy_(0, records, values[start:end])
             self.chunk_crcs[chunk] = None
-        self.bytes_written += values.nbytes
+
+    def _wait_for(self, slots: torch.Tensor | None = None) -> None:
+        """Wait for the queued writes that touch `slots` (all of them if None) and every write before
+        them; collect finished ones. Raises what a write raised."""
+        last = max((i for i, (_, written) in enumerate(self._queued)
+                    if slots is None or bool(torch.isin(slots, written).any())), default=-1)
+        while self._queued and (last >= 0 or self._queued[0][0].done()):
+            self._queued.pop(0)[0].result()
+            last -= 1
 
     def _copy_on_write(self, chunk: int) -> None:
         source = self._chunk_path(chunk, self.chunk_gens[chunk])
-        self.chunks[chunk] = None
+        shutil.copyfile(source, self._chunk_path(chunk, self.chunk_gens[chunk] + 1))
         self.chunk_gens[chunk] += 1
-        shutil.copyfile(source, self._chunk_path(chunk, self.chunk_gens[chunk]))
         self.chunks[chunk] = self._map(chunk)
         self.frozen[chunk] = False
 
@@ -192,6 +228,7 @@ class SsdTable:
 
     def commit(self, keys: torch.Tensor, step: int) -> int:
         """Make the current rows, `keys` (in slot order) and `step` the next snapshot; returns its id."""
+        self._wait_for()
         snapshot = self.snapshot_id + 1
         entries = []
         for chunk, mapped in enumerate(self.chunks):
