@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from terarec.kernels.cross import cross_v1_reference, cross_v2_reference
 from terarec.kernels.gather import gather_rows_reference, gather_sum_reference
 from terarec.kernels.interaction import dot_interaction_reference
-from terarec.kernels import triton_mlp
 from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference
 from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward
@@ -157,23 +156,10 @@ def bench_mlp(table: Table, batch: int, name: str, sizes: list[int], last_activa
                         grads[i] @ plain[i]
         return run
 
-    def with_mask_pass(run):
-        """The previous backward: cuBLAS GEMM, then the mask and bias-sum pass over its output."""
-        def patched():
-            fused_matmul = triton_mlp.masked_grad_matmul
-            triton_mlp.masked_grad_matmul = lambda g, w, m, scale: relu_mask_backward(g @ w, m, scale)
-            try:
-                run()
-            finally:
-                triton_mlp.masked_grad_matmul = fused_matmul
-        return patched
-
     compile_fn = compiled(reference, use_compile)
     for backward in (False, True):
         runs = impls(reference, fused, compile_fn, [x, *weights, *biases], backward)
         runs["bare_gemms"] = bare_gemms(backward)
-        if backward:
-            runs["mask_pass"] = with_mask_pass(runs["fused"])
         table.add(name, backward, runs, ((3 if backward else 1) * flops, "TFLOP/s", TF32_TFLOPS),
                   note=f"{'-'.join(map(str, sizes))}, B={batch}, fp32 with TF32 matmuls")
 
@@ -396,13 +382,6 @@ def main():
         lines.append(f"Re-measured on {again['device']}, {again['date']} (commit {again['commit'][:10]}, torch "
                      f"{again['torch']}): the {', '.join(again['groups'])} rows.")
     markdown = "\n".join(lines) + f"\n\n{final.markdown()}\n"
-    variants = [r for r in all_rows if "mask_pass" in r["ms"]]
-    if variants:
-        markdown += ("\nFusedMLP backward, the mask in the GEMM epilogue (fused) vs a mask pass after cuBLAS "
-                     "(the previous backward), fwd+bwd: " + "; ".join(
-                         f"{r['op']} {r['ms']['fused']:.3f} vs {r['ms']['mask_pass']:.3f} ms, bare GEMMs "
-                         f"{r['ms']['bare_gemms']:.3f} ms (fused {100 * (r['ms']['fused'] / r['ms']['bare_gemms'] - 1):+.0f}%)"
-                         for r in variants) + ".\n")
     if "dlrm_step" in result:
         step = result["dlrm_step"]
         markdown += (f"\nWhole DLRM training step (B={step['batch']}): eager {step['eager_ms']} ms, fused "
