@@ -31,10 +31,8 @@ class FusedMLPFunction(torch.autograd.Function):
     dropout through the bitmask kernel. Backward: the GEMM that carries the
     gradient down to each hidden layer applies that layer's ReLU derivative
     (and dropout mask and scale) and sums its bias gradient in its epilogue
-    (`masked_grad_matmul`); the weight gradients are cuBLAS GEMMs, but a narrow
-    first layer's (<= MAX_X_WIDTH inputs) comes from that epilogue too, and its
-    pre-activation gradient is stored only when the input needs a gradient. Only
-    a last layer with an activation takes a separate mask pass.
+    (`masked_grad_matmul`); the weight gradients are cuBLAS GEMMs. Only a last
+    layer with an activation takes a separate mask pass.
     """
 
     @staticmethod
@@ -64,7 +62,7 @@ class FusedMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         from .triton_dropout import relu_mask_backward
-        from .triton_mlp import MAX_X_WIDTH, masked_grad_matmul
+        from .triton_mlp import masked_grad_matmul
         n = ctx.num_layers
         saved = ctx.saved_tensors
         inputs, weights, masks = saved[:n], saved[n:2 * n], saved[2 * n:]
@@ -76,15 +74,10 @@ class FusedMLPFunction(torch.autograd.Function):
         else:
             d_pre, d_bias = grad, grad.sum(0, dtype=torch.float32)
         for i in reversed(range(n)):
-            if d_weights[i] is None:
-                d_weights[i] = d_pre.t() @ inputs[i]
+            d_weights[i] = d_pre.t() @ inputs[i]
             d_biases[i] = d_bias.to(weights[i].dtype)
-            if i > 1 or (i == 1 and inputs[0].shape[1] > MAX_X_WIDTH):
-                d_pre, d_bias, _ = masked_grad_matmul(d_pre, weights[i], masks[i - 1], scales[i - 1])
-            elif i == 1:                                                # narrow first layer: its weight grad too
-                d_pre, d_bias, d_w = masked_grad_matmul(d_pre, weights[1], masks[0], scales[0], x=inputs[0],
-                                                        store=ctx.needs_input_grad[0])
-                d_weights[0] = d_w.to(weights[0].dtype)
+            if i > 0:
+                d_pre, d_bias = masked_grad_matmul(d_pre, weights[i], masks[i - 1], scales[i - 1])
             elif ctx.needs_input_grad[0]:
                 d_x = d_pre @ weights[0]
         return d_x, None, None, *d_weights, *d_biases
