@@ -73,6 +73,7 @@ class TrainWorker:
         optimizer_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
         self.optimizer = optimizer_cls[config.dense_optimizer.name](self.dense_params, lr=config.dense_optimizer.lr)
         self.step = 0
+        self.last_log = StepLog(0, math.nan, 0.0, 0.0, 0.0)  # the latest log window
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> torch.Tensor:
@@ -111,7 +112,6 @@ class TrainWorker:
         reader = BatchReader(self.train_files, config.batch_size, rank=self.rank, world_size=self.world_size,
                              seed=config.seed, shuffle=True, drop_last=True, start_step=self.step)
         window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
-        log = StepLog(self.step, math.nan, 0.0, 0.0, 0.0)
         with reader:
             for batch in reader:
                 if self.step >= self.total_steps:
@@ -120,13 +120,13 @@ class TrainWorker:
                 window_steps += 1
                 last = self.step == self.total_steps
                 if self.step % config.log_every == 0 or last:
-                    log = self._window_log(loss_sum, window_steps, window_start)
+                    self.last_log = self._window_log(loss_sum, window_steps, window_start)
                     if on_log:
-                        on_log(log)
+                        on_log(self.last_log)
                     window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros_like(loss_sum)
                 if on_checkpoint and (last or (config.checkpoint_every and self.step % config.checkpoint_every == 0)):
                     on_checkpoint(self.step)
-        return log
+        return self.last_log
 
     def _window_log(self, loss_sum: torch.Tensor, steps: int, started: float) -> StepLog:
         total = self.comm.all_reduce(loss_sum.clone().reshape(1)).item()
@@ -231,16 +231,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress = tqdm(total=worker.total_steps, desc="train") if rank == 0 and loop_config.get("tty") else None
     if progress is not None:
         progress.update(worker.step)
+    shown_step = worker.step
     curve_path = os.path.join(config.run_dir, "curve.jsonl")
-    last_step = [worker.step]
 
     def on_log(log: StepLog) -> None:
+        nonlocal shown_step
         monitor.record(log, worker.store)
         if rank == 0:
             line = f"train loss {log.loss:.4f} | {log.samples_per_s:,.0f} samples/s"
             if progress is not None:
-                progress.update(log.step - last_step[0])
-                last_step[0] = log.step
+                progress.update(log.step - shown_step)
+                shown_step = log.step
                 progress.set_description(line)
             else:
                 log_line(f"[terarec] step {log.step}/{worker.total_steps} | {line} | exchange {log.exchange_mb:.1f} MB "
@@ -253,21 +254,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"step": step, "world_size": worker.world_size}
         if final:
             metrics |= worker.evaluate()
-            metrics |= {"loss": last_log.loss, "samples_per_s": last_log.samples_per_s}
+            metrics |= {"loss": worker.last_log.loss, "samples_per_s": worker.last_log.samples_per_s}
         with tempfile.TemporaryDirectory() as directory:
             worker.save(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    last_log = StepLog(worker.step, math.nan, 0.0, 0.0, 0.0)
-
-    def remember(log: StepLog) -> None:
-        nonlocal last_log
-        last_log = log
-        on_log(log)
-
     if worker.step >= worker.total_steps:
         on_checkpoint(worker.step)
     else:
-        worker.train(on_log=remember, on_checkpoint=on_checkpoint)
+        worker.train(on_log=on_log, on_checkpoint=on_checkpoint)
     if progress is not None:
         progress.close()
