@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow.parquet as pq
 import torch
@@ -26,7 +26,7 @@ from terarec.platform.config import TrainConfig
 from terarec.platform.data.reader import BatchReader, count_rows, list_split_files
 from terarec.platform.data.schema import label_columns_of
 from terarec.platform.metrics import log_loss, roc_auc
-from terarec.store import make_sparse_optimizer, save_store
+from terarec.store import feature_keys, make_sparse_optimizer, save_store
 from terarec.store.factory import make_store
 from terarec.store.sharded import BucketMap, ShardedRows
 
@@ -39,6 +39,16 @@ class StepLog:
     samples_per_s: float
     exchange_mb: float
     exchange_s: float
+
+
+def with_next(batches: Iterable[Batch]) -> Iterator[tuple[Batch, Batch | None]]:
+    """(batch, the batch after it or None), reading one batch ahead."""
+    iterator = iter(batches)
+    current = next(iterator, None)
+    while current is not None:
+        following = next(iterator, None)
+        yield current, following
+        current = following
 
 
 class TrainWorker:
@@ -112,11 +122,16 @@ class TrainWorker:
         reader = BatchReader(self.train_files, config.batch_size, rank=self.rank, world_size=self.world_size,
                              seed=config.seed, shuffle=True, drop_last=True, start_step=self.step)
         window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
+        # A tiered store stages the next batch's rows in its fast tier (one shard only: with several,
+        # the owners are other workers, who see those keys in the next exchange).
+        prefetch = self.world_size == 1 and config.store.kind != "device"
         with reader:
-            for batch in reader:
+            for batch, following in with_next(reader):
                 if self.step >= self.total_steps:
                     break
                 loss_sum += self.train_step(batch)
+                if prefetch and following is not None:
+                    self.store.prefetch(torch.unique(feature_keys(following.sparse.to(self.device))))
                 window_steps += 1
                 last = self.step == self.total_steps
                 if self.step % config.log_every == 0 or last:

@@ -45,7 +45,7 @@ class EmbeddingStore(ABC):
 
     @abstractmethod
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every (keys [N], values [N, value_width]) the store holds, on the CPU."""
+        """Every (keys [N], values [N, value_width]) the store holds, ordered by key, on the CPU."""
 
     @abstractmethod
     def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:

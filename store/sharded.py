@@ -7,7 +7,7 @@ worker must call `lookup` and `update` in the same order (they are collectives).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,7 +54,6 @@ class _Route:
 class ExchangeStats:
     bytes_sent: int = 0
     seconds: float = 0.0
-    steps: dict = field(default_factory=dict)
 
 
 class ShardedRows:

@@ -119,7 +119,8 @@ class TieredStore(EmbeddingStore):
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, slots = self.encoder.items()
-        return keys.cpu(), self.cache.peek(slots).cpu()
+        order = torch.argsort(keys)  # by key, as every store exports
+        return keys[order].cpu(), self.cache.peek(slots[order]).cpu()
 
     def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         slots, _ = self._slots(keys.to(self.device))

@@ -1,0 +1,40 @@
+"""The training loop over every store option: a cache far smaller than the table trains like all-in-memory.
+
+The cache here holds fewer rows than one batch touches, so batches are served in pieces; elementwise kernels then
+split their vector and scalar tails differently, hence a tolerance of float rounding rather than bit equality
+(bit equality with batches that fit is tested in test_store_tiered.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from terarec.actors.train_worker import TrainWorker
+from terarec.kernels.comm import LocalCommunicator
+from terarec.platform.config import load_config
+
+
+def train(data, tmp_path, kind):
+    overrides = [f"store.kind={kind}", "store.cache_bytes=60000", "embedding.dim=8",
+                 "embedding.optimizer=adam", "embedding.lr=0.01", "log_every=5"]
+    if kind == "cached_ssd":  # with a host cache in front of the SSD table, also smaller than the table
+        overrides += [f"store.path={tmp_path / 'ssd'}", "store.host_bytes=120000"]
+    config = load_config(overrides=overrides, flags={"data": data, "steps": 12, "batch_size": 512, "seed": 2})
+    worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
+    worker.train()
+    return worker
+
+
+@pytest.mark.parametrize("kind", ["cached_host", "cached_ssd"])
+def test_tiered_stores_train_like_the_device_store(synth_data, tmp_path, kind):
+    reference = train(synth_data, tmp_path, "device")
+    tiered = train(synth_data, tmp_path, kind)
+    metrics = tiered.store.metrics()
+    assert metrics["cache_evictions"] > 0 and metrics["cache_rows"] < len(tiered.store) / 2  # the cache was too small
+    ref_keys, ref_values = reference.store.export()
+    keys, values = tiered.store.export()
+    assert torch.equal(ref_keys, keys)
+    torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-7)
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(tiered.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert reference.evaluate()["auc"] == pytest.approx(tiered.evaluate()["auc"], abs=1e-5)
