@@ -50,12 +50,17 @@ class CheckpointContents:
         return store
 
 
-def open_checkpoint(directory: str) -> CheckpointContents:
+def read_meta(directory: str) -> dict:
+    """A checkpoint's meta.json (step, world size, buckets, model, config); a clear error if it is not one."""
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{directory} is not a terarec checkpoint: it has no meta.json")
+        raise FileNotFoundError(f"{directory} is not a terarec checkpoint: it has no {META_FILE}")
     with open(meta_path) as stream:
-        meta = json.load(stream)
+        return json.load(stream)
+
+
+def open_checkpoint(directory: str) -> CheckpointContents:
+    meta = read_meta(directory)
     config = TrainConfig.model_validate(meta["config"])
     dense_state = torch.load(os.path.join(directory, DENSE_FILE), map_location="cpu", weights_only=True)
     return CheckpointContents(directory, meta, config, dense_state)

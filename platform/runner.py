@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from .checkpoints import META_FILE, read_meta
 from .config import ConfigError, TrainConfig
 from .plots import plot_curve
 
@@ -27,14 +28,15 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str 
 def find_checkpoint(run_dir: str, resume_from: str) -> str:
     """'latest' -> the newest checkpoint under run_dir; otherwise the given directory, checked."""
     if resume_from != "latest":
-        if not os.path.isfile(os.path.join(resume_from, "meta.json")):
-            raise ConfigError(f"resume_from {resume_from} is not a terarec checkpoint (no meta.json in it)")
+        try:
+            read_meta(resume_from)
+        except FileNotFoundError as error:
+            raise ConfigError(f"resume_from: {error}") from None
         return resume_from
-    candidates = glob.glob(os.path.join(run_dir, "*", "checkpoint_*", "meta.json"))
+    candidates = [os.path.dirname(path) for path in glob.glob(os.path.join(run_dir, "*", "checkpoint_*", META_FILE))]
     if not candidates:
         raise ConfigError(f"resume_from=latest: no checkpoint under {run_dir}")
-    newest = max(candidates, key=lambda path: json.load(open(path))["step"])
-    return os.path.dirname(newest)
+    return max(candidates, key=lambda directory: read_meta(directory)["step"])
 
 
 def run_training(config: TrainConfig) -> dict:
@@ -57,7 +59,7 @@ def run_training(config: TrainConfig) -> dict:
 
     dashboard = connect_ray(config.ray_address)
     if dashboard:
-        print(f"[terarec] Ray dashboard: http://{dashboard}" if "://" not in dashboard else f"[terarec] Ray dashboard: {dashboard}")
+        print(f"[terarec] Ray dashboard: {dashboard if '://' in dashboard else 'http://' + dashboard}")
     use_gpu = config.use_gpu if config.use_gpu is not None else _cluster_has_gpus()
     workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
     trainer = TorchTrainer(

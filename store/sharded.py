@@ -102,6 +102,3 @@ class ShardedRows:
         summed = torch.zeros((route.owned_keys.numel(), self.dim), dtype=torch.float32, device=received.device)
         summed.index_add_(0, route.owned_inverse.to(received.device), received.float())
         self.store.update(route.owned_keys, summed)
-
-    def prefetch(self, keys: torch.Tensor) -> None:
-        """Only the owner can stage rows; prefetching across workers is left to the owner's next lookup."""

@@ -12,8 +12,13 @@ from .base import EmbeddingStore
 FORMAT_VERSION = 1
 
 
+def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or any pyarrow.fs URI (s3://, gs://, file://) -> (filesystem, path)."""
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
 def _open_output(uri: str):
-    filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    filesystem, path = _resolve(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         filesystem.create_dir(parent, recursive=True)
@@ -21,7 +26,7 @@ def _open_output(uri: str):
 
 
 def _read_bytes(uri: str) -> bytes:
-    filesystem, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    filesystem, path = _resolve(uri)
     try:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()
