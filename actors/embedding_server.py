@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from terarec.platform.checkpoints import CheckpointContents, open_checkpoint
+from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.store.sharded import BucketMap
 
 NAMESPACE = "terarec"  # the Ray namespace of serving actors

@@ -19,12 +19,11 @@ from torch import nn
 
 from terarec.models import Batch, Embedding, build_model
 from terarec.models.registry import store_width
-from terarec.platform.checkpoints import CheckpointContents, open_checkpoint
-from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+from terarec.core.checkpoints import CheckpointContents, open_checkpoint
+from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
 from .embedding_server import ServerRows, server_handles, start_servers, stop_servers
 
-NUM_DENSE, NUM_SPARSE = len(DENSE_COLUMNS), len(SPARSE_COLUMNS)
 
 
 def model_from_checkpoint(checkpoint: CheckpointContents, backend) -> nn.Module:

@@ -21,16 +21,15 @@ import torch.nn.functional as F
 from terarec.kernels.comm import Communicator, LocalCommunicator
 from terarec.models import Batch, Embedding, build_model
 from terarec.models.registry import is_multi_task, store_width
-from terarec.platform.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
-from terarec.platform.config import TrainConfig
-from terarec.platform.data.reader import BatchReader, count_rows, list_split_files
-from terarec.platform.data.schema import label_columns_of
-from terarec.platform.metrics import log_loss, roc_auc
+from terarec.core.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
+from terarec.core.config import TrainConfig
+from terarec.core.data.reader import BatchReader, count_rows, list_split_files
+from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, label_columns_of
+from terarec.core.metrics import log_loss, roc_auc
 from terarec.store import feature_keys, make_sparse_optimizer, save_store
 from terarec.store.factory import make_store
 from terarec.store.sharded import BucketMap, ShardedRows
 
-NUM_DENSE, NUM_SPARSE = 13, 26
 
 @dataclass
 class StepLog:

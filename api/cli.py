@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from terarec.platform.cli import UserError
+from terarec.core.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 def _settings(**values):
     from pydantic import ValidationError
 
-    from terarec.platform.config import format_validation_error
+    from terarec.core.config import format_validation_error
 
     from .settings import Settings
 
@@ -54,8 +54,8 @@ def _serve(args) -> int:
 def _deploy(args) -> int:
     from pydantic import ValidationError
 
-    from terarec.platform.checkpoints import open_checkpoint
-    from terarec.platform.config import format_validation_error
+    from terarec.core.checkpoints import open_checkpoint
+    from terarec.core.config import format_validation_error
 
     from .ray_cluster import RayCluster, RayUnavailable
     from .schemas import ModelRequest

@@ -5,7 +5,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from terarec.actors.inference import NUM_DENSE, NUM_SPARSE
+from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -18,9 +18,9 @@ import torch.multiprocessing as mp
 
 from terarec.actors.train_worker import TrainWorker
 from terarec.kernels.comm import GlooCommunicator, LocalCommunicator
-from terarec.platform.config import load_config
-from terarec.platform.data.reader import BatchReader
-from terarec.platform.data.synth import write_synthetic
+from terarec.core.config import load_config
+from terarec.core.data.reader import BatchReader
+from terarec.core.data.synth import write_synthetic
 
 from results import record  # bench/results.py
 

@@ -13,8 +13,8 @@ import argparse
 import os
 import tempfile
 
-from terarec.platform.config import load_config
-from terarec.platform.data.synth import write_synthetic
+from terarec.core.config import load_config
+from terarec.core.data.synth import write_synthetic
 from terarec.platform.runner import run_training
 
 from results import record  # bench/results.py

@@ -46,8 +46,8 @@ def make_checkpoint(workdir: str, rows: int, steps: int) -> tuple[str, str]:
 
     from terarec.actors.train_worker import TrainWorker
     from terarec.kernels.comm import LocalCommunicator
-    from terarec.platform.config import load_config
-    from terarec.platform.data.synth import write_synthetic
+    from terarec.core.config import load_config
+    from terarec.core.data.synth import write_synthetic
 
     data, checkpoint = os.path.join(workdir, "data"), os.path.join(workdir, "checkpoint")
     write_synthetic(data, rows=rows, seed=0, cardinality_scale=1e-3)
@@ -63,7 +63,7 @@ def request_bodies(data: str) -> dict[int, bytes]:
     """One JSON body per batch size, from the eval split (stored values: `transformed` is true)."""
     import pyarrow.parquet as pq
 
-    from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+    from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 
     table = pq.read_table(sorted(glob.glob(os.path.join(data, "eval", "*.parquet")))[0]).slice(0, max(BATCHES))
     dense = np.stack([table[name].to_numpy() for name in DENSE_COLUMNS], axis=1).tolist()
@@ -79,7 +79,7 @@ def bare_server(port: int, checkpoint_dir: str) -> None:
     from fastapi import FastAPI
 
     from terarec.actors.inference import model_from_checkpoint, score
-    from terarec.platform.checkpoints import open_checkpoint
+    from terarec.core.checkpoints import open_checkpoint
 
     torch.set_num_threads(1)  # as a Serve replica with one CPU
     checkpoint = open_checkpoint(checkpoint_dir)

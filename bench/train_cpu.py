@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from terarec.models import DLRM, DLRMConfig, Embedding
 from terarec.models.layers import DotInteraction
-from terarec.platform.data.reader import BatchReader, list_split_files
-from terarec.platform.data.synth import write_synthetic
+from terarec.core.data.reader import BatchReader, list_split_files
+from terarec.core.data.synth import write_synthetic
 from terarec.store import DeviceStore, SparseAdagrad
 
 from results import record  # bench/results.py

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from terarec.models import (Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, PNNConfig, XDeepFMConfig,
                             build_model, model_spec)
-from terarec.platform.data.reader import BatchReader, list_split_files
-from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
-from terarec.platform.data.synth import write_synthetic
-from terarec.platform.metrics import roc_auc
+from terarec.core.data.reader import BatchReader, list_split_files
+from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+from terarec.core.data.synth import write_synthetic
+from terarec.core.metrics import roc_auc
 from terarec.store import DeviceStore, SparseAdagrad
 
 from results import RESULTS, record  # bench/results.py

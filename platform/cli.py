@@ -8,16 +8,13 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, load_config
+from terarec.core.config import ConfigError, load_config
+from terarec.core.errors import UserError
 
 TRAIN_FLAGS = {  # flag -> config key
     "model": "model", "data": "data", "run_dir": "run_dir", "steps": "steps", "batch_size": "batch_size",
     "workers": "workers", "seed": "seed",
 }
-
-
-class UserError(Exception):
-    """Anything the user can fix; printed as one line."""
 
 
 def _add_train(subparsers) -> None:
@@ -73,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="terarec", description="Train and serve recommender models with huge embedding tables on Ray.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     data = subparsers.add_parser("data", help="make or convert datasets")
-    from .data.cli import register as register_data
+    from .data_cli import register as register_data
 
     register_data(data.add_subparsers(dest="data_command", required=True))
     _add_train(subparsers)
@@ -90,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .data.errors import DataError
+    from terarec.core.data.errors import DataError
 
     try:
         code = args.func(args)

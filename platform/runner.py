@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from .checkpoints import META_FILE, read_meta
-from .config import ConfigError, TrainConfig
+from terarec.core.checkpoints import META_FILE, read_meta
+from terarec.core.config import ConfigError, TrainConfig
 from .plots import plot_curve
 
 
@@ -46,7 +46,7 @@ def run_training(config: TrainConfig) -> dict:
 
     from terarec.actors.train_worker import train_loop_per_worker
 
-    from terarec.platform.data.reader import list_split_files
+    from terarec.core.data.reader import list_split_files
 
     for split in ("train", "eval"):  # fail here, with the path, rather than inside every worker
         list_split_files(config.data, split)

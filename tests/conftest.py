@@ -36,7 +36,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """20k rows of synthetic Criteo-shaped data (train/ + eval/), one click task."""
-    from terarec.platform.data.synth import write_synthetic
+    from terarec.core.data.synth import write_synthetic
 
     out = tmp_path_factory.mktemp("synth")
     write_synthetic(str(out), rows=20_000, seed=3, cardinality_scale=1e-4)

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from terarec.models.batch import Batch
-from terarec.platform.data.cli import register
-from terarec.platform.data.criteo import MISSING_ID, convert_tsv
-from terarec.platform.data.errors import (BadDataError, DataArgumentError, DataError, DataNotFoundError,
+from terarec.platform.data_cli import register
+from terarec.core.data.criteo import MISSING_ID, convert_tsv
+from terarec.core.data.errors import (BadDataError, DataArgumentError, DataError, DataNotFoundError,
                                           MalformedInputError, OutputExistsError, SchemaMismatchError)
-from terarec.platform.data.reader import BatchReader, count_rows, list_split_files
-from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_columns_of
-from terarec.platform.data.synth import HiddenModel, cardinalities_for, write_synthetic
+from terarec.core.data.reader import BatchReader, count_rows, list_split_files
+from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_columns_of
+from terarec.core.data.synth import HiddenModel, cardinalities_for, write_synthetic
 
 MASK = 2**64 - 1
 

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from terarec.platform.checkpoints import open_checkpoint
-from terarec.platform.config import load_config
+from terarec.core.checkpoints import open_checkpoint
+from terarec.core.config import load_config
 from terarec.platform.runner import run_training
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ kubernetes_validate = pytest.importorskip(
 import jsonschema  # noqa: E402  (a dependency of kubernetes-validate)
 import referencing  # noqa: E402
 
-from terarec.platform.config import TrainConfig  # noqa: E402
+from terarec.core.config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "terarec"

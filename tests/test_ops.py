@@ -5,7 +5,7 @@ import torch
 from terarec.kernels.cross import cross_v1_reference, cross_v2_reference
 from terarec.kernels.interaction import dot_interaction_reference, interaction_output_dim
 from terarec.kernels.mlp import fused_mlp_reference
-from terarec.platform.metrics import roc_auc
+from terarec.core.metrics import roc_auc
 
 
 @pytest.mark.parametrize("self_interaction", [False, True])

@@ -18,8 +18,8 @@ import torch
 
 from terarec.actors.embedding_server import NAMESPACE, server_names
 from terarec.actors.inference import model_from_checkpoint, score
-from terarec.platform.checkpoints import open_checkpoint
-from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
+from terarec.core.checkpoints import open_checkpoint
+from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
 from test_api import ApiServer, checkpoints_of, trained_job
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 
 from terarec.actors.train_worker import TrainWorker
 from terarec.kernels.comm import LocalCommunicator
-from terarec.platform.config import load_config
+from terarec.core.config import load_config
 
 
 def train(data, tmp_path, kind):

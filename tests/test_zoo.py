@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from terarec.models import (CIN, MODELS, Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, FMInteraction,
                             MMoEConfig, PNNConfig, XDeepFMConfig, build_model)
-from terarec.platform.data.reader import BatchReader, list_split_files
-from terarec.platform.data.synth import write_synthetic
-from terarec.platform.metrics import roc_auc
+from terarec.core.data.reader import BatchReader, list_split_files
+from terarec.core.data.synth import write_synthetic
+from terarec.core.metrics import roc_auc
 from terarec.store import DeviceStore, SparseAdagrad, load_store, save_store
 from terarec.store.keys import feature_keys
 from terarec.models.registry import store_width

@@ -10,7 +10,7 @@ import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from terarec.platform.config import ConfigError, TrainConfig, merge, read_yaml, set_dotted, validate_config
+from terarec.core.config import ConfigError, TrainConfig, merge, read_yaml, set_dotted, validate_config
 
 from ..auth import require_token
 from ..ray_cluster import RayUnavailable

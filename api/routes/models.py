@@ -7,7 +7,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from terarec.platform.data.schema import transform_dense
+from terarec.core.data.schema import transform_dense
 
 from ..auth import require_token
 from ..schemas import ModelList, ModelRequest, ModelView, PredictRequest, PredictResponse

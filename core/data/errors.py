@@ -4,7 +4,10 @@ The `terarec` CLI turns any `DataError` into a one-line message and exit status 
 """
 
 
-class DataError(Exception):
+from terarec.core.errors import UserError
+
+
+class DataError(UserError):
     """Base of every user-facing data error."""
 
 

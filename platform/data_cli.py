@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from terarec.platform.data.criteo import convert_tsv
-from terarec.platform.data.synth import write_synthetic
+from terarec.core.data.criteo import convert_tsv
+from terarec.core.data.synth import write_synthetic
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

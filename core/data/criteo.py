@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from terarec.platform.data.errors import DataArgumentError, DataError, DataNotFoundError, MalformedInputError
-from terarec.platform.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, split_writers, splitmix64,
+from terarec.core.data.errors import DataArgumentError, DataError, DataNotFoundError, MalformedInputError
+from terarec.core.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, split_writers, splitmix64,
                                           transform_dense)
 
 NUM_FIELDS = 1 + len(DENSE_COLUMNS) + len(SPARSE_COLUMNS)

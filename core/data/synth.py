@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from terarec.platform.data.errors import DataArgumentError
-from terarec.platform.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_column, split_writers,
+from terarec.core.data.errors import DataArgumentError
+from terarec.core.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_column, split_writers,
                                           splitmix64, transform_dense)
 
 # Distinct values of C1..C26 in Criteo Kaggle (the counts DLRM reports for the 7-day set).

@@ -23,11 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from terarec.platform.data.errors import OutputExistsError, SchemaMismatchError
+from terarec.core.data.errors import OutputExistsError, SchemaMismatchError
 
 LABEL = "label"
 DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
 SPARSE_COLUMNS = [f"C{i}" for i in range(1, 27)]
+NUM_DENSE, NUM_SPARSE = len(DENSE_COLUMNS), len(SPARSE_COLUMNS)
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 import torch
 
 from terarec.models.batch import Batch
-from terarec.platform.data.errors import (BadDataError, DataArgumentError, DataNotFoundError,
+from terarec.core.data.errors import (BadDataError, DataArgumentError, DataNotFoundError,
                                           SchemaMismatchError)
-from terarec.platform.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, check_schema, label_columns_of
+from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, check_schema, label_columns_of
 
 
 def list_split_files(data_dir: str, split: str) -> list[str]:

@@ -1,0 +1,1 @@
+"""terarec.core.data."""

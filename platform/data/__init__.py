@@ -1,1 +1,0 @@
-"""terarec.platform.data."""
