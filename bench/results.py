@@ -19,6 +19,9 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    """The checkout's commit; TERAREC_COMMIT names it where the tree travels without .git (the GPU machine)."""
+    if os.environ.get("TERAREC_COMMIT"):
+        return os.environ["TERAREC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(RESULTS)).stdout.strip() or "unknown"
