@@ -9,6 +9,7 @@ import time
 
 from terarec.core.checkpoints import META_FILE, read_meta
 from terarec.core.config import ConfigError, TrainConfig
+from terarec.core.resources import uses_gpu, worker_resources
 from .plots import plot_curve
 
 
@@ -60,14 +61,17 @@ def run_training(config: TrainConfig) -> dict:
     dashboard = connect_ray(config.ray_address)
     if dashboard:
         print(f"[terarec] Ray dashboard: {dashboard if '://' in dashboard else 'http://' + dashboard}")
-    use_gpu = config.use_gpu if config.use_gpu is not None else _cluster_has_gpus()
+    import ray
+
+    cluster = ray.cluster_resources()
+    use_gpu = uses_gpu(config, cluster)
     workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=_worker_resources(config, use_gpu)),
+                                     resources_per_worker=worker_resources(config, cluster)),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run_dir,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3)),
@@ -83,16 +87,3 @@ def run_training(config: TrainConfig) -> dict:
     plot_curve(run_dir)
     return metrics
 
-
-def _worker_resources(config: TrainConfig, use_gpu: bool) -> dict:
-    """CPUs per worker: as configured, else this cluster's CPUs split over the most workers (torch threads follow)."""
-    import ray
-
-    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.max_workers)
-    return {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
-
-
-def _cluster_has_gpus() -> bool:
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) > 0
