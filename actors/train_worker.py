@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from terarec.kernels.comm import Communicator, LocalCommunicator
+from terarec.kernels.precision import autocast, matmul_precision
 from terarec.models import Batch, Embedding, build_model
 from terarec.models.registry import is_multi_task, store_width
 from terarec.core.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
@@ -87,9 +88,14 @@ class TrainWorker:
     # ---- one step -------------------------------------------------------------------------
     def train_step(self, batch: Batch) -> torch.Tensor:
         """Forward, backward, exchange, updates. Returns this rank's share of the global mean loss."""
+        with matmul_precision(self.config.precision):  # TF32 for the backward and the optimizer too
+            return self._train_step(batch)
+
+    def _train_step(self, batch: Batch) -> torch.Tensor:
         self.model.train()
         batch = batch.to(self.device, non_blocking=True)
-        logits = self.model(batch)
+        with autocast(self.config.precision, self.device):
+            logits = self.model(batch).float()
         labels = batch.labels[:, : len(self.label_columns)]
         # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
         # so summed gradients equal one worker's gradients on the whole global batch.
@@ -167,7 +173,9 @@ class TrainWorker:
                          shuffle=False, drop_last=False, epochs=1) as reader:
             for batch in reader:
                 batch = batch.to(self.device)
-                local = torch.cat([self.model(batch).float(), batch.labels[:, :tasks]], dim=1).cpu()
+                with matmul_precision(config.precision), autocast(config.precision, self.device):
+                    logits = self.model(batch).float()
+                local = torch.cat([logits, batch.labels[:, :tasks]], dim=1).cpu()
                 gathered.append(torch.cat(self.comm.all_gather(local)))
                 rows += gathered[-1].shape[0]
                 if config.eval_rows and rows >= config.eval_rows:

@@ -74,6 +74,9 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(default=16384, gt=0)
     eval_rows: int | None = Field(default=None, gt=0, description="evaluate on at most this many eval rows")
     seed: int = 0
+    precision: Literal["fp32", "tf32", "bf16"] = Field(
+        default="fp32", description="the dense part's math: fp32; tf32 matmuls; or bf16 autocast with fp32 "
+                                    "weights and fp32 embedding rows (see kernels/precision.py)")
     workers: int | tuple[int, int] = Field(default=1, description="N, or [min, max] for an elastic job")
     max_failures: int = Field(default=0, ge=-1, description="restarts from the latest checkpoint after a failure (-1: forever)")
     use_gpu: bool | None = Field(default=None, description="default: use GPUs when the cluster has them")

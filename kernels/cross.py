@@ -2,12 +2,14 @@
 
 v1: x_{l+1} = x0 * (x_l . w) + b + x_l        w, b: [D]
 v2: x_{l+1} = x0 * (x_l W^T + b) + x_l        W: [D, D], b: [D]
+
+Under autocast all four inputs are cast to its dtype first (see dispatch.py).
 """
 from __future__ import annotations
 
 import torch
 
-from .dispatch import use_fused
+from .dispatch import autocast_inputs, use_fused
 
 
 def cross_v1_reference(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -20,21 +22,19 @@ def cross_v2_reference(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor,
     return x0 * torch.nn.functional.linear(xl, weight, bias) + xl
 
 
-def _fusable(*tensors: torch.Tensor) -> bool:
-    return use_fused(tensors[0]) and len({t.dtype for t in tensors}) == 1
+def _cross(matrix: bool, x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    inputs = autocast_inputs(x0, xl, weight, bias)
+    if use_fused(x0) and len({t.dtype for t in inputs}) == 1:
+        from .triton_cross import FusedCrossV1, FusedCrossV2
+        return (FusedCrossV2 if matrix else FusedCrossV1).apply(*inputs)
+    return (cross_v2_reference if matrix else cross_v1_reference)(*inputs)
 
 
 def cross_v1(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Dispatch: the fused Triton kernels on CUDA (see `use_fused`), the reference otherwise."""
-    if _fusable(x0, xl, weight, bias):
-        from .triton_cross import FusedCrossV1
-        return FusedCrossV1.apply(x0, xl, weight, bias)
-    return cross_v1_reference(x0, xl, weight, bias)
+    return _cross(False, x0, xl, weight, bias)
 
 
 def cross_v2(x0: torch.Tensor, xl: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Dispatch: the fused Triton kernels on CUDA (see `use_fused`), the reference otherwise."""
-    if _fusable(x0, xl, weight, bias):
-        from .triton_cross import FusedCrossV2
-        return FusedCrossV2.apply(x0, xl, weight, bias)
-    return cross_v2_reference(x0, xl, weight, bias)
+    return _cross(True, x0, xl, weight, bias)

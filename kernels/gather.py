@@ -3,7 +3,9 @@
 `gather_rows` and `gather_sum` are what callers use: the Triton kernels on CUDA
 (16-byte row loads; see triton_gather.py), the torch references elsewhere.
 Their backward is `reduce_by_key`: the gradients of every occurrence of a row
-summed into one gradient per unique row.
+summed into one gradient per unique row. `gather_rows` may hand out rows in a
+narrower dtype than the table's (bf16 rows for an autocast dense part, read
+from fp32 rows in one pass); their gradients come back in the table's dtype.
 """
 from __future__ import annotations
 
@@ -12,9 +14,9 @@ import torch
 from .dispatch import use_fused
 
 
-def gather_rows_reference(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """table [N, D] (rows may be strided), idx [M] int -> [M, D]."""
-    return table[idx]
+def gather_rows_reference(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """table [N, D] (rows may be strided), idx [M] int -> [M, D] in `dtype` (default the table's)."""
+    return table[idx].to(dtype or table.dtype)
 
 
 def gather_sum_reference(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -28,12 +30,12 @@ def reduce_by_key_reference(grads: torch.Tensor, inverse: torch.Tensor, num_uniq
     return out.index_add_(0, inverse, grads.float()).to(grads.dtype)
 
 
-def gather_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Dispatch (autograd through `reduce_by_key`): table [N, D], idx [M] -> [M, D]."""
+def gather_rows(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dispatch (autograd through `reduce_by_key`): table [N, D], idx [M] -> [M, D] in `dtype` (default the table's)."""
     if use_fused(table):
         from .triton_gather import GatherRows
-        return GatherRows.apply(table, idx)
-    return gather_rows_reference(table, idx)
+        return GatherRows.apply(table, idx, dtype)
+    return gather_rows_reference(table, idx, dtype)
 
 
 def gather_sum(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

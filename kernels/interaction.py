@@ -1,13 +1,14 @@
 """Dot feature interaction (DLRM): pairwise dot products of the feature vectors.
 
 `dot_interaction` is the entry point the models call; it runs the fused Triton
-kernel on CUDA when one is registered and the torch reference elsewhere.
+kernel on CUDA when one is registered and the torch reference elsewhere. Under
+autocast both inputs are cast to its dtype first (see dispatch.py).
 """
 from __future__ import annotations
 
 import torch
 
-from .dispatch import use_fused
+from .dispatch import autocast_inputs, use_fused
 
 
 def interaction_pairs(num_vectors: int, self_interaction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +47,7 @@ def dot_interaction_reference(dense: torch.Tensor, sparse: torch.Tensor, self_in
 def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor, self_interaction: bool = False,
                     pad_to: int | None = None) -> torch.Tensor:
     """Dispatch: the fused Triton kernel on CUDA (see `use_fused`), the reference otherwise."""
+    dense, sparse = autocast_inputs(dense, sparse)
     if use_fused(dense) and dense.dtype == sparse.dtype:
         from .triton_interaction import FusedDotInteraction
         return FusedDotInteraction.apply(dense, sparse, self_interaction, pad_to)

@@ -1,14 +1,15 @@
 """Multi-layer perceptron with bias, ReLU and dropout: the reference of FusedMLP.
 
 `fused_mlp` is what models call. Each hidden layer is linear -> ReLU ->
-dropout; the last layer's activation is optional.
+dropout; the last layer's activation is optional. Under autocast the input,
+weights and biases are cast to its dtype first (see dispatch.py), fused or not.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_fused
+from .dispatch import autocast_inputs, use_fused
 
 
 def fused_mlp_reference(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
@@ -86,7 +87,9 @@ class FusedMLPFunction(torch.autograd.Function):
 def fused_mlp(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor],
               last_activation: bool = False, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """Dispatch: `FusedMLPFunction` on CUDA (see `use_fused`), the reference otherwise."""
-    if use_fused(x) and len({x.dtype, *(w.dtype for w in weights), *(b.dtype for b in biases)}) == 1:
-        return FusedMLPFunction.apply(x.contiguous(), last_activation, dropout if training else 0.0,
-                                      *weights, *biases)
+    num_layers = len(weights)
+    x, *params = autocast_inputs(x, *weights, *biases)
+    weights, biases = params[:num_layers], params[num_layers:]
+    if use_fused(x) and len({x.dtype, *(p.dtype for p in params)}) == 1:
+        return FusedMLPFunction.apply(x.contiguous(), last_activation, dropout if training else 0.0, *params)
     return fused_mlp_reference(x, weights, biases, last_activation, dropout, training)

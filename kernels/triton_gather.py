@@ -22,7 +22,7 @@ def _gather_rows(table_ptr, idx_ptr, out_ptr, M, stride, D: tl.constexpr,
     idx = tl.load(idx_ptr + rows, mask=rows < M, other=0).to(tl.int64)
     mask = (rows[:, None] < M) & (cols[None, :] < D)
     values = tl.load(table_ptr + idx[:, None] * stride + cols[None, :], mask=mask)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], values, mask=mask)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -54,10 +54,10 @@ def _blocks(dim: int) -> dict:
     return dict(BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(dim))
 
 
-def gather_rows_forward(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Launcher: table [N, D] with unit column stride, idx [M] -> [M, D]."""
+def gather_rows_forward(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Launcher: table [N, D] with unit column stride, idx [M] -> [M, D] in `dtype` (default the table's)."""
     m, dim = idx.numel(), table.shape[1]
-    out = torch.empty((m, dim), device=table.device, dtype=table.dtype)
+    out = torch.empty((m, dim), device=table.device, dtype=dtype or table.dtype)
     _gather_rows[(triton.cdiv(m, BLOCK_M),)](table, idx.contiguous(), out, m, table.stride(0), dim, **_blocks(dim))
     return out
 
@@ -72,15 +72,15 @@ def gather_sum_forward(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reduce_by_key_forward(grads: torch.Tensor, inverse: torch.Tensor, num_unique: int, group: int = 1
-                          ) -> torch.Tensor:
-    """Launcher: grads [M / group, D], inverse [M] -> [num_unique, D] in grads' dtype."""
+def reduce_by_key_forward(grads: torch.Tensor, inverse: torch.Tensor, num_unique: int, group: int = 1,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Launcher: grads [M / group, D], inverse [M] -> [num_unique, D] in `dtype` (default grads'), summed in fp32."""
     grads = grads.contiguous()
     inverse = inverse.reshape(-1).contiguous()
     m, dim = inverse.numel(), grads.shape[1]
     out = torch.zeros((num_unique, dim), device=grads.device, dtype=torch.float32)
     _reduce_by_key[(triton.cdiv(m, BLOCK_M),)](grads, inverse, out, m, group, dim, **_blocks(dim))
-    return out.to(grads.dtype)
+    return out.to(dtype or grads.dtype)
 
 
 def _check_rows(table: torch.Tensor) -> torch.Tensor:
@@ -88,16 +88,19 @@ def _check_rows(table: torch.Tensor) -> torch.Tensor:
 
 
 class GatherRows(torch.autograd.Function):
+    """Rows out in `dtype`; their gradients summed per row in fp32 and returned in the table's dtype."""
+
     @staticmethod
-    def forward(ctx, table, idx):
+    def forward(ctx, table, idx, dtype=None):
         ctx.save_for_backward(idx)
-        ctx.num_rows = table.shape[0]
-        return gather_rows_forward(_check_rows(table), idx.reshape(-1)).reshape(*idx.shape, table.shape[1])
+        ctx.num_rows, ctx.table_dtype = table.shape[0], table.dtype
+        return gather_rows_forward(_check_rows(table), idx.reshape(-1), dtype).reshape(*idx.shape, table.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        return reduce_by_key_forward(grad.reshape(-1, grad.shape[-1]), idx, ctx.num_rows), None
+        return (reduce_by_key_forward(grad.reshape(-1, grad.shape[-1]), idx, ctx.num_rows, dtype=ctx.table_dtype),
+                None, None)
 
 
 class GatherSum(torch.autograd.Function):

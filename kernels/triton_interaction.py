@@ -5,7 +5,8 @@ Each program takes one sample: its F + 1 vectors [dense, sparse_0, ...] as one
 triangle stored straight into its place in the output row. The backward builds
 the symmetric pair-gradient tile S from the output gradient and returns S @ X.
 Operands go to the dot in fp32: fp32 inputs use the 3-pass tf32 split (about
-fp32 accuracy), bf16/fp16 inputs are exact in tf32.
+fp32 accuracy) or, where torch's fp32 matmuls run in TF32, one pass of tf32;
+bf16/fp16 inputs are exact in tf32.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import tf32_matmuls
 from .interaction import interaction_output_dim
 
 
@@ -86,7 +88,8 @@ def _dot_interaction_bwd(dense_ptr, sparse_ptr, grad_ptr, d_dense_ptr, d_sparse_
 
 def _launch_args(dense: torch.Tensor, sparse: torch.Tensor) -> dict:
     num_sparse, dim = sparse.shape[1], sparse.shape[2]
-    return dict(F=num_sparse, D=dim, PRECISION="tf32x3" if dense.dtype == torch.float32 else "tf32",
+    exact = dense.dtype == torch.float32 and not tf32_matmuls()
+    return dict(F=num_sparse, D=dim, PRECISION="tf32x3" if exact else "tf32",
                 BLOCK_N=max(16, triton.next_power_of_2(num_sparse + 1)), BLOCK_D=max(16, triton.next_power_of_2(dim)),
                 num_warps=4)
 

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import tf32_matmuls
 from .triton_dropout import relu_mask_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -73,14 +74,14 @@ def masked_grad_matmul(grad: torch.Tensor, weight: torch.Tensor, mask_src: torch
     """grad [M, K] @ weight [K, N], times the mask and scale -> (d_pre [M, N], bias grad fp32 [N]).
 
     mask_src: bits int32 [M, ceil(N / 32)] or the ReLU output [M, N], as in `relu_mask_backward`.
-    fp32 operands follow torch's TF32 setting (`torch.backends.cuda.matmul.allow_tf32`).
+    fp32 operands follow torch's TF32 setting (`dispatch.tf32_matmuls`); bf16/fp16 ones accumulate in fp32.
     """
     m, k = grad.shape
     n = weight.shape[1]
     d_pre = torch.empty((m, n), device=grad.device, dtype=grad.dtype)
     db_part = torch.zeros((triton.cdiv(m, PART_M), n), device=grad.device, dtype=torch.float32)
     from_bits = mask_src.dtype == torch.int32
-    tf32 = grad.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET
+    tf32 = grad.dtype == torch.float32 and tf32_matmuls() and not INTERPRET
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     _masked_grad_matmul[grid](grad, weight.t().contiguous(), mask_src, d_pre, db_part, m, n,
                               mask_src.shape[1] if from_bits else 0, scale, K=k, FROM_BITS=from_bits,

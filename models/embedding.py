@@ -5,7 +5,8 @@ the forward reads the unique keys' rows into a leaf tensor, and
 `apply_gradients` hands that tensor's gradient (already summed per unique key
 by autograd) to the store's sparse optimizer. On CUDA the rows are spread to
 `[B, F, D]` by the 16-byte-load gather kernel, whose backward is the per-key
-gradient reduction.
+gradient reduction. Under autocast the gather emits rows in its dtype (bf16 for
+the dense part) while the rows and their gradients stay fp32.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from terarec.kernels.dispatch import autocast_dtype
 from terarec.kernels.gather import gather_rows
 from terarec.store.keys import feature_keys
 
@@ -50,7 +52,7 @@ class Embedding(nn.Module):
         if self.training and torch.is_grad_enabled():
             rows.requires_grad_(True)
             self._pending.append((unique_keys, rows))
-        return gather_rows(rows, inverse)
+        return gather_rows(rows, inverse, autocast_dtype(rows))
 
     def apply_gradients(self) -> None:
         """Send the gradients of every forward since the last call to the store's optimizer."""
