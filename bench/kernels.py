@@ -1,13 +1,15 @@
 """Fused kernels against PyTorch eager and torch.compile of their references, at DLRM shapes.
 
 Forward and forward+backward for each op, then a whole DLRM training step
-(fused vs TERAREC_FUSED=0). Times are medians of `triton.testing.do_bench`;
+(fused vs TERAREC_FUSED=0) and the same step (fused) in fp32, tf32 and bf16
+(the `precision` setting). Times are medians of `triton.testing.do_bench`;
 figures are compared with the ceilings of ARCHITECTURE.md. Prints a table and
 writes bench/results/kernels-<device>.json, kernels.md and kernels.png (or
 under --out). With --only, the named groups' rows replace theirs in the
 existing results and the markdown says which rows were re-measured when.
 
     python bench/kernels.py [--out DIR] [--commit SHA] [--only mlp,dropout,...]
+    python bench/kernels.py --only precision,gather --no-compile    # fp32 vs tf32 vs bf16 step; bf16 rows out
     TRITON_INTERPRET=1 python bench/kernels.py --small --no-compile    # CPU smoke run
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from terarec.kernels.cross import cross_v1_reference, cross_v2_reference
 from terarec.kernels.gather import gather_rows_reference, gather_sum_reference
 from terarec.kernels.interaction import dot_interaction_reference
 from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference
+from terarec.kernels.precision import autocast, matmul_precision
 from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward
 from terarec.kernels.triton_gather import GatherRows, GatherSum
@@ -35,7 +38,7 @@ from terarec.kernels.triton_interaction import FusedDotInteraction
 HBM_GBS = 2993.0            # ARCHITECTURE.md, H100 device-to-device copy (read + write)
 TF32_TFLOPS = 406.0         # ARCHITECTURE.md, tf32 matmul 8192^3
 CUDA = torch.cuda.is_available()
-GROUPS = ("dlrm", "interaction", "mlp", "dropout", "cross", "gather")
+GROUPS = ("dlrm", "precision", "interaction", "mlp", "dropout", "cross", "gather")
 DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -236,9 +239,17 @@ def bench_gather(table: Table, batch: int, use_compile: bool):
                                               backward)
         table.add("gather_sum", backward, runs, (moved * (2 if backward else 1), "GB/s", HBM_GBS),
                   note=f"{batch} bags of {bag}, sum pooling; embedding_bag also timed")
+        to_bf16 = {"eager": training_pass(lambda w, i: GatherRows.apply(w, i).to(torch.bfloat16), [weights, idx],
+                                          backward),
+                   "fused": training_pass(lambda w, i: GatherRows.apply(w, i, torch.bfloat16), [weights, idx],
+                                          backward)}
+        table.add("gather_rows_to_bf16", backward, to_bf16,
+                  note="fp32 rows handed to a bf16 dense part: fused = the gather writes bf16 (and reduces bf16 "
+                       "gradients); eager column = the fp32 gather kernel, then .to(bf16)")
 
 
-def bench_dlrm_step(batch: int, steps: int) -> dict:
+def dlrm_at_criteo_shapes(batch: int):
+    """DLRM 13-512-256-128 / 479-1024-1024-512-256-1 over a DeviceStore (26 features x 128), SGD, and 4 batches."""
     from terarec.models import DLRM, Batch, DLRMConfig, Embedding
     from terarec.store import DeviceStore, SparseSGD
 
@@ -250,42 +261,72 @@ def bench_dlrm_step(batch: int, steps: int) -> dict:
     vocab = 40_000
     batches = [Batch(torch.randn(batch, 13, device=DEVICE), torch.randint(0, vocab, (batch, 26), device=DEVICE),
                      torch.randint(0, 2, (batch, 1), device=DEVICE).float()) for _ in range(4)]
+    return model, optimizer, batches
+
+
+def median_step_ms(model, optimizer, batches, steps: int, precision: str = "fp32") -> float:
+    """Median time of a training step (forward, backward, sparse and dense updates) in `precision`, after warm-up."""
+    device = next(model.parameters()).device
 
     def step(b):
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.binary_cross_entropy_with_logits(model(b), b.labels)
-        loss.backward()
-        embedding.apply_gradients()
-        optimizer.step()
+        with matmul_precision(precision):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(precision, device):
+                logits = model(b).float()
+            F.binary_cross_entropy_with_logits(logits, b.labels).backward()
+            model.embedding.apply_gradients()
+            optimizer.step()
+
+    for b in batches:
+        step(b)
+    times = []
+    for i in range(steps):
+        if CUDA:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(batches[i % len(batches)])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step(batches[i % len(batches)])
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def bench_dlrm_step(batch: int, steps: int) -> dict:
+    model, optimizer, batches = dlrm_at_criteo_shapes(batch)
 
     def timed(fused: bool) -> float:
         os.environ["TERAREC_FUSED"] = "1" if fused else "0"
-        for b in batches:
-            step(b)
-        times = []
-        for i in range(steps):
-            if CUDA:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step(batches[i % len(batches)])
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                step(batches[i % len(batches)])
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        return median_step_ms(model, optimizer, batches, steps)
 
     eager_ms, fused_ms = timed(False), timed(True)
     os.environ.pop("TERAREC_FUSED")
     with torch.no_grad():
-        lookup_ms = median_ms(lambda: embedding(batches[0].sparse))
+        lookup_ms = median_ms(lambda: model.embedding(batches[0].sparse))
     return {"batch": batch, "eager_ms": round(eager_ms, 3), "fused_ms": round(fused_ms, 3),
             "embedding_lookup_fwd_ms": round(lookup_ms, 3),
             "speedup": round(eager_ms / fused_ms, 2), "samples_per_s_fused": round(batch / fused_ms * 1e3),
             "config": "DLRM 13-512-256-128 / 479-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
                       "fp32 with TF32 matmuls, median of steps"}
+
+
+def bench_precision(batch: int, steps: int) -> dict:
+    """The fused DLRM step in each `precision` (fp32 with TF32 off, tf32, bf16 autocast): ms and samples/s."""
+    model, optimizer, batches = dlrm_at_criteo_shapes(batch)
+    figures = {}
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")           # main() turns TF32 on for the kernel rows
+    for precision in ("fp32", "tf32", "bf16"):
+        step_ms = median_step_ms(model, optimizer, batches, steps, precision)
+        figures[precision] = {"step_ms": round(step_ms, 3), "samples_per_s": round(batch / step_ms * 1e3)}
+        print(f"DLRM step, {precision}: {figures[precision]}", flush=True)
+    torch.set_float32_matmul_precision(before)
+    return {"batch": batch, **figures,
+            "config": "DLRM 13-512-256-128 / 479-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
+                      "fused kernels, median of steps"}
 
 
 def plot(rows: list[dict], path: Path):
@@ -358,6 +399,9 @@ def main():
         result["dlrm_step"] = bench_dlrm_step(batch, 3 if args.small else args.steps)
         print("DLRM training step:", result["dlrm_step"], flush=True)
         save()
+    if "precision" in args.only:
+        result["precision_step"] = bench_precision(batch, 3 if args.small else args.steps)
+        save()
     if "interaction" in args.only:
         bench_interaction(table, batch, use_compile)
         save()
@@ -386,6 +430,11 @@ def main():
         step = result["dlrm_step"]
         markdown += (f"\nWhole DLRM training step (B={step['batch']}): eager {step['eager_ms']} ms, fused "
                      f"{step['fused_ms']} ms, {step['speedup']}× ({step['config']}).\n")
+    if "precision_step" in result:
+        step = result["precision_step"]
+        markdown += (f"\nDLRM training step by `precision` (B={step['batch']}, {step['config']}): "
+                     + ", ".join(f"{p} {step[p]['step_ms']} ms ({step[p]['samples_per_s']:,} samples/s)"
+                                 for p in ("fp32", "tf32", "bf16")) + ".\n")
     if "dropout_mask_memory" in result:
         memory = result["dropout_mask_memory"]
         markdown += (f"\nDropout mask memory: bitmask {memory['bitmask_bytes']} B vs bool "
