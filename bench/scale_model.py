@@ -34,8 +34,8 @@ from results import RESULTS, device_name, record  # bench/results.py
 from store import ZipfIds, timed  # bench/store.py
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config
-from terarec.core.cost_model import (WIRES, DeviceCosts, Fabric, KeyDistribution, Link, bytes_sent_per_step,
-                                     fabric_for, predict_step)
+from terarec.core.cost_model import (LINK_EFFICIENCY, WIRES, DeviceCosts, Fabric, KeyDistribution, Link,
+                                     bytes_sent_per_step, fabric_for, predict_step)
 from terarec.core.data.reader import BatchReader
 from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for, write_synthetic
 from terarec.kernels.comm import Communicator, GlooCommunicator, LocalCommunicator
@@ -107,11 +107,16 @@ def measure_device(worker: TrainWorker, batches: list, precisions: list[str], re
     unique = int(np.mean([k.numel() for k in keys]))
     grads = torch.randn(max(k.numel() for k in keys), worker.store.dim, device=device) * 1e-3
     served = ServedRows(worker.store.dim, device, grads.shape[0])
-    dense, step = {}, {}
+    dense, step, failed = {}, {}, {}
     for precision in precisions:
-        for name, backend, out in (("step", worker.store, step), ("dense", served, dense)):
-            with row_backend(worker, backend):
-                out[precision] = 1e3 * timed(cycle_steps(worker, batches, precision), device, repeats)
+        try:
+            for backend, out in ((worker.store, step), (served, dense)):
+                with row_backend(worker, backend):
+                    out[precision] = 1e3 * timed(cycle_steps(worker, batches, precision), device, repeats)
+        except Exception as error:  # noqa: BLE001 (a kernel without bf16 must not cost the fp32 figures)
+            failed[precision] = f"{type(error).__name__}: {error}"[:500]
+            dense.pop(precision, None)
+            step.pop(precision, None)
     key_cycle = itertools.cycle(keys)
 
     def lookup_update(rows):
@@ -129,20 +134,20 @@ def measure_device(worker: TrainWorker, batches: list, precisions: list[str], re
     costs = DeviceCosts(device_name(), batches[0].dense.shape[0], worker.store.dim, unique,
                         sum(p.numel() for p in worker.dense_params), dense, store_ms, max(0.0, sharded_ms - store_ms),
                         codec)
-    return {"costs": asdict(costs), "step_ms": step}
+    return {"costs": asdict(costs), "step_ms": step, "failed": failed}
 
 
 def measure_gpu(args) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("--measure-gpu needs a CUDA device")
+    """The one-GPU inputs at the DLRM shapes; without CUDA it runs on the CPU (a smoke run the report ignores)."""
     torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = dict(GPU_SHAPE, batch=args.batch)
     with tempfile.TemporaryDirectory() as data:
         write_synthetic(data, rows=shape["batch"] * (args.batches + 1), cardinality_scale=args.cardinality_scale)
-        worker = TrainWorker(job(data, shape, 1), LocalCommunicator(), torch.device("cuda"))
+        worker = TrainWorker(job(data, shape, 1), LocalCommunicator(), device)
         batches = read_batches(worker, shape["batch"], args.batches)
     measured = measure_device(worker, batches, ["fp32", "bf16"], args.repeats)
-    slug = device_name().lower().replace("nvidia ", "").replace(" ", "-")
+    slug = device_name().lower().replace("nvidia ", "").replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
     record(f"scale_model-inputs-{slug}", measured, dict(shape, cardinality_scale=args.cardinality_scale,
                                                         batches=args.batches, repeats=args.repeats, tf32=True))
     print(json.dumps(measured, indent=1))
@@ -223,18 +228,29 @@ def measure_wire(args) -> None:
                          "bytes_sent_per_worker": sum(c["bytes_sent"] for c in cells) / world,
                          "counted_per_worker": sum(c["to_self"] + c["to_peers"] for c in cells) / world,
                          "model_bytes_per_worker": bytes_sent_per_step(unique / world, args.dim, first["wire"]),
+                         "worst_worker_model_error": max(abs(bytes_sent_per_step(c["unique_keys"], args.dim, c["wire"])
+                                                             / c["bytes_sent"] - 1) for c in cells),
                          "wire_bytes_per_worker": sum(c["to_peers"] for c in cells) / world,
                          "model_wire_bytes_per_worker": bytes_sent_per_step(unique / world, args.dim, first["wire"])
                          * (world - 1) / world})
-    print("| workers | batch/worker | Zipf | wire | unique keys/worker (closed form) | sent MB/worker: counter | "
-          "model | to peers MB: measured | model |")
-    print("| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['workers']} | {r['batch']} | {r['zipf']} | {r['wire']} | {r['unique_keys_per_worker']:,.0f} "
-              f"({r['expected_unique_per_worker']:,.0f}) | {r['bytes_sent_per_worker'] / 1e6:.2f} | "
-              f"{r['model_bytes_per_worker'] / 1e6:.2f} | {r['wire_bytes_per_worker'] / 1e6:.2f} | "
-              f"{r['model_wire_bytes_per_worker'] / 1e6:.2f} |")
+    print("\n".join(wire_table(rows)))
     record("scale_model-wire", {"rows": rows}, settings | {"workers": args.wire_workers})
+
+
+def wire_table(rows: list[dict]) -> list[str]:
+    """One line per (workers, batch, Zipf): keys, and the bytes per worker per step by wire format."""
+    lines = ["| workers | samples/worker | Zipf | unique keys/worker (closed form) | per owner after merging | "
+             "MB sent/worker fp32 / bf16 / int8 (ShardedRows counter) | model vs counter, worst worker | share to peers |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (world, batch, zipf), group in itertools.groupby(rows, key=lambda r: (r["workers"], r["batch"], r["zipf"])):
+        cells = {r["wire"]: r for r in group}
+        first = cells["fp32"]
+        worst = max(r["worst_worker_model_error"] for r in cells.values())
+        lines.append(f"| {world} | {batch} | {zipf} | {first['unique_keys_per_worker']:,.0f} "
+                     f"({first['expected_unique_per_worker']:,.0f}) | {first['global_unique'] / world:,.0f} | "
+                     + " / ".join(f"{cells[w]['bytes_sent_per_worker'] / 1e6:.2f}" for w in ("fp32", "bf16", "int8"))
+                     + f" | {worst:.1%} | {first['wire_bytes_per_worker'] / first['bytes_sent_per_worker']:.1%} |")
+    return lines
 
 
 def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[float, float]:
@@ -254,77 +270,93 @@ def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[
 
 
 def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, out) -> None:
-    """The link (a gloo all-to-all fit), then real TrainWorker steps over gloo: step, exchange and bytes."""
+    """On every rank at once, so that all see the same load, in rounds that alternate: the components on a
+    one-worker TrainWorker of the same per-worker batch, the link (a gloo all-to-all fit), then real TrainWorker
+    steps over gloo."""
     comm = start_gloo(rank, world, port, settings["threads"])
-    latency, bandwidth = all_to_all_fit(comm.inner, settings["link_sizes"], settings["repeats"])
-    worker = TrainWorker(job(data, settings["shape"], world), comm, torch.device("cpu"))
-    batches = read_batches(worker, settings["shape"]["batch"], settings["batches"], rank, world)
+    shape, repeats = settings["shape"], settings["repeats"]
+    alone = TrainWorker(job(data, dict(shape, batch=shape["batch"] // world), 1), LocalCommunicator(), torch.device("cpu"))
+    alone_batches = read_batches(alone, shape["batch"] // world, settings["batches"])
+    worker = TrainWorker(job(data, shape, world), comm, torch.device("cpu"))
+    batches = read_batches(worker, shape["batch"], settings["batches"], rank, world)
+    keys = [torch.unique(feature_keys(batch.sparse)) for batch in batches]
+    owned = np.mean([torch.unique(torch.cat(comm.inner.all_gather(k))).numel() / world for k in keys])
     step = cycle_steps(worker, batches, "fp32")
     for _ in batches:
         step()
-    worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers = 0, 0.0, 0
-    step_s = timed(step, torch.device("cpu"), settings["repeats"])
-    steps = settings["repeats"] + 1  # timed() warms up once
-    out[rank] = {"latency_s": latency, "bytes_per_s": bandwidth, "step_ms": 1e3 * step_s,
-                 "exchange_ms": 1e3 * worker.rows.stats.seconds / steps,
-                 "bytes_sent": worker.rows.stats.bytes_sent / steps, "wire_bytes": comm.to_peers / steps}
+    rounds = []
+    for _ in range(settings["rounds"]):
+        measured = measure_device(alone, alone_batches, ["fp32"], repeats)
+        dist.barrier()
+        latency, bandwidth = all_to_all_fit(comm.inner, settings["link_sizes"], repeats)
+        worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers = 0, 0.0, 0
+        step_s = timed(step, torch.device("cpu"), repeats)
+        steps = repeats + 1  # timed() warms up once
+        rounds.append({"costs": measured["costs"], "alone_step_ms": measured["step_ms"]["fp32"],
+                       "latency_s": latency, "bytes_per_s": bandwidth, "step_ms": 1e3 * step_s,
+                       "exchange_ms": 1e3 * worker.rows.stats.seconds / steps,
+                       "bytes_sent": worker.rows.stats.bytes_sent / steps, "wire_bytes": comm.to_peers / steps})
+        dist.barrier()
+    out[rank] = {"rounds": rounds, "unique_keys": float(np.mean([k.numel() for k in keys])), "owned_keys": float(owned)}
     dist.destroy_process_group()
 
 
+def mean_costs(costs: list[dict]) -> DeviceCosts:
+    """Every rank's component times, averaged."""
+    first = DeviceCosts(**costs[0])
+    return replace(first, unique_keys=round(np.mean([c["unique_keys"] for c in costs])),
+                   store_ms=float(np.mean([c["store_ms"] for c in costs])),
+                   pack_ms=float(np.mean([c["pack_ms"] for c in costs])),
+                   dense_ms={p: float(np.mean([c["dense_ms"][p] for c in costs])) for p in first.dense_ms},
+                   codec_ms={w: float(np.mean([c["codec_ms"][w] for c in costs])) for w in first.codec_ms})
+
+
 def validate_cpu(args) -> None:
+    """Per worker count and round: the prediction from that round's inputs against that round's steps."""
     cores = os.cpu_count() or 1
     shape = dict(CPU_SHAPE, batch=args.cpu_batch)
     rows = []
     with tempfile.TemporaryDirectory() as data:
         write_synthetic(data, rows=shape["batch"] * (args.batches + 1), cardinality_scale=args.cardinality_scale)
         for world in args.workers:
-            threads = max(1, cores // world)
-            contention = max(1.0, world * threads / cores)  # processes per core beyond one slow each other down
-            torch.set_num_threads(threads)
-            local = dict(shape, batch=shape["batch"] // world)
-            worker = TrainWorker(job(data, local, 1), LocalCommunicator(), torch.device("cpu"))
-            batches = read_batches(worker, shape["batch"], args.batches)  # whole global batches, split below
-            slices = [b.sparse.chunk(world) for b in batches]
-            unique = np.mean([torch.unique(feature_keys(s)).numel() for parts in slices for s in parts])
-            owned = np.mean([torch.unique(feature_keys(b.sparse)).numel() / world for b in batches])
-            measured = measure_device(worker, read_batches(worker, local["batch"], args.batches), ["fp32"], args.repeats)
-            costs = DeviceCosts(**measured["costs"])
-            costs = replace(costs, dense_ms={p: ms * contention for p, ms in costs.dense_ms.items()},
-                            store_ms=costs.store_ms * contention, pack_ms=costs.pack_ms * contention,
-                            codec_ms={w: ms * contention for w, ms in costs.codec_ms.items()})
-            settings = {"threads": threads, "shape": shape, "batches": args.batches, "repeats": args.repeats,
-                        "link_sizes": args.link_sizes}
+            settings = {"threads": max(1, cores // world), "shape": shape, "batches": args.batches,
+                        "repeats": args.repeats, "link_sizes": args.link_sizes, "rounds": args.rounds}
             ranks = spawn(validate_rank, world, data, settings)
-            latency = float(np.mean([r["latency_s"] for r in ranks]))
-            bandwidth = float(np.mean([r["bytes_per_s"] for r in ranks]))
-            gloo = Link("gloo over loopback (fitted)", bandwidth / 1e9, latency / 2 * 1e6)  # a2a = 2 latencies
-            fabric = Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0)
-            predicted = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned)
-            step_ms = max(r["step_ms"] for r in ranks)
-            exchange_ms = max(r["exchange_ms"] for r in ranks)
-            row = {"workers": world, "batch_per_worker": local["batch"], "threads": threads, "contention": contention,
-                   "link_latency_us": gloo.latency_us, "link_gbs": gloo.gbs, "unique_keys": unique, "owned_keys": owned,
-                   "bytes_sent_measured": float(np.mean([r["bytes_sent"] for r in ranks])),
-                   "bytes_sent_model": bytes_sent_per_step(unique, shape["dim"], "fp32"),
-                   "wire_bytes_measured": float(np.mean([r["wire_bytes"] for r in ranks])),
-                   "wire_bytes_model": predicted.wire_bytes,
-                   "exchange_ms_measured": exchange_ms, "exchange_ms_predicted": predicted.ms["exchange"],
-                   "exchange_error": predicted.ms["exchange"] / exchange_ms - 1,
-                   "step_ms_measured": step_ms, "step_ms_predicted": predicted.ms["step"],
-                   "step_error": predicted.ms["step"] / step_ms - 1, "predicted_ms": predicted.ms,
-                   "one_process": measured}
-            rows.append(row)
-            print(f"W={world}: exchange {exchange_ms:.1f} ms measured, {predicted.ms['exchange']:.1f} predicted "
-                  f"({row['exchange_error']:+.0%}); step {step_ms:.1f} measured, {predicted.ms['step']:.1f} predicted "
-                  f"({row['step_error']:+.0%})", flush=True)
-    record("scale_model-validate-cpu", {"rows": rows, "load_average": os.getloadavg()},
-           dict(shape=shape, batches=args.batches, repeats=args.repeats, cardinality_scale=args.cardinality_scale))
+            unique, owned = (float(np.mean([r[k] for r in ranks])) for k in ("unique_keys", "owned_keys"))
+            for index, cells in enumerate(zip(*(r["rounds"] for r in ranks))):
+                costs = mean_costs([c["costs"] for c in cells])
+                gloo = Link("gloo over loopback (fitted)", float(np.mean([c["bytes_per_s"] for c in cells])) / 1e9,
+                            float(np.mean([c["latency_s"] for c in cells])) / 2 * 1e6)  # an all-to-all pays 2 latencies
+                predicted = predict_step(costs, None, world, Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0),
+                                         unique_keys=unique, owned_keys=owned)
+                step_ms, exchange_ms = (max(c[k] for c in cells) for k in ("step_ms", "exchange_ms"))
+                row = {"workers": world, "round": index, "batch_per_worker": costs.batch, "threads": settings["threads"],
+                       "link_latency_us": gloo.latency_us, "link_gbs": gloo.gbs, "unique_keys": unique,
+                       "owned_keys": owned, "bytes_sent_measured": float(np.mean([c["bytes_sent"] for c in cells])),
+                       "bytes_sent_model": bytes_sent_per_step(unique, shape["dim"], "fp32"),
+                       "wire_bytes_measured": float(np.mean([c["wire_bytes"] for c in cells])),
+                       "wire_bytes_model": predicted.wire_bytes,
+                       "exchange_ms_measured": exchange_ms, "exchange_ms_predicted": predicted.ms["exchange"],
+                       "exchange_error": predicted.ms["exchange"] / exchange_ms - 1,
+                       "step_ms_measured": step_ms, "step_ms_predicted": predicted.ms["step"],
+                       "step_error": predicted.ms["step"] / step_ms - 1, "predicted_ms": predicted.ms,
+                       "costs": asdict(costs), "alone_step_ms": [c["alone_step_ms"] for c in cells],
+                       "load_average": os.getloadavg()[0]}
+                rows.append(row)
+                print(f"W={world} round {index}: exchange {exchange_ms:.1f} ms measured, {predicted.ms['exchange']:.1f} "
+                      f"predicted ({row['exchange_error']:+.0%}); step {step_ms:.1f} measured, "
+                      f"{predicted.ms['step']:.1f} predicted ({row['step_error']:+.0%}); "
+                      f"load average {row['load_average']:.1f}", flush=True)
+    record("scale_model-validate-cpu", {"rows": rows}, dict(shape=shape, batches=args.batches, repeats=args.repeats,
+                                                            rounds=args.rounds, cardinality_scale=args.cardinality_scale))
 
 
 # ---- what it says -------------------------------------------------------------------------------------------
 
-def read_result(pattern: str) -> dict | None:
-    paths = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+def read_result(pattern: str, skip: str | None = None) -> dict | None:
+    """The newest result file matching `pattern` (whose name does not contain `skip`)."""
+    paths = sorted((p for p in glob.glob(os.path.join(RESULTS, pattern)) if not (skip and skip in os.path.basename(p))),
+                   key=os.path.getmtime)
     if not paths:
         return None
     with open(paths[-1]) as stream:
@@ -333,7 +365,7 @@ def read_result(pattern: str) -> dict | None:
 
 def gpu_inputs() -> tuple[DeviceCosts, dict]:
     """The latest --measure-gpu run if there is one, else placeholders from the H100 results of the other benches."""
-    measured = read_result("scale_model-inputs-*.json")
+    measured = read_result("scale_model-inputs-*.json", skip="cpu")
     if measured:
         origin = {k: measured[k] for k in ("device", "date", "commit", "settings")}
         return DeviceCosts(**measured["figures"]["costs"]), origin | {"step_ms": measured["figures"]["step_ms"]}
@@ -421,16 +453,24 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def markdown(origin: dict, costs: DeviceCosts, table: list[dict], oneflow: list[dict], validation: dict | None,
-             one_gpu: dict) -> str:
+             one_gpu: dict, wire_bytes: dict | None) -> str:
     lines = [f"Inputs: {costs.device} ({origin.get('date')}, commit {origin.get('commit')}); {costs.source}. "
              f"Per GPU: batch {costs.batch}, dim {costs.dim}, DLRM dense {costs.dense_params:,} parameters; keys: "
-             "Criteo Kaggle cardinalities, Zipf(1.1) per feature (closed form); links at 80% of spec; no overlap.", "",
+             f"Criteo Kaggle cardinalities, Zipf(1.1) per feature (closed form); links at {LINK_EFFICIENCY:.0%} of spec; "
+             "exchange not overlapped (as built).", "",
              "| link (node / network) | wire | " + " | ".join(f"{w} GPUs" for w in WORLDS) + " |",
              "| --- | --- |" + " ---: |" * len(WORLDS)]
     for (intra, inter), wire in itertools.product(SCENARIOS, ("fp32", "bf16", "int8")):
         cells = [r for r in table if (r["intra"], r["inter"], r["wire"], r["precision"]) == (intra, inter, wire, "fp32")]
         lines.append(f"| {intra} / {inter} | {wire} | " + " | ".join(
             f"{r['samples_per_s_per_gpu'] / 1e6:.2f}M ({r['efficiency']:.0%})" for r in cells) + " |")
+    keys = {r["gpus"]: r for r in table if r["intra"] == "nvlink4" and r["inter"] == "ib400" and r["wire"] == "fp32"}
+    lines += ["", f"Unique keys per GPU batch: {keys[1]['unique_keys']:,.0f}; keys an owner serves after merging: "
+              + ", ".join(f"{keys[n]['owned_keys']:,.0f} at {n} GPUs" for n in (8, 64, 512)) + "."]
+    if wire_bytes:
+        lines += ["", f"Bytes per step over gloo ({wire_bytes['device']}, {wire_bytes['date'][:10]}, commit "
+                  f"{wire_bytes['commit']}; dim {wire_bytes['settings']['dim']}, {wire_bytes['settings']['vocab']:,} "
+                  "IDs per feature; one lookup + update per cell):", "", *wire_table(wire_bytes["figures"]["rows"])]
     lines += ["", "OneFlow's setting (4 GPUs over PCIe 4, 13824 samples per GPU): int8 wire over fp32, end to end",
               "", "| precision | exchange overlapped | int8 vs fp32 | bf16 vs fp32 | OneFlow reports |",
               "| --- | --- | ---: | ---: | ---: |"]
@@ -442,10 +482,16 @@ def markdown(origin: dict, costs: DeviceCosts, table: list[dict], oneflow: list[
         if predicted:
             lines.append(f"| 1 x {costs.device} | step, {precision} | {predicted:.2f} | {measured:.2f} | "
                          f"{predicted / measured - 1:+.1%} |")
-    for r in (validation or {}).get("rows", []):
+    cpu_rows = (validation or {}).get("rows", [])
+    for world in sorted({r["workers"] for r in cpu_rows}):
+        rounds = [r for r in cpu_rows if r["workers"] == world]
+        load = max(r["load_average"] for r in rounds)
         for what in ("exchange", "step"):
-            lines.append(f"| {r['workers']} gloo workers, CPU | {what} | {r[what + '_ms_predicted']:.1f} | "
-                         f"{r[what + '_ms_measured']:.1f} | {r[what + '_error']:+.0%} |")
+            predicted, measured = (float(np.median([r[f"{what}_ms_{k}"] for r in rounds])) for k in ("predicted", "measured"))
+            errors = [r[f"{what}_error"] for r in rounds]
+            lines.append(f"| {world} gloo workers, CPU, median of {len(rounds)} rounds (load average up to {load:.0f}, "
+                         f"2 cores) | {what} | {predicted:.1f} | {measured:.1f} | {predicted / measured - 1:+.0%} "
+                         f"(rounds {min(errors):+.0%} to {max(errors):+.0%}) |")
     return "\n".join(lines)
 
 
@@ -455,13 +501,15 @@ def report(args) -> None:
     precisions = [p for p in ("fp32", "bf16") if p in costs.dense_ms]
     table = scaling_table(costs, keys, precisions, overlap=False) + scaling_table(costs, keys, precisions, overlap=True)
     oneflow = oneflow_setting(costs, keys, precisions)
+    measured = costs.source == "measured"  # placeholders predict their own step by construction: no check
     one_gpu = {"step_ms": origin.pop("step_ms"),
                "predicted": {p: predict_step(costs, None, 1, fabric_for("nvlink4"), precision=p,
-                                             unique_keys=costs.unique_keys).ms["step"] for p in precisions}}
+                                             unique_keys=costs.unique_keys).ms["step"] for p in precisions if measured}}
     validation = read_result("scale_model-validate-cpu.json")
     wire = read_result("scale_model-wire.json")
     plot([r for r in table if not r["overlap"]], os.path.join(RESULTS, "scale_model.png"))
-    text = markdown(origin, costs, [r for r in table if not r["overlap"]], oneflow, validation and validation["figures"], one_gpu)
+    text = markdown(origin, costs, [r for r in table if not r["overlap"]], oneflow,
+                    validation and validation["figures"], one_gpu, wire)
     with open(os.path.join(RESULTS, "scale_model.md"), "w") as stream:
         stream.write(text + "\n")
     print(text)
@@ -471,7 +519,7 @@ def report(args) -> None:
     validation_rows = {"one_gpu": one_gpu, "cpu_gloo": validation and {
         k: validation[k] for k in ("device", "date", "commit", "settings", "figures")}}
     record("scale_model", {"inputs": inputs, "validation": validation_rows, "predictions": table, "oneflow_setting": oneflow},
-           {"worlds": WORLDS, "scenarios": SCENARIOS, "efficiency": Fabric(None, None).efficiency})
+           {"worlds": WORLDS, "scenarios": SCENARIOS, "link_efficiency": LINK_EFFICIENCY})
 
 
 def main() -> None:
@@ -485,14 +533,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure (medians)")
     parser.add_argument("--cardinality-scale", type=float, default=0.1, help="of the synthetic data (Kaggle x this)")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 3, 4], help="--validate-cpu: worker counts")
+    parser.add_argument("--rounds", type=int, default=3, help="--validate-cpu: rounds of components, link, steps")
     parser.add_argument("--cpu-batch", type=int, default=CPU_SHAPE["batch"], help="--validate-cpu: global batch")
     parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**14, 2**18, 2**21, 2**23],
                         help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit")
     parser.add_argument("--wire-workers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--wire-batches", type=int, nargs="+", default=[1024, 4096, 16384], help="samples per worker")
+    parser.add_argument("--wire-batches", type=int, nargs="+", default=[512, 2048, 8192], help="samples per worker")
     parser.add_argument("--zipf", type=float, nargs="+", default=[0.0, 1.05, 1.2], help="exponents (0: uniform)")
     parser.add_argument("--vocab", type=int, default=1_000_000, help="--measure-wire: IDs per feature")
-    parser.add_argument("--dim", type=int, default=128, help="--measure-wire: row width")
+    parser.add_argument("--dim", type=int, default=64, help="--measure-wire: row width")
     args = parser.parse_args()
     if args.measure_gpu:
         measure_gpu(args)

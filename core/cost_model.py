@@ -49,6 +49,7 @@ LINKS = {
     "ib400": Link("InfiniBand NDR 400 Gb/s", 50.0, 5.0, "NVIDIA ConnectX-7 / Quantum-2: 400 Gb/s per port"),
 }
 NODE_LINKS = ("pcie4", "nvlink4")
+LINK_EFFICIENCY = 0.8  # fraction of a link's spec rate a collective reaches (assumed, not measured)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Fabric:
     inter: Link
     gpus_per_node: int = 8
     nics_per_node: int = 8  # one NIC per GPU, as in a DGX; fewer share the node's NICs
-    efficiency: float = 0.8  # fraction of a link's spec rate a collective reaches (assumed, not measured)
+    efficiency: float = LINK_EFFICIENCY
 
     @property
     def name(self) -> str:
