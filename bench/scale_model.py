@@ -23,6 +23,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -156,17 +157,26 @@ def measure_gpu(args) -> None:
 # ---- measured over gloo processes ----------------------------------------------------------------------------
 
 class CountingCommunicator(Communicator):
-    """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others."""
+    """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others.
 
-    def __init__(self, inner: Communicator):
+    With `synchronize`, a barrier before each all-to-all takes the wait for the slowest worker out of it (the
+    model has no such wait); `waited` sums the barriers' seconds."""
+
+    def __init__(self, inner: Communicator, synchronize: bool = False):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+        self.synchronize = synchronize
         self.to_self = self.to_peers = 0
+        self.waited = 0.0
 
     def all_to_all(self, send, send_counts):
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         own = send_counts[self.rank] * row_bytes
         self.to_self += own
         self.to_peers += sum(send_counts) * row_bytes - own
+        if self.synchronize:
+            started = time.perf_counter()
+            dist.barrier()
+            self.waited += time.perf_counter() - started
         return self.inner.all_to_all(send, send_counts)
 
     def all_reduce(self, tensor):
@@ -186,11 +196,11 @@ def spawn(fn, world: int, *args) -> list:
     return [out[rank] for rank in range(world)]
 
 
-def start_gloo(rank: int, world: int, port: int, threads: int) -> CountingCommunicator:
+def start_gloo(rank: int, world: int, port: int, threads: int, synchronize: bool = False) -> CountingCommunicator:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    return CountingCommunicator(GlooCommunicator())
+    return CountingCommunicator(GlooCommunicator(), synchronize)
 
 
 def wire_rank(rank: int, world: int, port: int, settings: dict, out) -> None:
@@ -254,7 +264,8 @@ def wire_table(rows: list[dict]) -> list[str]:
 
 
 def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[float, float]:
-    """(seconds of latency, bytes/s) of `comm.all_to_all` by least squares over payloads of `sizes` bytes."""
+    """(seconds of latency, bytes/s) of `comm.all_to_all` by least squares of the relative error over payloads of
+    `sizes` bytes (the small ones would count for nothing in absolute terms)."""
     world = comm.world_size
     points = []
     for nbytes in sizes:
@@ -265,7 +276,7 @@ def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[
         comm.all_reduce(slowest)  # the sum; the mean over workers is what one all-to-all takes
         points.append((payload.numel() * 4 * (world - 1) / world, slowest.item() / world))
     x, y = np.array(points).T
-    per_byte, fixed = np.polyfit(x, y, 1)
+    per_byte, fixed = np.polyfit(x, y, 1, w=1 / y)
     return max(float(fixed), 1e-6), 1.0 / max(float(per_byte), 1e-12)
 
 
@@ -273,7 +284,7 @@ def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, o
     """On every rank at once, so that all see the same load, in rounds that alternate: the components on a
     one-worker TrainWorker of the same per-worker batch, the link (a gloo all-to-all fit), then real TrainWorker
     steps over gloo."""
-    comm = start_gloo(rank, world, port, settings["threads"])
+    comm = start_gloo(rank, world, port, settings["threads"], synchronize=True)
     shape, repeats = settings["shape"], settings["repeats"]
     alone = TrainWorker(job(data, dict(shape, batch=shape["batch"] // world), 1), LocalCommunicator(), torch.device("cpu"))
     alone_batches = read_batches(alone, shape["batch"] // world, settings["batches"])
@@ -289,12 +300,13 @@ def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, o
         measured = measure_device(alone, alone_batches, ["fp32"], repeats)
         dist.barrier()
         latency, bandwidth = all_to_all_fit(comm.inner, settings["link_sizes"], repeats)
-        worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers = 0, 0.0, 0
+        worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers, comm.waited = 0, 0.0, 0, 0.0
         step_s = timed(step, torch.device("cpu"), repeats)
         steps = repeats + 1  # timed() warms up once
         rounds.append({"costs": measured["costs"], "alone_step_ms": measured["step_ms"]["fp32"],
                        "latency_s": latency, "bytes_per_s": bandwidth, "step_ms": 1e3 * step_s,
-                       "exchange_ms": 1e3 * worker.rows.stats.seconds / steps,
+                       "exchange_ms": 1e3 * (worker.rows.stats.seconds - comm.waited) / steps,
+                       "waited_ms": 1e3 * comm.waited / steps,
                        "bytes_sent": worker.rows.stats.bytes_sent / steps, "wire_bytes": comm.to_peers / steps})
         dist.barrier()
     out[rank] = {"rounds": rounds, "unique_keys": float(np.mean([k.numel() for k in keys])), "owned_keys": float(owned)}
@@ -337,6 +349,7 @@ def validate_cpu(args) -> None:
                        "wire_bytes_measured": float(np.mean([c["wire_bytes"] for c in cells])),
                        "wire_bytes_model": predicted.wire_bytes,
                        "exchange_ms_measured": exchange_ms, "exchange_ms_predicted": predicted.ms["exchange"],
+                       "wait_for_slowest_ms": max(c["waited_ms"] for c in cells),
                        "exchange_error": predicted.ms["exchange"] / exchange_ms - 1,
                        "step_ms_measured": step_ms, "step_ms_predicted": predicted.ms["step"],
                        "step_error": predicted.ms["step"] / step_ms - 1, "predicted_ms": predicted.ms,
@@ -346,7 +359,8 @@ def validate_cpu(args) -> None:
                 print(f"W={world} round {index}: exchange {exchange_ms:.1f} ms measured, {predicted.ms['exchange']:.1f} "
                       f"predicted ({row['exchange_error']:+.0%}); step {step_ms:.1f} measured, "
                       f"{predicted.ms['step']:.1f} predicted ({row['step_error']:+.0%}); "
-                      f"load average {row['load_average']:.1f}", flush=True)
+                      f"wait for the slowest {row['wait_for_slowest_ms']:.1f} ms; load average {row['load_average']:.1f}",
+                      flush=True)
     record("scale_model-validate-cpu", {"rows": rows}, dict(shape=shape, batches=args.batches, repeats=args.repeats,
                                                             rounds=args.rounds, cardinality_scale=args.cardinality_scale))
 
@@ -489,8 +503,10 @@ def markdown(origin: dict, costs: DeviceCosts, table: list[dict], oneflow: list[
         for what in ("exchange", "step"):
             predicted, measured = (float(np.median([r[f"{what}_ms_{k}"] for r in rounds])) for k in ("predicted", "measured"))
             errors = [r[f"{what}_error"] for r in rounds]
+            waited = (f", after a barrier (the wait for the slowest, {np.median([r['wait_for_slowest_ms'] for r in rounds]):.1f}"
+                      " ms, apart)" if what == "exchange" and "wait_for_slowest_ms" in rounds[0] else "")
             lines.append(f"| {world} gloo workers, CPU, median of {len(rounds)} rounds (load average up to {load:.0f}, "
-                         f"2 cores) | {what} | {predicted:.1f} | {measured:.1f} | {predicted / measured - 1:+.0%} "
+                         f"2 cores) | {what}{waited} | {predicted:.1f} | {measured:.1f} | {predicted / measured - 1:+.0%} "
                          f"(rounds {min(errors):+.0%} to {max(errors):+.0%}) |")
     return "\n".join(lines)
 
@@ -535,8 +551,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 3, 4], help="--validate-cpu: worker counts")
     parser.add_argument("--rounds", type=int, default=3, help="--validate-cpu: rounds of components, link, steps")
     parser.add_argument("--cpu-batch", type=int, default=CPU_SHAPE["batch"], help="--validate-cpu: global batch")
-    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**14, 2**18, 2**21, 2**23],
-                        help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit")
+    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**16, 2**18, 2**20, 2**22],
+                        help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit, around the step's")
     parser.add_argument("--wire-workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--wire-batches", type=int, nargs="+", default=[512, 2048, 8192], help="samples per worker")
     parser.add_argument("--zipf", type=float, nargs="+", default=[0.0, 1.05, 1.2], help="exponents (0: uniform)")
