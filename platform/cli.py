@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_data(data.add_subparsers(dest="data_command", required=True))
     _add_train(subparsers)
+    from .plan import register as register_plan
+
+    register_plan(subparsers)
     subparsers.add_parser("models", help="list the model zoo").set_defaults(func=_models)
     try:
         from terarec.api.cli import register as register_api

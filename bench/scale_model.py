@@ -1,0 +1,573 @@
+"""The sharded step on paper (core/cost_model.py), fed with measurements and checked where it can run.
+
+Modes (each writes JSON to bench/results/; the last one reads them all):
+
+    python bench/scale_model.py --measure-gpu             # one GPU, DLRM shapes: writes scale_model-inputs-<device>.json
+    python bench/scale_model.py --measure-wire            # CPU, 2 and 4 gloo processes: bytes per step vs batch and Zipf skew
+    python bench/scale_model.py --validate-cpu            # CPU, 2/3/4 gloo processes: predicted vs measured exchange and step
+    python bench/scale_model.py                           # predictions 1..512 GPUs, tables, plot, scale_model.json
+
+Components are timed on the real code: a `TrainWorker` (workers=1) steps with its store as the row backend
+(the whole one-device step), with `ServedRows` (the step without the store: the Embedding front and the dense
+model), the store's lookup + update alone, `ShardedRows` over a world of one (its routing work) and
+encode + decode per wire format. Batches are cycled after a warm-up pass (a warm table, as in embedding_gpu.py).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import itertools
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from results import RESULTS, device_name, record  # bench/results.py
+from store import ZipfIds, timed  # bench/store.py
+from terarec.actors.train_worker import TrainWorker
+from terarec.core.config import load_config
+from terarec.core.cost_model import (LINK_EFFICIENCY, WIRES, DeviceCosts, Fabric, KeyDistribution, Link,
+                                     bytes_sent_per_step, fabric_for, predict_step)
+from terarec.core.data.reader import BatchReader
+from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for, write_synthetic
+from terarec.kernels.comm import Communicator, GlooCommunicator, LocalCommunicator
+from terarec.kernels.quant import decode_rows, encode_rows
+from terarec.store import DeviceStore, SparseSGD, feature_keys
+from terarec.store.sharded import ShardedRows
+
+GPU_SHAPE = {"batch": 65536, "dim": 128, "bottom": [512, 256], "top": [1024, 1024, 512, 256]}  # bench/README.md
+CPU_SHAPE = {"batch": 6144, "dim": 16, "bottom": [64], "top": [256, 128]}  # the default DLRM; 6144 splits over 2, 3, 4
+WORLDS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+SCENARIOS = [("pcie4", "eth100"), ("pcie4", "ib400"), ("nvlink4", "eth100"), ("nvlink4", "ib400")]
+ONEFLOW = {"gpus": 4, "global_batch": 55296, "fp32_gain": 0.64, "amp_gain": 0.13}  # 4 x A100 over PCIe, OneFlow's article
+
+
+# ---- measured on one device ------------------------------------------------------------------------------
+
+class ServedRows:
+    """A row backend that serves every lookup from one tensor and drops the updates: the step without the store."""
+
+    def __init__(self, dim: int, device: torch.device, capacity: int):
+        self.dim = dim
+        self.rows = torch.randn(capacity, dim, device=device) * 0.01
+
+    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        return self.rows[: keys.numel()]
+
+    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+        pass
+
+
+def job(data: str, shape: dict, workers: int, wire: str = "fp32", optimizer: str = "adagrad"):
+    overrides = [f"embedding.dim={shape['dim']}", f"embedding.optimizer={optimizer}", f"embedding.comm_dtype={wire}",
+                 f"embedding.grad_comm_dtype={wire}", f"dlrm.bottom_mlp={shape['bottom']}", f"dlrm.top_mlp={shape['top']}"]
+    return load_config(overrides=overrides, flags={"data": data, "model": "dlrm", "batch_size": shape["batch"],
+                                                    "workers": workers})
+
+
+def read_batches(worker: TrainWorker, global_batch: int, count: int, rank: int = 0, world: int = 1) -> list:
+    with BatchReader(worker.train_files, global_batch, rank=rank, world_size=world, shuffle=False) as reader:
+        return [batch.to(worker.device) for batch in itertools.islice(reader, count)]
+
+
+def cycle_steps(worker: TrainWorker, batches: list, precision: str):
+    """One training step per call, on the next batch; bf16 runs the step under autocast."""
+    batches = itertools.cycle(batches)
+    amp = (torch.autocast(worker.device.type, dtype=torch.bfloat16) if precision == "bf16"
+           else contextlib.nullcontext())
+
+    def step():
+        with amp:
+            worker.train_step(next(batches))
+    return step
+
+
+@contextlib.contextmanager
+def row_backend(worker: TrainWorker, backend):
+    embedding = worker.model.embedding
+    saved, embedding.backend = embedding.backend, backend
+    try:
+        yield
+    finally:
+        embedding.backend = saved
+
+
+def measure_device(worker: TrainWorker, batches: list, precisions: list[str], repeats: int) -> dict:
+    """Component times of one device (see the module docstring) and the whole step, in ms."""
+    device = worker.device
+    keys = [torch.unique(feature_keys(batch.sparse)) for batch in batches]
+    unique = int(np.mean([k.numel() for k in keys]))
+    grads = torch.randn(max(k.numel() for k in keys), worker.store.dim, device=device) * 1e-3
+    served = ServedRows(worker.store.dim, device, grads.shape[0])
+    dense, step, failed = {}, {}, {}
+    for precision in precisions:
+        try:
+            for backend, out in ((worker.store, step), (served, dense)):
+                with row_backend(worker, backend):
+                    out[precision] = 1e3 * timed(cycle_steps(worker, batches, precision), device, repeats)
+        except Exception as error:  # noqa: BLE001 (a kernel without bf16 must not cost the fp32 figures)
+            failed[precision] = f"{type(error).__name__}: {error}"[:500]
+            dense.pop(precision, None)
+            step.pop(precision, None)
+    key_cycle = itertools.cycle(keys)
+
+    def lookup_update(rows):
+        def run():
+            k = next(key_cycle)
+            rows.lookup(k)
+            rows.update(k, grads[: k.numel()])
+        return run
+    store_ms = 1e3 * timed(lookup_update(worker.store), device, repeats)
+    sharded_ms = 1e3 * timed(lookup_update(worker.rows), device, repeats)  # ShardedRows over a world of one
+    rows = torch.randn(unique, worker.store.dim, device=device)
+    codec = {wire: 2e3 * timed(lambda: decode_rows(encode_rows(rows, wire), wire, rows.shape[1]), device, repeats)
+             for wire in WIRES}  # rows out and gradients back
+    codec = {wire: ms - codec["fp32"] for wire, ms in codec.items()}  # fp32 is the store's own format
+    costs = DeviceCosts(device_name(), batches[0].dense.shape[0], worker.store.dim, unique,
+                        sum(p.numel() for p in worker.dense_params), dense, store_ms, max(0.0, sharded_ms - store_ms),
+                        codec)
+    return {"costs": asdict(costs), "step_ms": step, "failed": failed}
+
+
+def measure_gpu(args) -> None:
+    """The one-GPU inputs at the DLRM shapes; without CUDA it runs on the CPU (a smoke run the report ignores)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = dict(GPU_SHAPE, batch=args.batch)
+    with tempfile.TemporaryDirectory() as data:
+        write_synthetic(data, rows=shape["batch"] * (args.batches + 1), cardinality_scale=args.cardinality_scale)
+        worker = TrainWorker(job(data, shape, 1), LocalCommunicator(), device)
+        batches = read_batches(worker, shape["batch"], args.batches)
+    measured = measure_device(worker, batches, ["fp32", "bf16"], args.repeats)
+    slug = device_name().lower().replace("nvidia ", "").replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+    record(f"scale_model-inputs-{slug}", measured, dict(shape, cardinality_scale=args.cardinality_scale,
+                                                        batches=args.batches, repeats=args.repeats, tf32=True))
+    print(json.dumps(measured, indent=1))
+
+
+# ---- measured over gloo processes ----------------------------------------------------------------------------
+
+class CountingCommunicator(Communicator):
+    """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others.
+
+    With `synchronize`, a barrier before each all-to-all takes the wait for the slowest worker out of it (the
+    model has no such wait); `waited` sums the barriers' seconds."""
+
+    def __init__(self, inner: Communicator, synchronize: bool = False):
+        self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+        self.synchronize = synchronize
+        self.to_self = self.to_peers = 0
+        self.waited = 0.0
+
+    def all_to_all(self, send, send_counts):
+        row_bytes = math.prod(send.shape[1:]) * send.element_size()
+        own = send_counts[self.rank] * row_bytes
+        self.to_self += own
+        self.to_peers += sum(send_counts) * row_bytes - own
+        if self.synchronize:
+            started = time.perf_counter()
+            dist.barrier()
+            self.waited += time.perf_counter() - started
+        return self.inner.all_to_all(send, send_counts)
+
+    def all_reduce(self, tensor):
+        return self.inner.all_reduce(tensor)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(fn, world: int, *args) -> list:
+    """Runs fn(rank, world, port, *args, out) in `world` gloo processes; returns their `out[rank]` in rank order."""
+    out = mp.Manager().dict()
+    mp.start_processes(fn, args=(world, free_port(), *args, out), nprocs=world, start_method="spawn")
+    return [out[rank] for rank in range(world)]
+
+
+def start_gloo(rank: int, world: int, port: int, threads: int, synchronize: bool = False) -> CountingCommunicator:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    return CountingCommunicator(GlooCommunicator(), synchronize)
+
+
+def wire_rank(rank: int, world: int, port: int, settings: dict, out) -> None:
+    """Lookups and updates through `ShardedRows` for each (batch, Zipf exponent, wire); counters per step."""
+    comm = start_gloo(rank, world, port, 1)
+    rows_out = []
+    for exponent in settings["exponents"]:
+        ids = ZipfIds(settings["vocab"], exponent, torch.device("cpu"), seed=rank)
+        for batch, wire in itertools.product(settings["batches"], WIRES):
+            rows = ShardedRows(DeviceStore(settings["dim"], SparseSGD()), comm, 4096, wire, wire)
+            comm.to_self = comm.to_peers = 0
+            keys = torch.unique(feature_keys(ids.batch(batch).sparse))
+            rows.lookup(keys)
+            rows.update(keys, torch.randn(keys.numel(), settings["dim"]))
+            cell = {"batch": batch, "zipf": exponent, "wire": wire, "unique_keys": keys.numel(),
+                    "bytes_sent": rows.stats.bytes_sent, "to_self": comm.to_self, "to_peers": comm.to_peers}
+            cell["global_unique"] = torch.unique(torch.cat(comm.all_gather(keys))).numel()
+            rows_out.append(cell)
+    out[rank] = rows_out
+    dist.destroy_process_group()
+
+
+def measure_wire(args) -> None:
+    settings = {"dim": args.dim, "vocab": args.vocab, "exponents": args.zipf, "batches": args.wire_batches}
+    rows = []
+    for world in args.wire_workers:
+        per_rank = spawn(wire_rank, world, settings)
+        for cells in zip(*per_rank):
+            first = cells[0]
+            unique = sum(c["unique_keys"] for c in cells)
+            keys = KeyDistribution((args.vocab,) * 26, first["zipf"])
+            rows.append({"workers": world, **{k: first[k] for k in ("batch", "zipf", "wire", "global_unique")},
+                         "unique_keys_per_worker": unique / world,
+                         "expected_unique_per_worker": keys.expected_unique(first["batch"]),
+                         "bytes_sent_per_worker": sum(c["bytes_sent"] for c in cells) / world,
+                         "counted_per_worker": sum(c["to_self"] + c["to_peers"] for c in cells) / world,
+                         "model_bytes_per_worker": bytes_sent_per_step(unique / world, args.dim, first["wire"]),
+                         "worst_worker_model_error": max(abs(bytes_sent_per_step(c["unique_keys"], args.dim, c["wire"])
+                                                             / c["bytes_sent"] - 1) for c in cells),
+                         "wire_bytes_per_worker": sum(c["to_peers"] for c in cells) / world,
+                         "model_wire_bytes_per_worker": bytes_sent_per_step(unique / world, args.dim, first["wire"])
+                         * (world - 1) / world})
+    print("\n".join(wire_table(rows)))
+    record("scale_model-wire", {"rows": rows}, settings | {"workers": args.wire_workers})
+
+
+def wire_table(rows: list[dict]) -> list[str]:
+    """One line per (workers, batch, Zipf): keys, and the bytes per worker per step by wire format."""
+    lines = ["| workers | samples/worker | Zipf | unique keys/worker (closed form) | per owner after merging | "
+             "MB sent/worker fp32 / bf16 / int8 (ShardedRows counter) | model vs counter, worst worker | share to peers |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (world, batch, zipf), group in itertools.groupby(rows, key=lambda r: (r["workers"], r["batch"], r["zipf"])):
+        cells = {r["wire"]: r for r in group}
+        first = cells["fp32"]
+        worst = max(r["worst_worker_model_error"] for r in cells.values())
+        lines.append(f"| {world} | {batch} | {zipf} | {first['unique_keys_per_worker']:,.0f} "
+                     f"({first['expected_unique_per_worker']:,.0f}) | {first['global_unique'] / world:,.0f} | "
+                     + " / ".join(f"{cells[w]['bytes_sent_per_worker'] / 1e6:.2f}" for w in ("fp32", "bf16", "int8"))
+                     + f" | {worst:.1%} | {first['wire_bytes_per_worker'] / first['bytes_sent_per_worker']:.1%} |")
+    return lines
+
+
+def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[float, float]:
+    """(seconds of latency, bytes/s) of `comm.all_to_all` by least squares of the relative error over payloads of
+    `sizes` bytes (the small ones would count for nothing in absolute terms)."""
+    world = comm.world_size
+    points = []
+    for nbytes in sizes:
+        payload = torch.zeros(nbytes // 4 // world * world)
+        counts = [payload.numel() // world] * world
+        seconds = timed(lambda: comm.all_to_all(payload, counts), torch.device("cpu"), repeats)
+        slowest = torch.tensor([seconds])
+        comm.all_reduce(slowest)  # the sum; the mean over workers is what one all-to-all takes
+        points.append((payload.numel() * 4 * (world - 1) / world, slowest.item() / world))
+    x, y = np.array(points).T
+    per_byte, fixed = np.polyfit(x, y, 1, w=1 / y)
+    return max(float(fixed), 1e-6), 1.0 / max(float(per_byte), 1e-12)
+
+
+def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, out) -> None:
+    """On every rank at once, so that all see the same load, in rounds that alternate: the components on a
+    one-worker TrainWorker of the same per-worker batch, the link (a gloo all-to-all fit), then real TrainWorker
+    steps over gloo."""
+    comm = start_gloo(rank, world, port, settings["threads"], synchronize=True)
+    shape, repeats = settings["shape"], settings["repeats"]
+    alone = TrainWorker(job(data, dict(shape, batch=shape["batch"] // world), 1), LocalCommunicator(), torch.device("cpu"))
+    alone_batches = read_batches(alone, shape["batch"] // world, settings["batches"])
+    worker = TrainWorker(job(data, shape, world), comm, torch.device("cpu"))
+    batches = read_batches(worker, shape["batch"], settings["batches"], rank, world)
+    keys = [torch.unique(feature_keys(batch.sparse)) for batch in batches]
+    owned = np.mean([torch.unique(torch.cat(comm.inner.all_gather(k))).numel() / world for k in keys])
+    step = cycle_steps(worker, batches, "fp32")
+    for _ in batches:
+        step()
+    rounds = []
+    for _ in range(settings["rounds"]):
+        measured = measure_device(alone, alone_batches, ["fp32"], repeats)
+        dist.barrier()
+        latency, bandwidth = all_to_all_fit(comm.inner, settings["link_sizes"], repeats)
+        worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers, comm.waited = 0, 0.0, 0, 0.0
+        step_s = timed(step, torch.device("cpu"), repeats)
+        steps = repeats + 1  # timed() warms up once
+        rounds.append({"costs": measured["costs"], "alone_step_ms": measured["step_ms"]["fp32"],
+                       "latency_s": latency, "bytes_per_s": bandwidth, "step_ms": 1e3 * step_s,
+                       "exchange_ms": 1e3 * (worker.rows.stats.seconds - comm.waited) / steps,
+                       "waited_ms": 1e3 * comm.waited / steps,
+                       "bytes_sent": worker.rows.stats.bytes_sent / steps, "wire_bytes": comm.to_peers / steps})
+        dist.barrier()
+    out[rank] = {"rounds": rounds, "unique_keys": float(np.mean([k.numel() for k in keys])), "owned_keys": float(owned)}
+    dist.destroy_process_group()
+
+
+def mean_costs(costs: list[dict]) -> DeviceCosts:
+    """Every rank's component times, averaged."""
+    first = DeviceCosts(**costs[0])
+    return replace(first, unique_keys=round(np.mean([c["unique_keys"] for c in costs])),
+                   store_ms=float(np.mean([c["store_ms"] for c in costs])),
+                   pack_ms=float(np.mean([c["pack_ms"] for c in costs])),
+                   dense_ms={p: float(np.mean([c["dense_ms"][p] for c in costs])) for p in first.dense_ms},
+                   codec_ms={w: float(np.mean([c["codec_ms"][w] for c in costs])) for w in first.codec_ms})
+
+
+def validate_cpu(args) -> None:
+    """Per worker count and round: the prediction from that round's inputs against that round's steps."""
+    cores = os.cpu_count() or 1
+    shape = dict(CPU_SHAPE, batch=args.cpu_batch)
+    rows = []
+    with tempfile.TemporaryDirectory() as data:
+        write_synthetic(data, rows=shape["batch"] * (args.batches + 1), cardinality_scale=args.cardinality_scale)
+        for world in args.workers:
+            settings = {"threads": max(1, cores // world), "shape": shape, "batches": args.batches,
+                        "repeats": args.repeats, "link_sizes": args.link_sizes, "rounds": args.rounds}
+            ranks = spawn(validate_rank, world, data, settings)
+            unique, owned = (float(np.mean([r[k] for r in ranks])) for k in ("unique_keys", "owned_keys"))
+            for index, cells in enumerate(zip(*(r["rounds"] for r in ranks))):
+                costs = mean_costs([c["costs"] for c in cells])
+                gloo = Link("gloo over loopback (fitted)", float(np.mean([c["bytes_per_s"] for c in cells])) / 1e9,
+                            float(np.mean([c["latency_s"] for c in cells])) / 2 * 1e6)  # an all-to-all pays 2 latencies
+                predicted = predict_step(costs, None, world, Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0),
+                                         unique_keys=unique, owned_keys=owned)
+                step_ms, exchange_ms = (max(c[k] for c in cells) for k in ("step_ms", "exchange_ms"))
+                row = {"workers": world, "round": index, "batch_per_worker": costs.batch, "threads": settings["threads"],
+                       "link_latency_us": gloo.latency_us, "link_gbs": gloo.gbs, "unique_keys": unique,
+                       "owned_keys": owned, "bytes_sent_measured": float(np.mean([c["bytes_sent"] for c in cells])),
+                       "bytes_sent_model": bytes_sent_per_step(unique, shape["dim"], "fp32"),
+                       "wire_bytes_measured": float(np.mean([c["wire_bytes"] for c in cells])),
+                       "wire_bytes_model": predicted.wire_bytes,
+                       "exchange_ms_measured": exchange_ms, "exchange_ms_predicted": predicted.ms["exchange"],
+                       "wait_for_slowest_ms": max(c["waited_ms"] for c in cells),
+                       "exchange_error": predicted.ms["exchange"] / exchange_ms - 1,
+                       "step_ms_measured": step_ms, "step_ms_predicted": predicted.ms["step"],
+                       "step_error": predicted.ms["step"] / step_ms - 1, "predicted_ms": predicted.ms,
+                       "costs": asdict(costs), "alone_step_ms": [c["alone_step_ms"] for c in cells],
+                       "load_average": os.getloadavg()[0]}
+                rows.append(row)
+                print(f"W={world} round {index}: exchange {exchange_ms:.1f} ms measured, {predicted.ms['exchange']:.1f} "
+                      f"predicted ({row['exchange_error']:+.0%}); step {step_ms:.1f} measured, "
+                      f"{predicted.ms['step']:.1f} predicted ({row['step_error']:+.0%}); "
+                      f"wait for the slowest {row['wait_for_slowest_ms']:.1f} ms; load average {row['load_average']:.1f}",
+                      flush=True)
+    record("scale_model-validate-cpu", {"rows": rows}, dict(shape=shape, batches=args.batches, repeats=args.repeats,
+                                                            rounds=args.rounds, cardinality_scale=args.cardinality_scale))
+
+
+# ---- what it says -------------------------------------------------------------------------------------------
+
+def read_result(pattern: str, skip: str | None = None) -> dict | None:
+    """The newest result file matching `pattern` (whose name does not contain `skip`)."""
+    paths = sorted((p for p in glob.glob(os.path.join(RESULTS, pattern)) if not (skip and skip in os.path.basename(p))),
+                   key=os.path.getmtime)
+    if not paths:
+        return None
+    with open(paths[-1]) as stream:
+        return json.load(stream)
+
+
+def gpu_inputs() -> tuple[DeviceCosts, dict]:
+    """The latest --measure-gpu run if there is one, else placeholders from the H100 results of the other benches."""
+    measured = read_result("scale_model-inputs-*.json", skip="cpu")
+    if measured:
+        origin = {k: measured[k] for k in ("device", "date", "commit", "settings")}
+        return DeviceCosts(**measured["figures"]["costs"]), origin | {"step_ms": measured["figures"]["step_ms"]}
+    embedding = read_result("embedding_gpu-h100*.json")
+    exchange = {(r["wire"], r["samples"]): r for r in read_result("exchange_gpu-1gpu.json")["figures"]["rows"]}
+    ms = {r["what"]: r["triton_ms"] for r in embedding["figures"]["rows"]}
+    unique = embedding["figures"]["rows"][0]["keys"]
+    int8, bf16 = exchange["int8", 65536], exchange["bf16", 65536]
+    per_key = 1 / int8["rows"]  # the exchange bench moved 65536 x 26 rows
+    store_ms = ms["store.update (SparseSGD), encode included"] + ms["encoder find_or_insert, unique keys, warm"]
+    cast_ms = 2 * (bf16["exchange_ms"] - bf16["all_to_all_ms"]) * unique * per_key
+    # ShardedRows' routing: 4 passes over the rows (1.6 TB/s gather, ARCHITECTURE.md) and 2 key sorts
+    # (torch.unique of 1.7M keys: 0.46 ms, bench/README.md)
+    pack_ms = 4 * unique * 128 * 4 * 2 / 1.6e9 + 2 * 0.46 * unique * per_key
+    step = embedding["figures"]["dlrm_step"]["fused_ms"]
+    costs = DeviceCosts(embedding["device"], 65536, 128, unique, dlrm_dense_params(GPU_SHAPE), {"fp32": step - store_ms},
+                        store_ms, pack_ms, {"fp32": 0.0, "bf16": cast_ms, "fp16": cast_ms,
+                                            "int8": 2 * (int8["quantize_ms"] + int8["dequantize_ms"]) * unique * per_key},
+                        source="PLACEHOLDER until --measure-gpu runs: H100 results of embedding_gpu.py and "
+                               "exchange_gpu.py (1 GPU); dense = fused step - store; pack estimated from gather and "
+                               "sort rates; bf16 dense not measured")
+    return costs, {k: embedding[k] for k in ("device", "date", "commit")} | {"step_ms": {"fp32": step}}
+
+
+def dlrm_dense_params(shape: dict) -> int:
+    from terarec.models import DLRM, DLRMConfig, Embedding
+    model = DLRM(Embedding(DeviceStore(shape["dim"], SparseSGD())), 13, 26,
+                 DLRMConfig(bottom_mlp=shape["bottom"], top_mlp=shape["top"]))
+    return sum(p.numel() for p in model.parameters())
+
+
+def criteo_keys() -> KeyDistribution:
+    """Criteo Kaggle's 26 cardinalities with the synthetic data's Zipf exponent (core/data/synth.py)."""
+    return KeyDistribution(tuple(cardinalities_for(1.0)), ZIPF_EXPONENT)
+
+
+def scaling_table(costs: DeviceCosts, keys: KeyDistribution, precisions: list[str], overlap: bool) -> list[dict]:
+    rows = []
+    for (intra, inter), precision, wire in itertools.product(SCENARIOS, precisions, ("fp32", "bf16", "int8")):
+        fabric = fabric_for(inter, intra)
+        one = predict_step(costs, keys, 1, fabric, wire, precision, overlap).samples_per_s_per_gpu
+        for world in WORLDS:
+            p = predict_step(costs, keys, world, fabric, wire, precision, overlap)
+            rows.append({"intra": intra, "inter": inter, "precision": precision, "wire": wire, "overlap": overlap,
+                         "gpus": world, "samples_per_s_per_gpu": p.samples_per_s_per_gpu,
+                         "efficiency": p.samples_per_s_per_gpu / one, "unique_keys": p.unique_keys,
+                         "owned_keys": p.owned_keys, "wire_mb": p.wire_bytes / 1e6, "ms": p.ms})
+    return rows
+
+
+def oneflow_setting(costs: DeviceCosts, keys: KeyDistribution, precisions: list[str]) -> list[dict]:
+    """int8 over fp32 on 4 GPUs over PCIe 4, OneFlow's setting, at its DLRM batch (55296 global)."""
+    local = costs.scaled(ONEFLOW["global_batch"] // ONEFLOW["gpus"], costs.dim, costs.dense_params)
+    fabric = fabric_for("pcie4")
+    rows = []
+    for precision, overlap in itertools.product(precisions, (False, True)):
+        speed = {w: predict_step(local, keys, ONEFLOW["gpus"], fabric, w, precision, overlap) for w in WIRES}
+        rows.append({"precision": precision, "overlap": overlap, "batch_per_gpu": local.batch,
+                     "int8_gain": speed["int8"].samples_per_s_per_gpu / speed["fp32"].samples_per_s_per_gpu - 1,
+                     "bf16_gain": speed["bf16"].samples_per_s_per_gpu / speed["fp32"].samples_per_s_per_gpu - 1,
+                     "oneflow_gain": ONEFLOW["fp32_gain" if precision == "fp32" else "amp_gain"],
+                     "ms": {w: p.ms for w, p in speed.items()}})
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SCENARIOS), figsize=(4 * len(SCENARIOS), 3.6), sharey=True)
+    for ax, (intra, inter) in zip(axes, SCENARIOS):
+        for wire, style in (("fp32", "-"), ("bf16", "--"), ("int8", ":")):
+            cells = [r for r in rows if (r["intra"], r["inter"], r["wire"], r["precision"]) == (intra, inter, wire, "fp32")]
+            ax.plot([r["gpus"] for r in cells], [r["samples_per_s_per_gpu"] / 1e6 for r in cells], style, label=f"{wire} wire")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{intra} in node, {inter} between", fontsize=9)
+        ax.set_xlabel("GPUs (8 a node)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("M samples/s per GPU (predicted)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def markdown(origin: dict, costs: DeviceCosts, table: list[dict], oneflow: list[dict], validation: dict | None,
+             one_gpu: dict, wire_bytes: dict | None) -> str:
+    lines = [f"Inputs: {costs.device} ({origin.get('date')}, commit {origin.get('commit')}); {costs.source}. "
+             f"Per GPU: batch {costs.batch}, dim {costs.dim}, DLRM dense {costs.dense_params:,} parameters; keys: "
+             f"Criteo Kaggle cardinalities, Zipf(1.1) per feature (closed form); links at {LINK_EFFICIENCY:.0%} of spec; "
+             "exchange not overlapped (as built).", "",
+             "| link (node / network) | wire | " + " | ".join(f"{w} GPUs" for w in WORLDS) + " |",
+             "| --- | --- |" + " ---: |" * len(WORLDS)]
+    for (intra, inter), wire in itertools.product(SCENARIOS, ("fp32", "bf16", "int8")):
+        cells = [r for r in table if (r["intra"], r["inter"], r["wire"], r["precision"]) == (intra, inter, wire, "fp32")]
+        lines.append(f"| {intra} / {inter} | {wire} | " + " | ".join(
+            f"{r['samples_per_s_per_gpu'] / 1e6:.2f}M ({r['efficiency']:.0%})" for r in cells) + " |")
+    keys = {r["gpus"]: r for r in table if r["intra"] == "nvlink4" and r["inter"] == "ib400" and r["wire"] == "fp32"}
+    lines += ["", f"Unique keys per GPU batch: {keys[1]['unique_keys']:,.0f}; keys an owner serves after merging: "
+              + ", ".join(f"{keys[n]['owned_keys']:,.0f} at {n} GPUs" for n in (8, 64, 512)) + "."]
+    if wire_bytes:
+        lines += ["", f"Bytes per step over gloo ({wire_bytes['device']}, {wire_bytes['date'][:10]}, commit "
+                  f"{wire_bytes['commit']}; dim {wire_bytes['settings']['dim']}, {wire_bytes['settings']['vocab']:,} "
+                  "IDs per feature; one lookup + update per cell):", "", *wire_table(wire_bytes["figures"]["rows"])]
+    lines += ["", "OneFlow's setting (4 GPUs over PCIe 4, 13824 samples per GPU): int8 wire over fp32, end to end",
+              "", "| precision | exchange overlapped | int8 vs fp32 | bf16 vs fp32 | OneFlow reports |",
+              "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['precision']} | {'yes' if r['overlap'] else 'no'} | {r['int8_gain']:+.0%} | {r['bf16_gain']:+.0%} | "
+              f"{r['oneflow_gain']:+.0%} |" for r in oneflow]
+    lines += ["", "Validation", "", "| where | what | predicted ms | measured ms | error |", "| --- | --- | ---: | ---: | ---: |"]
+    for precision, measured in one_gpu["step_ms"].items():
+        predicted = one_gpu["predicted"].get(precision)
+        if predicted:
+            lines.append(f"| 1 x {costs.device} | step, {precision} | {predicted:.2f} | {measured:.2f} | "
+                         f"{predicted / measured - 1:+.1%} |")
+    cpu_rows = (validation or {}).get("rows", [])
+    for world in sorted({r["workers"] for r in cpu_rows}):
+        rounds = [r for r in cpu_rows if r["workers"] == world]
+        load = max(r["load_average"] for r in rounds)
+        for what in ("exchange", "step"):
+            predicted, measured = (float(np.median([r[f"{what}_ms_{k}"] for r in rounds])) for k in ("predicted", "measured"))
+            errors = [r[f"{what}_error"] for r in rounds]
+            waited = (f", after a barrier (the wait for the slowest, {np.median([r['wait_for_slowest_ms'] for r in rounds]):.1f}"
+                      " ms, apart)" if what == "exchange" and "wait_for_slowest_ms" in rounds[0] else "")
+            lines.append(f"| {world} gloo workers, CPU, median of {len(rounds)} rounds (load average up to {load:.0f}, "
+                         f"2 cores) | {what}{waited} | {predicted:.1f} | {measured:.1f} | {predicted / measured - 1:+.0%} "
+                         f"(rounds {min(errors):+.0%} to {max(errors):+.0%}) |")
+    return "\n".join(lines)
+
+
+def report(args) -> None:
+    costs, origin = gpu_inputs()
+    keys = criteo_keys()
+    precisions = [p for p in ("fp32", "bf16") if p in costs.dense_ms]
+    table = scaling_table(costs, keys, precisions, overlap=False) + scaling_table(costs, keys, precisions, overlap=True)
+    oneflow = oneflow_setting(costs, keys, precisions)
+    measured = costs.source == "measured"  # placeholders predict their own step by construction: no check
+    one_gpu = {"step_ms": origin.pop("step_ms"),
+               "predicted": {p: predict_step(costs, None, 1, fabric_for("nvlink4"), precision=p,
+                                             unique_keys=costs.unique_keys).ms["step"] for p in precisions if measured}}
+    validation = read_result("scale_model-validate-cpu.json")
+    wire = read_result("scale_model-wire.json")
+    plot([r for r in table if not r["overlap"]], os.path.join(RESULTS, "scale_model.png"))
+    text = markdown(origin, costs, [r for r in table if not r["overlap"]], oneflow,
+                    validation and validation["figures"], one_gpu, wire)
+    with open(os.path.join(RESULTS, "scale_model.md"), "w") as stream:
+        stream.write(text + "\n")
+    print(text)
+    inputs = {"gpu": {"origin": origin, "costs": asdict(costs)},
+              "wire_bytes": wire and {k: wire[k] for k in ("device", "date", "commit", "settings", "figures")},
+              "key_distribution": {"cardinalities": list(keys.cardinalities), "zipf_exponent": keys.exponent}}
+    validation_rows = {"one_gpu": one_gpu, "cpu_gloo": validation and {
+        k: validation[k] for k in ("device", "date", "commit", "settings", "figures")}}
+    record("scale_model", {"inputs": inputs, "validation": validation_rows, "predictions": table, "oneflow_setting": oneflow},
+           {"worlds": WORLDS, "scenarios": SCENARIOS, "link_efficiency": LINK_EFFICIENCY})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--measure-gpu", action="store_true", help="time the components on this GPU (DLRM shapes)")
+    mode.add_argument("--measure-wire", action="store_true", help="bytes per step over gloo vs batch and Zipf skew")
+    mode.add_argument("--validate-cpu", action="store_true", help="predicted vs measured, 2/3/4 gloo workers")
+    parser.add_argument("--batch", type=int, default=GPU_SHAPE["batch"], help="--measure-gpu: samples per step")
+    parser.add_argument("--batches", type=int, default=4, help="distinct batches, cycled after one warm-up pass")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure (medians)")
+    parser.add_argument("--cardinality-scale", type=float, default=0.1, help="of the synthetic data (Kaggle x this)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[2, 3, 4], help="--validate-cpu: worker counts")
+    parser.add_argument("--rounds", type=int, default=3, help="--validate-cpu: rounds of components, link, steps")
+    parser.add_argument("--cpu-batch", type=int, default=CPU_SHAPE["batch"], help="--validate-cpu: global batch")
+    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**16, 2**18, 2**20, 2**22],
+                        help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit, around the step's")
+    parser.add_argument("--wire-workers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--wire-batches", type=int, nargs="+", default=[512, 2048, 8192], help="samples per worker")
+    parser.add_argument("--zipf", type=float, nargs="+", default=[0.0, 1.05, 1.2], help="exponents (0: uniform)")
+    parser.add_argument("--vocab", type=int, default=1_000_000, help="--measure-wire: IDs per feature")
+    parser.add_argument("--dim", type=int, default=64, help="--measure-wire: row width")
+    args = parser.parse_args()
+    if args.measure_gpu:
+        measure_gpu(args)
+    elif args.measure_wire:
+        measure_wire(args)
+    elif args.validate_cpu:
+        validate_cpu(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
