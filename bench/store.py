@@ -4,6 +4,16 @@ Prints a table, writes JSON to <out>/store-<device>.json and a markdown table to
 
     python bench/store.py --out bench/results            # on a GPU machine
     python bench/store.py --quick --out /tmp/bench        # a small dry run (CPU works)
+    python bench/store.py --parity                        # the device store's DLRM against bench/kernels.py's step
+
+Why the device-store DLRM once ran ~20x below the step bench (bench/README.md, "Tiered store"): its figures
+were taken before the Triton embedding path existed (commits 642573d, 171425d: torch probing, torch update),
+and the later one (store_dlrm_zipf.json: device 0.90M samples/s, slower than cached_host's 1.89M) timed Triton
+compiles: fresh Zipf batches have a new unique-key count each step, Triton specializes integer arguments on
+divisibility by 16, so a kernel variant first met in the timed window compiled there; the device store ran
+first and paid for it. The shapes differed too (batch 16384, a small MLP, TF32 off, the table growing while
+timed). Now every DLRM run uses the step bench's model and batch, TF32, a pre-sized device store, and compiles
+every kernel variant before timing (`compile_variants`); `--parity` runs both benches on the same inputs.
 """
 from __future__ import annotations
 
@@ -22,14 +32,16 @@ import numpy as np
 import torch
 
 from results import record
-from terarec.models import DLRM, Batch, Embedding
-from terarec.store import SparseAdagrad, feature_keys, make_store
+from terarec.models import DLRM, Batch, DLRMConfig, Embedding
+from terarec.store import DeviceStore, SparseAdagrad, SparseSGD, feature_keys, make_store
 from terarec.store.cache import METADATA_BYTES_PER_SLOT
 
 DIM = 128
 OPTIMIZER = SparseAdagrad(lr=0.01)  # value = row + accumulator: 256 floats, 1 KiB per key
 WIDTH = DIM * 2
 ROW_BYTES = WIDTH * 4
+STEP_BATCH = 65536  # the shapes of bench/kernels.py's DLRM step (Criteo, bench/README.md "GPU embedding path")
+STEP_MODEL = DLRMConfig(bottom_mlp=[512, 256], top_mlp=[1024, 1024, 512, 256])
 
 
 def sync(device: torch.device) -> None:
@@ -136,12 +148,16 @@ def disk_speed(directory: Path, nbytes: int) -> dict:
 
 # -- store throughput at a set hit rate --------------------------------------------------------------
 
-def build(kind: str, device: torch.device, cache_rows: int, host_rows: int, path: Path, mode: str | None = None):
+def build(kind: str, device: torch.device, cache_rows: int, host_rows: int, path: Path, mode: str | None = None,
+          expected_rows: int = 1024):
+    """A store; the device store is sized for `expected_rows` so that it does not grow while timed."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if path.exists():
         shutil.rmtree(path)
+    if kind == "device":
+        return DeviceStore(DIM, OPTIMIZER, device=device, initial_capacity=expected_rows)
     store = make_store(kind, DIM, OPTIMIZER, device=device, cache_bytes=cache_rows * (ROW_BYTES + METADATA_BYTES_PER_SLOT),
                        host_bytes=host_rows * (ROW_BYTES + METADATA_BYTES_PER_SLOT) if host_rows else None,
                        path=str(path))
@@ -222,11 +238,43 @@ class ZipfIds:
         return int(26 * cached(high).sum()), high
 
 
-def dlrm_run(store, device: torch.device, ids: ZipfIds, batch: int, warm_batches: int, steps: int) -> dict:
-    """Warm the store with the unique keys of `warm_batches` fresh batches (8 batches a lookup, oldest
-    first), train 5 steps, then time `steps` training steps on fresh batches."""
-    model = DLRM(Embedding(store), num_dense=13, num_sparse=26).to(device)
-    dense_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+class UniformIds:
+    """bench/kernels.py's inputs: IDs uniform over [0, vocab) per feature, a fixed set of `pool` batches in turn."""
+
+    def __init__(self, vocab: int, device: torch.device, pool: int = 4, seed: int = 0):
+        self.vocab, self.device, self.pool = vocab, device, pool
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.made: list[Batch] = []
+        self.served = 0
+
+    def batch(self, size: int) -> Batch:
+        if len(self.made) < self.pool:
+            g, d = self.generator, self.device
+            self.made.append(Batch(torch.randn(size, 13, generator=g, device=d),
+                                   torch.randint(0, self.vocab, (size, 26), generator=g, device=d),
+                                   torch.randint(0, 2, (size, 1), generator=g, device=d).float()))
+        self.served += 1
+        return self.made[(self.served - 1) % self.pool]
+
+
+def compile_variants(store, keys: torch.Tensor) -> None:
+    """Run lookup + update on 16·k and 16·k + 1 of `keys` (known keys, zero gradients), so that every Triton
+    specialization of the store's kernels (integer sizes divisible by 16 or not) compiles before timing."""
+    size = (keys.numel() - 1) // 16 * 16
+    for part in (keys[:size], keys[: size + 1]):
+        store.lookup(part)
+        store.update(part, torch.zeros(part.numel(), store.dim, device=part.device))
+
+
+def dlrm_run(store, device: torch.device, ids, batch: int, warm_batches: int, steps: int,
+             dense_optimizer=torch.optim.Adam, dense_lr: float = 1e-3) -> dict:
+    """Warm the store with the unique keys of `warm_batches` batches of `ids` (8 batches a lookup, oldest
+    first), compile every kernel variant, train 5 steps, then time `steps` training steps.
+
+    The model is bench/kernels.py's DLRM (STEP_MODEL). Each step is timed by CUDA events where there is a
+    GPU: `step_ms` is the median (what the step bench reports), `samples_s` counts the whole timed span."""
+    model = DLRM(Embedding(store), num_dense=13, num_sparse=26, config=STEP_MODEL).to(device)
+    dense_opt = dense_optimizer(model.parameters(), lr=dense_lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step(b: Batch) -> torch.Tensor:
@@ -239,21 +287,35 @@ def dlrm_run(store, device: torch.device, ids: ZipfIds, batch: int, warm_batches
 
     for start in range(0, warm_batches, 8):
         sparse = torch.cat([ids.batch(batch).sparse for _ in range(min(8, warm_batches - start))])
-        store.lookup(torch.unique(feature_keys(sparse)))
+        warm_keys = torch.unique(feature_keys(sparse))
+        store.lookup(warm_keys)
+    compile_variants(store, warm_keys)
     for _ in range(5):
         step(ids.batch(batch))
     timed_batches = [ids.batch(batch) for _ in range(steps)]
     before = store.metrics()
+    step_ms = []
     sync(device)
     start = time.perf_counter()
     for b in timed_batches:
+        begun = time.perf_counter()
+        if device.type == "cuda":
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         loss = step(b)
+        if device.type == "cuda":
+            events[1].record()
+            events[1].synchronize()
+            step_ms.append(events[0].elapsed_time(events[1]))
+        else:
+            step_ms.append((time.perf_counter() - begun) * 1e3)
     sync(device)
     seconds = time.perf_counter() - start
     after = store.metrics()
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
-    out = {"samples_s": steps * batch / seconds, "step_ms": seconds / steps * 1e3, "loss": float(loss.detach()),
-           "rows": after["rows"], "table_GB": after["rows"] * ROW_BYTES / 1e9}
+    out = {"samples_s": steps * batch / seconds, "step_ms": float(np.median(step_ms)),
+           "mean_step_ms": seconds / steps * 1e3, "loss": float(loss.detach()),
+           "rows": after["rows"], "table_GB": after["rows"] * store.value_width * 4 / 1e9}
     for tier in ("cache", "host_cache"):
         if f"{tier}_hits" in delta:
             looked = delta[f"{tier}_hits"] + delta[f"{tier}_misses"]
@@ -262,6 +324,20 @@ def dlrm_run(store, device: torch.device, ids: ZipfIds, batch: int, warm_batches
     if "index_bytes_per_row" in after:
         out["index_bytes_per_row"] = after["index_bytes_per_row"]
     return out
+
+
+def parity(device: torch.device, batch: int, steps: int) -> dict:
+    """The device store's DLRM here and bench/kernels.py's step, on the same shapes and inputs (uniform IDs over
+    40000 per feature, 4 batches in turn, SGD on both sides): the two samples/s should agree."""
+    from kernels import bench_dlrm_step  # bench/kernels.py
+
+    store = DeviceStore(DIM, SparseSGD(lr=0.01), device=device, initial_capacity=1 << 21)
+    here = dlrm_run(store, device, UniformIds(40_000, device), batch, warm_batches=4, steps=steps,
+                    dense_optimizer=torch.optim.SGD, dense_lr=0.01)
+    step = bench_dlrm_step(batch, steps)
+    return {"batch": batch, "store_bench_step_ms": here["step_ms"], "store_bench_samples_s": batch / here["step_ms"] * 1e3,
+            "step_bench_fused_ms": step["fused_ms"], "step_bench_samples_s": step["samples_per_s_fused"],
+            "ratio": step["fused_ms"] / here["step_ms"]}
 
 
 # -- main -----------------------------------------------------------------------------------------------
@@ -277,9 +353,17 @@ def main() -> None:
     parser.add_argument("--dlrm-options", default="device,cached_host,cached_ssd+host",
                         help=f"comma-separated, of {', '.join(DLRM_OPTIONS)}")
     parser.add_argument("--zipf", type=float, default=1.05, help="exponent of the DLRM ID distribution")
+    parser.add_argument("--dlrm-batch", type=int, default=STEP_BATCH, help="DLRM batch (the step bench's by default)")
     parser.add_argument("--tag", default="", help="suffix of the recorded result's name")
+    parser.add_argument("--parity", action="store_true", help="only the device store's DLRM against the step bench")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the step bench
+    if args.parity:
+        figures = parity(device, args.dlrm_batch, 4 if args.quick else 20)
+        record(f"store_parity{args.tag}", figures, {"dim": DIM, "model": STEP_MODEL.model_dump()})
+        print(_fmt(figures))
+        return
     scratch = Path(args.scratch)
     q = args.quick
     cache_rows = 1 << (14 if q else 21)  # 2 GiB of rows on the GPU
@@ -338,7 +422,7 @@ def dlrm_sweep(args, device: torch.device, scratch: Path, t0: float) -> dict:
     """DLRM on fresh Zipf batches: for each target hit rate, a GPU cache sized for it (Che's approximation),
     every option warmed on the same key history, then timed; `device` once, warmed for the largest target."""
     q = args.quick
-    vocab, batch, steps = (1 << 12, 1024, 4) if q else (1 << 18, 16384, 20)
+    vocab, batch, steps = (1 << 12, 1024, 4) if q else (1 << 18, args.dlrm_batch, 20)
     hits = [float(h) for h in args.dlrm_hits.split(",")]
     options = args.dlrm_options.split(",")
     runs = []
@@ -350,7 +434,7 @@ def dlrm_sweep(args, device: torch.device, scratch: Path, t0: float) -> dict:
                 continue
             kind, host_share = DLRM_OPTIONS[label]
             host_rows = 26 * vocab // host_share if host_share else 0
-            store = build(kind, device, cache_rows, host_rows, scratch / "dlrm")
+            store = build(kind, device, cache_rows, host_rows, scratch / "dlrm", expected_rows=26 * vocab)
             ids = ZipfIds(vocab, args.zipf, device, seed=1)  # the same batches for every option
             runs.append({"option": label, "target_hit": hit, "warm_batches": warm, "cache_rows": cache_rows,
                          **dlrm_run(store, device, ids, batch, warm, steps)})
