@@ -86,16 +86,21 @@ class TrainWorker:
         self.last_log = StepLog(0, math.nan, 0.0, 0.0, 0.0)  # the latest log window
 
     # ---- one step -------------------------------------------------------------------------
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        """Forward, backward, exchange, updates. Returns this rank's share of the global mean loss."""
-        with matmul_precision(self.config.precision):  # TF32 for the backward and the optimizer too
-            return self._train_step(batch)
+    def train_step(self, batch: Batch, following: Batch | None = None) -> torch.Tensor:
+        """Forward, backward, exchange, updates. Returns this rank's share of the global mean loss.
 
-    def _train_step(self, batch: Batch) -> torch.Tensor:
+        With `following` (the next batch), a tiered store starts staging its rows once this batch's rows
+        are read, so that the reads from host or SSD overlap this batch's backward and updates."""
+        with matmul_precision(self.config.precision):  # TF32 for the backward and the optimizer too
+            return self._train_step(batch, following)
+
+    def _train_step(self, batch: Batch, following: Batch | None) -> torch.Tensor:
         self.model.train()
         batch = batch.to(self.device, non_blocking=True)
         with autocast(self.config.precision, self.device):
             logits = self.model(batch).float()
+        if following is not None:
+            self.model.embedding.backend.prefetch(torch.unique(feature_keys(following.sparse.to(self.device))))
         labels = batch.labels[:, : len(self.label_columns)]
         # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
         # so summed gradients equal one worker's gradients on the whole global batch.
@@ -127,16 +132,15 @@ class TrainWorker:
         reader = BatchReader(self.train_files, config.batch_size, rank=self.rank, world_size=self.world_size,
                              seed=config.seed, shuffle=True, drop_last=True, start_step=self.step)
         window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
-        # A tiered store stages the next batch's rows in its fast tier (one shard only: with several,
-        # the owners are other workers, who see those keys in the next exchange).
-        prefetch = self.world_size == 1 and config.store.kind != "device"
+        # A tiered store stages the next batch's rows ahead (with several shards, through an early key
+        # exchange: every rank takes part, as the store kind and the batch stream are the same on all).
+        prefetch = config.store.kind != "device"
         with reader:
             for batch, following in with_next(reader):
                 if self.step >= self.total_steps:
                     break
-                loss_sum += self.train_step(batch)
-                if prefetch and following is not None:
-                    self.store.prefetch(torch.unique(feature_keys(following.sparse.to(self.device))))
+                ahead = prefetch and self.step + 1 < self.total_steps
+                loss_sum += self.train_step(batch, following if ahead else None)
                 window_steps += 1
                 last = self.step == self.total_steps
                 if self.step % config.log_every == 0 or last:

@@ -1,4 +1,4 @@
-"""A bounded cache of value rows in front of a slower tier, evicting by LRU or LFU.
+"""A bounded cache of value rows in front of a slower tier, evicting by CLOCK at O(1) per row.
 
 Rows are addressed by their *backing slot*: the slot the store's encoder gave
 the key, which is also the row's place in the table at the bottom. A level
@@ -7,20 +7,27 @@ the cached rows of a batch is one gather. Misses are filled from the tier below
 (`lower`, another level or a table); dirty rows go back down when evicted.
 A level is itself a tier: an upper level reads and writes through it.
 
-Policy. Every access stamps each of its rows with a unique, increasing number
-(the position of the row in the access, after all earlier accesses). LRU evicts
-the smallest stamp; LFU the smallest (count of accesses while cached, stamp).
-The rows of the access in progress are never evicted to make room for it.
+Policy. Each cache slot has a reference counter. An access sets it to 1 (`lru`:
+CLOCK, second chance) or adds 1 up to MAX_COUNT (`lfu`: GCLOCK). To make room,
+a hand sweeps the occupied slots from where it stopped: a slot with counter 0
+is taken, any other loses 1 as the hand passes. No victim search over the whole
+cache: each step of the hand is paid for by an earlier access, so eviction costs
+O(1) per row, amortized. The rows of the access in progress are never taken.
+
+Write-back. With `defer_writes`, rows evicted dirty are kept in a list
+(`deferred`) instead of being written down at once; whoever holds the level's
+lower tiers next writes them first (`drain`), in order, before any read below.
+The tiered store hands the list to its background job, so write-back leaves the
+training step.
 """
 from __future__ import annotations
 
 import torch
 
 POLICIES = ("lru", "lfu")
-STAMP_BITS = 44  # stamps below 2**44; LFU counts saturate at 2**19 - 1 so a score fits in int64
-MAX_COUNT = (1 << 19) - 1
-_NEVER = torch.iinfo(torch.int64).max
-METADATA_BYTES_PER_SLOT = 8 + 8 + 4 + 1  # backing slot, stamp, count, dirty
+MAX_COUNT = 15  # GCLOCK's counter saturates here: a hot row survives at most this many passes unused
+_NOT_STAMPED = -1
+METADATA_BYTES_PER_SLOT = 8 + 8 + 1 + 1  # backing slot, stamp, reference counter, dirty
 
 
 def pieces(n: int, size: int) -> list[slice]:
@@ -33,6 +40,7 @@ class CacheLevel:
 
     `lower` offers read(slots) -> [N, W], write(slots, values), peek(slots),
     reserve(rows) and metrics(). Storage grows by doubling up to `capacity`.
+    Occupied cache slots are always [0, size): misses take the free tail first.
 
     >>> from terarec.store.host import HostTable
     >>> table = HostTable(value_width=2)
@@ -56,13 +64,17 @@ class CacheLevel:
         self.name = name
         self.values = torch.empty((0, value_width), device=self.device)
         self.backing = torch.empty(0, dtype=torch.int64, device=self.device)  # cache slot -> backing slot, -1 free
-        self.stamp = torch.empty(0, dtype=torch.int64, device=self.device)
-        self.count = torch.empty(0, dtype=torch.int32, device=self.device)
+        self.stamp = torch.empty(0, dtype=torch.int64, device=self.device)  # the access that last touched the slot
+        self.ref = torch.empty(0, dtype=torch.uint8, device=self.device)
         self.dirty = torch.empty(0, dtype=torch.bool, device=self.device)
         self.slot_of = torch.empty(0, dtype=torch.int32, device=self.device)  # backing slot -> cache slot, -1 absent
-        self.size = 0  # cache slots in use
-        self.clock = 0  # the next stamp
-        self.hits = self.misses = self.evictions = self.writebacks = self.fills = 0
+        self.size = 0  # cache slots in use: [0, size)
+        self.hand = 0  # where the next sweep starts
+        self.clock = 0  # the number of the next access
+        self.generation = 0  # moves whenever the set of resident rows changes
+        self.defer_writes = False
+        self.deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # (backing slots, rows) not yet written down
+        self.hits = self.misses = self.evictions = self.writebacks = self.fills = self.prefetched = 0
 
     # -- the tier interface, as seen from above --------------------------------------------------
 
@@ -93,6 +105,7 @@ class CacheLevel:
     def peek(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows as they stand now, without caching or counting anything."""
         slots = slots.to(self.device)
+        self.drain()
         values = self.lower.peek(slots).to(self.device)
         cache_slots = self.slot_of[slots].long()
         cached = cache_slots >= 0
@@ -101,75 +114,128 @@ class CacheLevel:
 
     def flush(self) -> None:
         """Write every dirty row down; they stay cached, clean."""
-        dirty = self.dirty.nonzero().squeeze(1)
+        dirty = self.dirty[: self.size].nonzero().squeeze(1)
         if dirty.numel():
             self._write_down(self.backing[dirty], self.values[dirty])
             self.dirty[dirty] = False
+        self.drain()
+
+    def drain(self) -> None:
+        """Write the deferred write-backs down, oldest first."""
+        for backing, values in self.take_deferred():
+            self.lower.write(backing, values)
+
+    def take_deferred(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The deferred write-backs, handed to the caller who must write them down before reading below."""
+        deferred, self.deferred = self.deferred, []
+        return deferred
 
     # -- residency ---------------------------------------------------------------------------------
 
+    def missing(self, slots: torch.Tensor) -> torch.Tensor:
+        """The backing slots among [N] that are not resident here."""
+        slots = slots.to(self.device)
+        return slots[self.slot_of[slots] < 0]
+
     def resident(self, slots: torch.Tensor, skip_fill: torch.Tensor | bool = False, record: bool = True,
-                 protect_from: int | None = None) -> torch.Tensor:
+                 prefetched: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Make [N <= capacity] unique backing slots resident; returns their cache slots [N].
 
         Misses are read from below, except where `skip_fill` is True: those rows are
-        left for the caller to write (and mark dirty). Cached rows stamped at or after
-        `protect_from` (default: this access) are not evicted; if that leaves too
-        little room, only this access's rows are protected.
+        left for the caller to write (and mark dirty), and those found in `prefetched`
+        (ascending backing slots [P], their rows [P, W] read from below earlier, still
+        current): those are copied from there. The rows of this access are not evicted.
         """
         n = slots.numel()
         if n > self.capacity:
             raise ValueError(f"{n} rows do not fit the {self.name} of {self.capacity} rows; pass them in pieces")
-        base = self.clock
-        self.clock += n
-        stamps = torch.arange(base, base + n, device=self.device)
+        access = self.clock
+        self.clock += 1
         cache_slots = self.slot_of[slots].long()
         hit = cache_slots >= 0
         hit_slots = cache_slots[hit]
-        self.stamp[hit_slots] = stamps[hit]
-        if self.policy == "lfu":
-            self.count[hit_slots] = (self.count[hit_slots] + 1).clamp_(max=MAX_COUNT)
+        self.stamp[hit_slots] = access
+        self._touch(hit_slots)
         miss = (~hit).nonzero().squeeze(1)
         if record:
             self.hits += n - miss.numel()
             self.misses += miss.numel()
         if miss.numel() == 0:
             return cache_slots
-        taken = self._make_room(miss.numel(), base if protect_from is None else min(protect_from, base), base)
+        self.generation += 1
+        taken = self._make_room(miss.numel(), access)
         missed_slots = slots[miss]
         fill = torch.ones_like(miss, dtype=torch.bool) if skip_fill is False else (
             torch.zeros_like(miss, dtype=torch.bool) if skip_fill is True else ~skip_fill.to(self.device)[miss])
+        if prefetched is not None and prefetched[0].numel():
+            staged_slots, staged_rows = prefetched
+            place = torch.searchsorted(staged_slots, missed_slots).clamp_(max=staged_slots.numel() - 1)
+            staged = fill & (staged_slots[place] == missed_slots)
+            at = staged.nonzero().squeeze(1)
+            self.values[taken[at]] = staged_rows[place[at]]
+            self.prefetched += at.numel()
+            self.fills += at.numel()
+            fill &= ~staged
         fill_at = fill.nonzero().squeeze(1)
         if fill_at.numel():
+            self.drain()
             self.values[taken[fill_at]] = self.lower.read(missed_slots[fill_at]).to(self.device)
             self.fills += fill_at.numel()
         self.backing[taken] = missed_slots
         self.slot_of[missed_slots] = taken.to(torch.int32)
-        self.stamp[taken] = stamps[miss]
-        self.count[taken] = 1
+        self.stamp[taken] = access
+        self.ref[taken] = 0
+        self._touch(taken)
         self.dirty[taken] = False
         self.size += miss.numel()
         cache_slots[miss] = taken
         return cache_slots
 
-    def _make_room(self, needed: int, protect_from: int, base: int) -> torch.Tensor:
-        """Free `needed` cache slots (evicting, writing dirty rows down) and return them."""
-        free = self.values.shape[0] - self.size
-        if free < needed and self.values.shape[0] < self.capacity:
-            self._grow(min(self.capacity, max(2 * self.values.shape[0], self.size + needed, 1024)))
-        score = self.stamp.clone()
-        if self.policy == "lfu":
-            score += self.count.long() << STAMP_BITS
-        score.masked_fill_(self.backing < 0, -1)
-        protected = (self.stamp >= protect_from) & (self.backing >= 0)
-        if self.values.shape[0] - int(protected.sum()) < needed:
-            protected = (self.stamp >= base) & (self.backing >= 0)
-        score.masked_fill_(protected, _NEVER)
-        taken = torch.topk(score, needed, largest=False, sorted=False).indices
-        held = taken[self.backing[taken] >= 0]
-        if held.numel():
-            self._evict(held)
-        return taken
+    def _touch(self, cache_slots: torch.Tensor) -> None:
+        if self.policy == "lru":
+            self.ref[cache_slots] = 1
+        else:
+            self.ref[cache_slots] = (self.ref[cache_slots] + 1).clamp_(max=MAX_COUNT)
+
+    def _make_room(self, needed: int, access: int) -> torch.Tensor:
+        """`needed` cache slots for new rows: the free tail first, then victims of the hand (written down if dirty)."""
+        allocated = self.values.shape[0]
+        if allocated - self.size < needed and allocated < self.capacity:
+            self._grow(min(self.capacity, max(2 * allocated, self.size + needed, 1024)))
+        free = min(self.values.shape[0] - self.size, needed)
+        taken = torch.arange(self.size, self.size + free, device=self.device)
+        if free == needed:
+            return taken
+        victims = self._sweep(needed - free, access)
+        if victims is None:
+            raise RuntimeError(f"the {self.name} has no {needed - free} rows to evict outside the access in progress")
+        self._evict(victims)
+        return torch.cat([taken, victims])
+
+    def _sweep(self, needed: int, access: int) -> torch.Tensor | None:
+        """Move the hand over the occupied slots until `needed` slots with counter 0, untouched by `access`, are found;
+        passed slots lose 1 from their counter. None if (MAX_COUNT + 1) turns do not find enough."""
+        occupied = self.size
+        window = max(2 * needed, 4096)
+        found, scanned = [], 0
+        while needed and scanned <= (MAX_COUNT + 1) * occupied:
+            start = self.hand
+            end = min(start + window, occupied)
+            ref = self.ref[start:end]
+            open_ = self.stamp[start:end] < access
+            take = open_ & (ref == 0)
+            count = torch.cumsum(take, 0)
+            available = int(count[-1])
+            stop = end - start if available < needed else int((count < needed).sum()) + 1
+            passed = slice(0, stop)
+            decay = open_[passed] & ~take[passed]
+            ref[passed][decay] -= 1
+            found.append(take[passed].nonzero().squeeze(1) + start)
+            self.stamp[found[-1]] = access  # taken: a later turn of this sweep must not take it again
+            needed -= min(available, needed)
+            scanned += stop
+            self.hand = start + stop if start + stop < occupied else 0
+        return torch.cat(found) if not needed else None
 
     def _evict(self, cache_slots: torch.Tensor) -> None:
         backing = self.backing[cache_slots]
@@ -182,7 +248,11 @@ class CacheLevel:
         self.size -= cache_slots.numel()
 
     def _write_down(self, backing: torch.Tensor, values: torch.Tensor) -> None:
-        self.lower.write(backing, values)
+        if self.defer_writes and sum(b.numel() for b, _ in self.deferred) < self.capacity:
+            self.deferred.append((backing, values.clone()))
+        else:
+            self.drain()
+            self.lower.write(backing, values)
         self.writebacks += backing.numel()
 
     def _grow(self, rows: int) -> None:
@@ -195,8 +265,8 @@ class CacheLevel:
 
         self.values = grown(self.values, 0.0)
         self.backing = grown(self.backing, -1)
-        self.stamp = grown(self.stamp, -1)
-        self.count = grown(self.count, 0)
+        self.stamp = grown(self.stamp, _NOT_STAMPED)
+        self.ref = grown(self.ref, 0)
         self.dirty = grown(self.dirty, False)
 
     # -- accounting --------------------------------------------------------------------------------
@@ -209,7 +279,8 @@ class CacheLevel:
         row_bytes = self.value_width * 4
         looked = self.hits + self.misses
         own = {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / looked if looked else 0.0,
-               "evictions": self.evictions, "writebacks": self.writebacks, "rows": self.size,
+               "evictions": self.evictions, "writebacks": self.writebacks, "fills": self.fills,
+               "prefetched": self.prefetched, "rows": self.size,
                "capacity_rows": self.capacity, "bytes_in": self.fills * row_bytes,
                "bytes_out": self.writebacks * row_bytes}
         return {**{f"{self.name}_{k}": float(v) for k, v in own.items()}, **self.lower.metrics()}

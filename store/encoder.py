@@ -115,7 +115,8 @@ class IdEncoder:
         return {"keys": keys.cpu(), "slots": slots.cpu()}
 
     @classmethod
-    def from_items(cls, keys: torch.Tensor, slots: torch.Tensor, device: torch.device | str = "cpu") -> "IdEncoder":
-        encoder = cls(capacity=max(16, 2 * keys.numel()), device=device)
+    def from_items(cls, keys: torch.Tensor, slots: torch.Tensor, device: torch.device | str = "cpu",
+                   max_load: float = 0.5) -> "IdEncoder":
+        encoder = cls(capacity=max(16, int(keys.numel() / max_load) + 1), max_load=max_load, device=device)
         encoder._probe(keys.to(encoder.device), insert=True, new_slots=slots.to(encoder.device))
         return encoder

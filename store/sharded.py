@@ -82,11 +82,22 @@ class ShardedRows:
         received, _ = self._exchange(payload, counts)
         return decode_rows(received, wire, rows.shape[1])
 
-    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+    def _send_keys(self, keys: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int]]:
+        """Keys to their owners: (order by owner, send counts, the keys this worker received, receive counts)."""
         owners = self.bucket_map.owner(keys)
         order = torch.argsort(owners, stable=True)
         send_counts = torch.bincount(owners, minlength=self.comm.world_size).tolist()
         received_keys, recv_counts = self._exchange(keys[order], send_counts)
+        return order, send_counts, received_keys, recv_counts
+
+    def prefetch(self, keys: torch.Tensor) -> None:
+        """An early key exchange: the next batch's keys go to their owners now, whose stores start staging
+        those rows (`EmbeddingStore.prefetch`) while this batch computes. A collective, like `lookup`."""
+        _, _, received_keys, _ = self._send_keys(keys)
+        self.store.prefetch(torch.unique(received_keys))
+
+    def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        order, send_counts, received_keys, recv_counts = self._send_keys(keys)
         owned_keys, owned_inverse = torch.unique(received_keys, return_inverse=True)
         owned_rows = self.store.lookup(owned_keys, insert=insert)
         rows_sorted = self._exchange_rows(owned_rows[owned_inverse], recv_counts, self.rows_format)

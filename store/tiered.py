@@ -9,8 +9,21 @@ A batch with more unique keys than the cache holds is served in cache-sized
 pieces: each piece is made resident and read (or updated) before the next, so
 rows of earlier pieces may be evicted again within the batch. It is correct,
 only slower; a cache at least as large as a batch avoids it.
+
+The pipeline. `prefetch(next keys)`, called while the running batch computes,
+finds the next batch's keys and, on a background thread, writes the deferred
+write-backs (rows the cache evicted dirty) down and reads the next batch's
+misses from the tiers below. The next `lookup` takes those rows instead of
+reading, and makes room by the usual eviction, so the running batch's rows stay
+resident until its `update` lands: only the calling thread ever changes the top
+cache. The read rows are used only if the top cache's residency did not change
+since the prefetch (`CacheLevel.generation`): then nothing below changed either,
+since only this cache writes there. Every call that reads or writes below waits
+for the background job first (`_settle`).
 """
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -19,6 +32,7 @@ from .cache import CacheLevel, pieces
 from .encoder import IdEncoder
 from .optim import SparseOptimizer
 
+ENCODER_MAX_LOAD = 0.75  # the index's share: 16 bytes a cell at 0.375-0.75 load is 21-43 bytes a row
 
 class TieredStore(EmbeddingStore):
     """Rows in `cache` (a CacheLevel, possibly over further levels) in front of `table` (HostTable or SsdTable).
@@ -40,13 +54,16 @@ class TieredStore(EmbeddingStore):
         self.table = table
         self.device = cache.device
         keys = getattr(table, "keys", torch.empty(0, dtype=torch.int64))
-        self.encoder = IdEncoder.from_items(keys, torch.arange(keys.numel()), device=self.device)
+        self.encoder = IdEncoder.from_items(keys, torch.arange(keys.numel()), device=self.device,
+                                            max_load=ENCODER_MAX_LOAD)
         self.cache.reserve(len(self.encoder))
+        self.cache.defer_writes = True
         self.step = getattr(table, "step", 0)
         self.lookups = 0
         self.inserts = 0
-        self._batch_clock = 0  # the cache clock when the last lookup began; prefetch protects that batch
-        self._batch_size = 0
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-prefetch")
+        self._job: tuple[int, Future] | None = None  # (cache generation, future of (slots, rows)) in flight
+        self._prefetched: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, slots, rows) ready
 
     def __len__(self) -> int:
         return len(self.encoder)
@@ -66,13 +83,15 @@ class TieredStore(EmbeddingStore):
         slots = self.encoder.find_or_insert(keys)
         fresh = slots >= before
         if len(self.encoder) > before:
+            self._settle()  # reserving may grow the tables below
             self.cache.reserve(len(self.encoder))
             self.inserts += len(self.encoder) - before
         return slots, fresh
 
-    def _resident(self, keys: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor, record: bool) -> torch.Tensor:
+    def _resident(self, keys: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor, record: bool,
+                  prefetched: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Cache slots of one piece; fresh keys get their initial values, dirty."""
-        cache_slots = self.cache.resident(slots, skip_fill=fresh, record=record)
+        cache_slots = self.cache.resident(slots, skip_fill=fresh, record=record, prefetched=prefetched)
         if bool(fresh.any()):
             fresh_slots = cache_slots[fresh]
             self.cache.values[fresh_slots] = self.initial_values(keys[fresh])
@@ -82,7 +101,8 @@ class TieredStore(EmbeddingStore):
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
         keys = keys.to(self.device)
         self.lookups += keys.numel()
-        self._batch_clock, self._batch_size = self.cache.clock, keys.numel()
+        self._settle()
+        prefetched = self._take_prefetched()
         if insert:
             slots, fresh = self._slots(keys)
             held = torch.arange(keys.numel(), device=self.device)
@@ -93,7 +113,7 @@ class TieredStore(EmbeddingStore):
         rows = torch.zeros((keys.numel(), self.dim), device=self.device)
         held_keys = keys[held]
         for piece in pieces(held.numel(), self.cache.capacity):
-            cache_slots = self._resident(held_keys[piece], slots[piece], fresh[piece], record=True)
+            cache_slots = self._resident(held_keys[piece], slots[piece], fresh[piece], True, prefetched)
             rows[held[piece]] = self.cache.values[cache_slots, : self.dim]
         return rows
 
@@ -102,32 +122,64 @@ class TieredStore(EmbeddingStore):
         keys = keys.to(self.device)
         grads = grads.to(self.device, torch.float32)
         slots, fresh = self._slots(keys)
+        if self._job is not None and self.cache.missing(slots).numel():
+            self._settle()  # rows to bring in: the tiers below are needed
         for piece in pieces(keys.numel(), self.cache.capacity):
             cache_slots = self._resident(keys[piece], slots[piece], fresh[piece], record=False)
             self.cache.values[cache_slots] = self.optimizer.apply(self.cache.values[cache_slots], grads[piece], self.step)
             self.cache.dirty[cache_slots] = True
 
     def prefetch(self, keys: torch.Tensor) -> None:
-        """Make the known keys among the next batch's resident now, keeping the last lookup's rows.
-
-        Keys beyond what the cache can hold beside the last lookup's are left for the next lookup.
-        """
+        """Start reading the rows of the next batch's known keys that are not in the top cache (up to its
+        capacity), on the background thread; the next `lookup` takes them."""
+        self._settle()
         slots = self.encoder.find(keys.to(self.device))
-        slots = slots[slots >= 0][: max(self.cache.capacity - self._batch_size, 0)]
-        if slots.numel():
-            self.cache.resident(slots, record=False, protect_from=self._batch_clock)
+        missing = self.cache.missing(slots[slots >= 0])[: self.cache.capacity]
+        deferred = self.cache.take_deferred()
+        if missing.numel() or deferred:
+            missing = torch.sort(missing).values
+            self._job = (self.cache.generation, self._fetcher.submit(self._fetch, missing, deferred))
+
+    def _fetch(self, slots: torch.Tensor, deferred: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(On the background thread.) Write the deferred rows down, then read `slots` onto the cache's device."""
+        lower = self.cache.lower
+        for backing, values in deferred:
+            lower.write(backing, values)
+        rows = lower.read(slots) if slots.numel() else torch.empty((0, self.value_width))
+        if rows.device != self.device:
+            rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
+        return slots, rows
+
+    def _settle(self) -> None:
+        """Wait for the background job; keep what it read for the next lookup."""
+        if self._job is None:
+            return
+        generation, job = self._job
+        self._job = None
+        slots, rows = job.result()
+        self._prefetched = (generation, slots, rows) if slots.numel() else None
+
+    def _take_prefetched(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prefetched (slots, rows), if the top cache's residency has not changed since they were read."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or prefetched[0] != self.cache.generation:
+            return None
+        return prefetched[1], prefetched[2]
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._settle()
         keys, slots = self.encoder.items()
         order = torch.argsort(keys)  # by key, as every store exports
         return keys[order].cpu(), self.cache.peek(slots[order]).cpu()
 
     def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._settle()
         slots, _ = self._slots(keys.to(self.device))
         self.cache.write(slots, values)
 
     def flush(self) -> None:
         """Write dirty rows down every level; an SSD table then commits a snapshot (see `snapshot_id`)."""
+        self._settle()
         for level in self.levels:
             level.flush()
         if hasattr(self.table, "commit"):

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,10 +37,13 @@ def grads_of(step: int, rows: int) -> torch.Tensor:
 
 
 def train(store, keys_per_step: list[torch.Tensor], first_step: int = 0) -> list[torch.Tensor]:
-    """lookup then update with random grads (fixed by the step's number); returns the rows each lookup gave."""
+    """lookup, prefetch of the next batch (the pipeline, as the training loop runs it), then update with random
+    grads (fixed by the step's number); returns the rows each lookup gave."""
     seen = []
     for step, keys in enumerate(keys_per_step, start=first_step):
         seen.append(store.lookup(keys).cpu())
+        if step - first_step + 1 < len(keys_per_step):
+            store.prefetch(keys_per_step[step - first_step + 1])
         store.update(keys, grads_of(step, keys.numel()))
     return seen
 
@@ -80,43 +84,52 @@ def test_bit_identical_to_device_store(kind, policy, host_rows, access, optimize
 
 
 class ModelCache:
-    """A pure-Python LRU/LFU cache with the rules of cache.py, counting what the store should count."""
+    """A pure-Python CLOCK/GCLOCK cache with the rules of cache.py, one hand step at a time."""
 
     def __init__(self, capacity: int, policy: str):
         self.capacity, self.policy = capacity, policy
-        self.rows: dict[int, list] = {}  # key -> [count, stamp, dirty]
+        self.slots: list[list] = []  # cache slot -> [key, counter, last access, dirty]; occupied slots first
+        self.where: dict[int, int] = {}
         self.known: set[int] = set()
-        self.clock = self.hits = self.misses = self.evictions = self.writebacks = 0
+        self.hand = self.clock = self.hits = self.misses = self.evictions = self.writebacks = 0
 
-    def score(self, key: int):
-        count, stamp, _ = self.rows[key]
-        return (count, stamp) if self.policy == "lfu" else stamp
+    def touch(self, slot: list) -> None:
+        slot[1] = 1 if self.policy == "lru" else min(slot[1] + 1, MAX_COUNT)
 
     def access(self, keys: list[int], record: bool, write: bool) -> None:
-        base = self.clock
-        self.clock += len(keys)
-        missed = []
-        for i, key in enumerate(keys):
-            if key in self.rows:
-                row = self.rows[key]
-                row[0], row[1] = min(row[0] + 1, MAX_COUNT), base + i
-            else:
-                missed.append((i, key))
+        access, self.clock = self.clock, self.clock + 1
+        missed = [key for key in keys if key not in self.where]
+        for key in keys:
+            if key in self.where:
+                slot = self.slots[self.where[key]]
+                slot[2] = access
+                self.touch(slot)
         if record:
             self.hits += len(keys) - len(missed)
             self.misses += len(missed)
-        over = len(self.rows) + len(missed) - self.capacity
-        if over > 0:
-            candidates = sorted((k for k in self.rows if self.rows[k][1] < base), key=self.score)
-            for key in candidates[:over]:
+        occupied = len(self.slots)
+        free = min(self.capacity - occupied, len(missed))
+        places = list(range(occupied, occupied + free))
+        self.slots += [[None, 0, access, False] for _ in range(free)]
+        while len(places) < len(missed):
+            slot = self.slots[self.hand]
+            if slot[2] < access and slot[1] == 0:
                 self.evictions += 1
-                self.writebacks += self.rows.pop(key)[2]
-        for i, key in missed:
-            self.rows[key] = [1, base + i, key not in self.known]
+                self.writebacks += slot[3]
+                del self.where[slot[0]]
+                slot[2] = access
+                places.append(self.hand)
+            elif slot[2] < access:
+                slot[1] -= 1
+            self.hand = (self.hand + 1) % occupied
+        for key, place in zip(missed, places):
+            self.slots[place] = [key, 0, access, key not in self.known]
+            self.touch(self.slots[place])
+            self.where[key] = place
             self.known.add(key)
         if write:
             for key in keys:
-                self.rows[key][2] = True
+                self.slots[self.where[key]][3] = True
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
@@ -129,13 +142,14 @@ def test_counts_match_a_python_model(policy, access, tmp_path):
     for keys in steps:
         model.access(keys.tolist(), record=True, write=False)
         model.access(keys.tolist(), record=False, write=True)
+    store.cache.drain()  # the last deferred write-backs (no job is in flight after the last lookup)
     got = store.metrics()
     assert model.evictions > 0 and model.writebacks > 0
     assert (got["cache_hits"], got["cache_misses"]) == (model.hits, model.misses)
     assert (got["cache_evictions"], got["cache_writebacks"]) == (model.evictions, model.writebacks)
     assert got["cache_hit_rate"] == pytest.approx(model.hits / (model.hits + model.misses))
     assert got["host_bytes_written"] == model.writebacks * store.value_width * 4
-    assert 0 < got["index_bytes_per_row"] < 200
+    assert 0 < got["index_bytes_per_row"] <= 64
 
 
 def test_batch_larger_than_the_cache_is_served_in_pieces(tmp_path):
@@ -147,27 +161,134 @@ def test_batch_larger_than_the_cache_is_served_in_pieces(tmp_path):
     assert_same_store(store, reference)
 
 
-def test_lookup_without_insert_and_prefetch(tmp_path):
+def test_prefetch_reads_the_next_batch_ahead_and_keeps_this_one(tmp_path):
     steps = batches("zipf", steps=10, size=100, seed=2)
-    store = tiered("cached_host", SparseSGD(lr=0.1), tmp_path, cache_rows=150, policy="lfu")
+    store = tiered("cached_ssd", SparseSGD(lr=0.1), tmp_path, cache_rows=150, policy="lfu", host_rows=200)
     reference = DeviceStore(DIM, SparseSGD(lr=0.1), seed=3)
     for step, keys in enumerate(steps):
-        hits = store.metrics()["cache_hits"]
+        before = store.metrics()
         store.lookup(keys)
-        if step > 0:  # the prefetch staged the known keys of this batch that fit beside the last one
-            known = torch.isin(keys, torch.cat(steps[:step])).sum()
-            assert store.metrics()["cache_hits"] - hits >= min(known, 50)
+        after = store.metrics()
+        # every row this lookup brought in from below was read ahead by the prefetch: none synchronously
+        assert after["cache_fills"] - before["cache_fills"] == after["cache_prefetched"] - before["cache_prefetched"]
         if step + 1 < len(steps):
             store.prefetch(steps[step + 1])
         evictions = store.metrics()["cache_evictions"]
         store.update(keys, grads_of(step, keys.numel()))
-        assert store.metrics()["cache_evictions"] == evictions  # the prefetch kept this batch resident
+        assert store.metrics()["cache_evictions"] == evictions  # this batch stayed resident until its update
         train(reference, [keys], first_step=step)
+    assert store.metrics()["cache_prefetched"] > 100
     unseen = torch.tensor([11, 12, 13])
     probe = torch.cat([steps[0][:5], unseen])
     assert torch.equal(store.lookup(probe, insert=False), reference.lookup(probe, insert=False))
     assert len(store) == len(reference)
     assert_same_store(store, reference)
+
+
+KINDS = [("cached_host", 0), ("cached_ssd", 0), ("cached_ssd", 6)]  # (kind, host-cache rows)
+
+
+@pytest.mark.parametrize("kind,host_rows", KINDS)
+def test_row_evicted_with_its_write_back_in_flight_reads_back_written(kind, host_rows, tmp_path):
+    """Rows updated, evicted dirty (their write-back deferred to the background job), prefetched again
+    at once: the job writes them before it reads them, and an SSD read waits for their queued write."""
+    optimizer = SparseAdagrad(lr=0.1)
+    store = tiered(kind, optimizer, tmp_path, cache_rows=4, host_rows=host_rows)
+    reference = DeviceStore(DIM, optimizer, seed=3)
+    first, second = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    for model in (store, reference):
+        model.lookup(first)
+        model.update(first, grads_of(0, 4))
+        model.lookup(second)  # evicts `first`, dirty
+    assert store.cache.deferred  # their write-back has not happened yet
+    store.prefetch(first)  # the job: write back, then read the same rows
+    for model in (store, reference):
+        model.update(second, grads_of(1, 4))
+    assert torch.equal(store.lookup(first), reference.lookup(first))
+    assert store.metrics()["cache_prefetched"] == 4
+    assert_same_store(store, reference)
+
+
+@pytest.mark.parametrize("kind,host_rows", KINDS)
+def test_key_prefetched_then_updated_is_not_read_stale(kind, host_rows, tmp_path):
+    """A prefetch reads rows; before the lookup, an update touches them (bringing them in itself): the
+    prefetched copies are stale and must be dropped."""
+    optimizer = SparseAdam(lr=0.01)
+    store = tiered(kind, optimizer, tmp_path, cache_rows=6, host_rows=host_rows)
+    reference = DeviceStore(DIM, optimizer, seed=3)
+    early, late = torch.arange(10, 16), torch.arange(20, 26)
+    for model in (store, reference):
+        train(model, [early, late])
+    store.prefetch(early)
+    for model in (store, reference):
+        model.update(early, grads_of(7, 6))  # without a lookup: the rows come in for the update
+    assert torch.equal(store.lookup(early), reference.lookup(early))
+    assert store.metrics()["cache_prefetched"] == 0
+    assert_same_store(store, reference)
+
+
+def test_snapshot_taken_mid_pipeline_holds_the_state_of_its_step(tmp_path):
+    """lookup N, prefetch N+1 (in flight), update N, snapshot: the snapshot is step N's state, and training
+    goes on after it bit-identically."""
+    steps = batches("zipf", steps=16, size=60, seed=4)
+    optimizer = SparseAdagrad(lr=0.1)
+    store = tiered("cached_ssd", optimizer, tmp_path, cache_rows=80, host_rows=40)
+    reference = DeviceStore(DIM, optimizer, seed=3)
+    train(store, steps[:8])
+    store.lookup(steps[8])
+    store.prefetch(steps[9])
+    store.update(steps[8], grads_of(8, steps[8].numel()))
+    snapshot = store.snapshot()
+    train(reference, steps[:9])
+    assert_same_store(store, reference)
+    at_snapshot = exported(reference)
+    train(store, steps[9:], first_step=9)
+    train(reference, steps[9:], first_step=9)
+    assert_same_store(store, reference)
+    reopened = tiered("cached_ssd", optimizer, tmp_path, cache_rows=80)  # the directory at its last snapshot
+    assert reopened.snapshot_id == snapshot and reopened.step == 9
+    assert all(torch.equal(a, b) for a, b in zip(exported(reopened), at_snapshot))
+
+
+KILLED = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, sys.argv[3])
+    from test_store_tiered import OPTIMIZERS, row_bytes, train
+    from terarec.store import make_store
+    steps = torch.load(sys.argv[2])
+    optimizer = OPTIMIZERS["adam"]
+    store = make_store("cached_ssd", 8, optimizer, seed=3, cache_bytes=60 * row_bytes(optimizer),
+                       host_bytes=50 * row_bytes(optimizer), path=sys.argv[1])
+    train(store, steps[:10])
+    print("snapshot", store.snapshot(), flush=True)
+    written = store.metrics()["ssd_bytes_written"]
+    step = 10
+    while True:  # until killed: evictions keep queueing asynchronous write-backs to the SSD table
+        train(store, [steps[10 + step % 10]], first_step=step)
+        store.prefetch(steps[10 + (step + 1) % 10])
+        step += 1
+        print("written after the snapshot", store.metrics()["ssd_bytes_written"] - written, flush=True)
+""")
+
+
+def test_killed_during_asynchronous_write_back_reopens_at_its_last_snapshot(tmp_path):
+    steps = batches("random", steps=20, size=100, seed=9)
+    torch.save(steps, tmp_path / "steps.pt")
+    child = subprocess.Popen([sys.executable, "-c", KILLED, str(tmp_path / "ssd"), str(tmp_path / "steps.pt"),
+                              str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().split() == ["snapshot", "1"]
+        for _ in range(8):
+            written = float(child.stdout.readline().split()[-1])
+        assert written > 0  # write-back went on after the snapshot
+    finally:
+        child.kill()
+        child.wait()
+    reference = DeviceStore(DIM, OPTIMIZERS["adam"], seed=3)
+    train(reference, steps[:10])
+    reopened = tiered("cached_ssd", OPTIMIZERS["adam"], tmp_path, cache_rows=60)
+    assert reopened.snapshot_id == 1
+    assert_same_store(reopened, reference)
 
 
 REOPEN = textwrap.dedent("""
@@ -274,3 +395,48 @@ def test_ssd_table_batched_io_matches_a_plain_array(seed, tmp_path):
     reopened = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width})
     assert np.array_equal(reopened.read(torch.arange(rows)).numpy(), snapshot)
     assert torch.equal(reopened.keys, torch.arange(rows)) and reopened.step == 40
+def sharded_worker(rank: int, world: int, directory: str, steps: list[torch.Tensor]) -> None:
+    """One rank of a gloo world: its slice of every global batch through ShardedRows over a small
+    cached_ssd store, with the pipeline (lookup, prefetch of its next slice, update); saves its export."""
+    import torch.distributed as dist
+
+    from terarec.kernels.comm import GlooCommunicator
+    from terarec.store.sharded import ShardedRows
+
+    dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=world)
+    optimizer = OPTIMIZERS["adagrad"]
+    store = make_store("cached_ssd", DIM, optimizer, seed=3, cache_bytes=60 * row_bytes(optimizer),
+                       host_bytes=40 * row_bytes(optimizer), path=f"{directory}/ssd-{rank}")
+    rows = ShardedRows(store, GlooCommunicator(), num_buckets=16)
+    mine = [keys[rank::world] for keys in steps]
+    for step, keys in enumerate(mine):
+        rows.lookup(keys)
+        if step + 1 < len(mine):
+            rows.prefetch(mine[step + 1])
+        rows.update(keys, exact_grads(step, steps[step])[rank::world])
+    torch.save(store.export(), f"{directory}/export-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def exact_grads(step: int, keys: torch.Tensor) -> torch.Tensor:
+    """Gradients that are multiples of 1/64: summed over ranks in any order, they give the same floats."""
+    return torch.randint(-64, 64, (keys.numel(), DIM), generator=torch.Generator().manual_seed(step)) / 64.0
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_pipeline_equals_the_device_store(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    steps = batches("zipf", steps=12, size=90, seed=11)
+    mp.spawn(sharded_worker, args=(world, str(tmp_path), steps), nprocs=world)
+    reference = DeviceStore(DIM, OPTIMIZERS["adagrad"], seed=3)
+    for step, keys in enumerate(steps):
+        reference.lookup(keys)
+        reference.update(keys, exact_grads(step, keys))
+    shards = [torch.load(tmp_path / f"export-{rank}.pt") for rank in range(world)]
+    keys = torch.cat([k for k, _ in shards])
+    values = torch.cat([v for _, v in shards])
+    order = torch.argsort(keys)
+    ref_keys, ref_values = exported(reference)
+    assert torch.equal(keys[order], ref_keys)
+    assert torch.equal(values[order], ref_values)
