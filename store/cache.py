@@ -102,6 +102,20 @@ class CacheLevel:
             self.values[cache_slots] = values[piece]
             self.dirty[cache_slots] = True
 
+    def put(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite whole rows where they are: here if resident (then dirty), else in the tier below (its
+        `put`), without caching them here."""
+        slots = slots.to(self.device)
+        cache_slots = self.slot_of[slots].long()
+        here = cache_slots >= 0
+        if bool(here.any()):
+            self.values[cache_slots[here]] = values[here.to(values.device)].to(self.device)
+            self.dirty[cache_slots[here]] = True
+        if not bool(here.all()):
+            self.drain()  # an older deferred write-back of these rows must land first
+            away = ~here
+            self.lower.put(slots[away], values[away.to(values.device)])
+
     def peek(self, slots: torch.Tensor) -> torch.Tensor:
         """Rows as they stand now, without caching or counting anything."""
         slots = slots.to(self.device)

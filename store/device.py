@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from terarec.kernels.dispatch import use_fused
 from terarec.kernels.gather import gather_rows
 
 from .base import EmbeddingStore
 from .encoder import IdEncoder
-from .optim import SparseOptimizer
+from .optim import SparseOptimizer, apply_in_place
 
 
 class DeviceStore(EmbeddingStore):
@@ -80,12 +79,7 @@ class DeviceStore(EmbeddingStore):
         if keys.numel() == 0:
             return
         slots = self._slots(keys)
-        grads = grads.to(self.device, torch.float32)
-        if use_fused(self.values):
-            from terarec.kernels.triton_sparse_update import sparse_update_
-            sparse_update_(self.values, slots, grads, self.optimizer, self.step)
-        else:
-            self.values[slots] = self.optimizer.apply(self.values[slots], grads, self.step)
+        apply_in_place(self.values, slots, grads.to(self.device, torch.float32), self.optimizer, self.step)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:
         keys, slots = self.encoder.items()

@@ -105,6 +105,7 @@ class HostTable:
         self.values.index_copy_(0, slots.cpu(), values.cpu())
 
     peek = read
+    put = write  # the bottom tier: rows are always here
 
     def metrics(self) -> dict[str, float]:
         return {f"{self.name}_bytes_read": float(self.bytes_read), f"{self.name}_bytes_written": float(self.bytes_written),

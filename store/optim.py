@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from terarec.kernels.dispatch import use_fused
+
 
 @dataclass(frozen=True)
 class SparseSGD:
@@ -68,6 +70,17 @@ def make_sparse_optimizer(name: str, lr: float) -> SparseOptimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown sparse optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](lr=lr)
+
+
+def apply_in_place(values: torch.Tensor, slots: torch.Tensor, grads: torch.Tensor, optimizer: SparseOptimizer,
+                   step: int) -> None:
+    """One optimizer step on the rows `values[slots]` ([capacity, value_width], slots [N] unique, grads [N, dim]):
+    the fused Triton kernel on CUDA, gather-apply-scatter with the torch reference elsewhere."""
+    if use_fused(values):
+        from terarec.kernels.triton_sparse_update import sparse_update_
+        sparse_update_(values, slots, grads, optimizer, step)
+    else:
+        values[slots] = optimizer.apply(values[slots], grads, step)
 
 
 def initial_state(optimizer: SparseOptimizer, rows: torch.Tensor) -> torch.Tensor:

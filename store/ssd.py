@@ -215,6 +215,8 @@ class SsdTable:
         self._queued.append((job, slots[order]))
         self.bytes_written += values.numel() * 4
 
+    put = write  # the bottom tier: rows are always here
+
     def _apply(self, groups: list, values: torch.Tensor) -> None:
         """Write one queued write (on the write-back thread)."""
         for chunk, start, end, records in groups:

@@ -27,10 +27,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from terarec.kernels.gather import gather_rows
+
 from .base import EmbeddingStore
 from .cache import CacheLevel, pieces
 from .encoder import IdEncoder
-from .optim import SparseOptimizer
+from .optim import SparseOptimizer, apply_in_place
 
 ENCODER_MAX_LOAD = 0.75  # the index's share: 16 bytes a cell at 0.375-0.75 load is 21-43 bytes a row
 
@@ -114,7 +116,7 @@ class TieredStore(EmbeddingStore):
         held_keys = keys[held]
         for piece in pieces(held.numel(), self.cache.capacity):
             cache_slots = self._resident(held_keys[piece], slots[piece], fresh[piece], True, prefetched)
-            rows[held[piece]] = self.cache.values[cache_slots, : self.dim]
+            rows[held[piece]] = gather_rows(self.cache.values[:, : self.dim], cache_slots)
         return rows
 
     def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
@@ -126,7 +128,7 @@ class TieredStore(EmbeddingStore):
             self._settle()  # rows to bring in: the tiers below are needed
         for piece in pieces(keys.numel(), self.cache.capacity):
             cache_slots = self._resident(keys[piece], slots[piece], fresh[piece], record=False)
-            self.cache.values[cache_slots] = self.optimizer.apply(self.cache.values[cache_slots], grads[piece], self.step)
+            apply_in_place(self.cache.values, cache_slots, grads[piece], self.optimizer, self.step)
             self.cache.dirty[cache_slots] = True
 
     def prefetch(self, keys: torch.Tensor) -> None:
@@ -173,9 +175,11 @@ class TieredStore(EmbeddingStore):
         return keys[order].cpu(), self.cache.peek(slots[order]).cpu()
 
     def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows go where their keys live: a cached row is overwritten in its cache, any other is written to
+        the tier below without passing through the caches (a restore or a bulk load streams to the table)."""
         self._settle()
         slots, _ = self._slots(keys.to(self.device))
-        self.cache.write(slots, values)
+        self.cache.put(slots, values)
 
     def flush(self) -> None:
         """Write dirty rows down every level; an SSD table then commits a snapshot (see `snapshot_id`)."""

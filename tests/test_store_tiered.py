@@ -189,6 +189,25 @@ KINDS = [("cached_host", 0), ("cached_ssd", 0), ("cached_ssd", 6)]  # (kind, hos
 
 
 @pytest.mark.parametrize("kind,host_rows", KINDS)
+def test_loaded_rows_land_where_their_keys_live(kind, host_rows, tmp_path):
+    """load_items over cached, uncached and new keys (a restore, a bulk load) mid-pipeline, then training on."""
+    steps = batches("zipf", steps=12, size=40, seed=6)
+    store = tiered(kind, SparseAdam(lr=0.01), tmp_path, cache_rows=50, host_rows=host_rows)
+    reference = DeviceStore(DIM, SparseAdam(lr=0.01), seed=3)
+    for model in (store, reference):
+        train(model, steps[:6])
+    store.prefetch(steps[6])
+    keys = torch.cat([steps[5][:10], steps[0][:10], torch.arange(30)])  # cached, likely evicted, new
+    keys = torch.unique(keys)
+    values = torch.randn(keys.numel(), store.value_width, generator=torch.Generator().manual_seed(1))
+    for model in (store, reference):
+        model.load_items(keys, values)
+        train(model, steps[6:], first_step=6)
+    assert_same_store(store, reference)
+
+
+
+@pytest.mark.parametrize("kind,host_rows", KINDS)
 def test_row_evicted_with_its_write_back_in_flight_reads_back_written(kind, host_rows, tmp_path):
     """Rows updated, evicted dirty (their write-back deferred to the background job), prefetched again
     at once: the job writes them before it reads them, and an SSD read waits for their queued write."""
