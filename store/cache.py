@@ -71,7 +71,7 @@ class CacheLevel:
         self.size = 0  # cache slots in use: [0, size)
         self.hand = 0  # where the next sweep starts
         self.clock = 0  # the number of the next access
-        self.generation = 0  # moves whenever the set of resident rows changes
+        self.generation = 0  # moves whenever the set of resident rows changes, or rows below change from here
         self.defer_writes = False
         self.deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # (backing slots, rows) not yet written down
         self.hits = self.misses = self.evictions = self.writebacks = self.fills = self.prefetched = 0
@@ -113,6 +113,7 @@ class CacheLevel:
             self.dirty[cache_slots[here]] = True
         if not bool(here.all()):
             self.drain()  # an older deferred write-back of these rows must land first
+            self.generation += 1  # rows below change: what was read from there before is stale
             away = ~here
             self.lower.put(slots[away], values[away.to(values.device)])
 

@@ -16,9 +16,9 @@ write-backs (rows the cache evicted dirty) down and reads the next batch's
 misses from the tiers below. The next `lookup` takes those rows instead of
 reading, and makes room by the usual eviction, so the running batch's rows stay
 resident until its `update` lands: only the calling thread ever changes the top
-cache. The read rows are used only if the top cache's residency did not change
-since the prefetch (`CacheLevel.generation`): then nothing below changed either,
-since only this cache writes there. Every call that reads or writes below waits
+cache. The read rows are used only if the top cache's `generation` did not move
+since the prefetch: no row came in or went out, and nothing was written below
+past it (a load), so the rows below are still the ones read. Every call that reads or writes below waits
 for the background job first (`_settle`).
 """
 from __future__ import annotations
