@@ -61,5 +61,14 @@ class EmbeddingStore(ABC):
     def flush(self) -> None:
         """Write back whatever a fast tier holds dirty, so the slower tiers are a consistent point."""
 
+    def index_bytes_per_row(self) -> dict[str, float]:
+        """Bookkeeping bytes per key held, by tier: the encoder's hash table, and each cache level's slot
+        map and per-slot state (`levels`, top down, for tiered stores). Rows and optimizer state not counted."""
+        rows = max(len(self), 1)
+        tiers = {"encoder": self.encoder.nbytes / rows}
+        for level in getattr(self, "levels", []):
+            tiers[level.name] = level.metadata_bytes() / rows
+        return tiers
+
     def metrics(self) -> dict[str, float]:
         return {"rows": float(len(self))}

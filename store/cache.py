@@ -91,7 +91,8 @@ class CacheLevel:
         slots = slots.to(self.device)
         out = torch.empty((slots.numel(), self.value_width), device=self.device)
         for piece in pieces(slots.numel(), self.capacity):
-            out[piece] = self.values[self.resident(slots[piece])]
+            cache_slots = self.resident(slots[piece])  # may grow self.values: index it only afterwards
+            out[piece] = self.values[cache_slots]
         return out
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:

@@ -93,4 +93,4 @@ class DeviceStore(EmbeddingStore):
 
     def metrics(self) -> dict[str, float]:
         return {"rows": float(len(self)), "lookups": float(self.lookups), "inserts": float(self.inserts),
-                "bytes": float(self.values.numel() * 4 + self.encoder.capacity * 16)}
+                "bytes": float(self.values.numel() * 4 + self.encoder.nbytes)}

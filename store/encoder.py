@@ -40,6 +40,11 @@ class IdEncoder:
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table: a 64-bit key and a 64-bit slot per cell."""
+        return self.table_keys.numel() * 8 + self.table_slots.numel() * 8
+
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """[N] unique keys -> [N] slots, -1 where a key is absent."""
         return self._probe(keys.to(self.device), insert=False)

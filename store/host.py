@@ -3,7 +3,9 @@
 On a GPU machine the table is page-locked and mapped into the GPU's address
 space (UVA), so the cache above can gather and scatter rows over PCIe without a
 staging copy (`mode="uva"`, through CuPy), or in batched copies: gather on the
-CPU into a pinned buffer, then one host-to-device copy (`mode="copy"`).
+CPU into a pinned buffer, then one host-to-device copy (`mode="copy"`; there the
+table itself stays pageable: only the staging buffer must be pinned, and torch
+would round a pinned allocation up to a power of two).
 bench/store.py measures both; `uva` is the default where CuPy is present.
 """
 from __future__ import annotations
@@ -60,7 +62,7 @@ class HostTable:
         if mode == "uva" and (not gpu or _cupy() is None):
             raise ValueError("host table mode 'uva' needs a CUDA device and CuPy (pip install terarec[gpu])")
         self.mode = mode
-        self.pinned = gpu
+        self.pinned = gpu  # the staging buffers of `copy`
         self.rows: _PinnedRows | None = None
         self.values = torch.empty((0, value_width))
         self.bytes_read = self.bytes_written = 0
@@ -76,12 +78,12 @@ class HostTable:
         capacity = max(rows, 2 * capacity, 1024)
         if self.max_rows is not None:
             capacity = min(capacity, self.max_rows)
-        if self.pinned and _cupy() is not None:
+        if self.mode == "uva":
             grown = _PinnedRows(capacity, self.value_width, self.device)
             grown.cpu[: self.values.shape[0]] = self.values
             self.rows, self.values = grown, grown.cpu
         else:
-            values = torch.empty((capacity, self.value_width), pin_memory=self.pinned)
+            values = torch.empty((capacity, self.value_width))
             values[: self.values.shape[0]] = self.values
             self.values = values
 

@@ -198,11 +198,8 @@ class TieredStore(EmbeddingStore):
     def snapshot_id(self) -> int:
         return getattr(self.table, "snapshot_id", 0)
 
-    def index_bytes(self) -> int:
-        """Bookkeeping bytes: the encoder's table plus every level's slot map and per-slot state."""
-        return self.encoder.capacity * 16 + sum(level.metadata_bytes() for level in self.levels)
-
     def metrics(self) -> dict[str, float]:
         rows = len(self)
         return {"rows": float(rows), "lookups": float(self.lookups), "inserts": float(self.inserts),
-                "index_bytes_per_row": self.index_bytes() / rows if rows else 0.0, **self.cache.metrics()}
+                "index_bytes_per_row": sum(self.index_bytes_per_row().values()) if rows else 0.0,
+                **self.cache.metrics()}

@@ -1,0 +1,224 @@
+"""A table far larger than the GPU cache, trained by the worker's own step: device vs cached_host vs cached_ssd.
+
+The table holds --rows keys (default 40M) of dim 128 with Adagrad state: 1 KiB a key, 41 GB. It is loaded in
+bulk (`load_items`, which writes straight to the bottom tier), the GPU cache (--cache-gb, 4 GB) is warmed on
+the unique keys of --warm-batches batches, then DLRM (bench/kernels.py's Criteo shapes) trains --steps steps
+through `TrainWorker.train_step`, the step `terarec train` runs, prefetch of the next batch included. Batches
+are made on the GPU (the reader is left out of the measurement): 26 features of Zipf(--zipf) IDs over
+rows / 26 per feature, and each ID is, with chance --new-ids, a brand-new one (new IDs keep arriving).
+
+One kind per call fits the device tool's limit of 10 minutes; each call merges its row into
+bench/results/store_large-<device>.json (`figures.rows`: kind, table_gb, cache_gb, host_cache_gb, gpu_hit,
+samples_per_s, vs_device, and the index bytes per row by tier).
+
+    python bench/store_large.py --kind device
+    python bench/store_large.py --kind cached_host
+    python bench/store_large.py --kind cached_ssd --scratch /tmp/terarec-large   # a directory on the disk
+    python bench/store_large.py --smoke                 # every kind, tiny, on the CPU (to /tmp)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from results import RESULTS, device_name, record  # bench/results.py
+from store import compile_variants  # bench/store.py
+from terarec.actors.train_worker import TrainWorker
+from terarec.core.config import load_config
+from terarec.core.data.synth import write_synthetic
+from terarec.kernels.comm import LocalCommunicator
+from terarec.models import Batch
+from terarec.store import feature_keys
+
+FEATURES = 26
+KINDS = ("device", "cached_host", "cached_ssd")
+HEADROOM = 1.1  # tables are reserved for this many times the loaded rows, so new IDs never make them grow
+
+
+class Keys:
+    """Batches of [B, 26] raw IDs: rank r of [0, vocab) with chance ~ 1 / (r + 1)^zipf, or, with chance
+    `new_ids`, an ID never drawn before (vocab, vocab + 1, ...), on `device`."""
+
+    def __init__(self, vocab: int, zipf: float, new_ids: float, device: torch.device, seed: int = 0):
+        weights = 1.0 / np.arange(1, vocab + 1, dtype=np.float64) ** zipf
+        self.cdf = torch.from_numpy(np.cumsum(weights / weights.sum())).to(device)
+        self.vocab, self.new_ids, self.device = vocab, new_ids, device
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.next_new = vocab
+
+    def sparse(self, size: int) -> torch.Tensor:
+        g = self.generator
+        u = torch.rand((size, FEATURES), generator=g, device=self.device, dtype=torch.float64)
+        ids = torch.searchsorted(self.cdf, u * self.cdf[-1]).clamp_(max=self.vocab - 1)
+        new = torch.rand((size, FEATURES), generator=g, device=self.device) < self.new_ids
+        count = int(new.sum())
+        ids[new] = torch.arange(self.next_new, self.next_new + count, device=self.device)
+        self.next_new += count
+        return ids
+
+    def batch(self, size: int) -> Batch:
+        g = self.generator
+        return Batch(torch.randn((size, 13), generator=g, device=self.device), self.sparse(size),
+                     torch.randint(0, 2, (size, 1), generator=g, device=self.device).float())
+
+
+def make_worker(args, kind: str, data: str, scratch: Path, device: torch.device) -> TrainWorker:
+    overrides = [f"store.kind={kind}", f"embedding.dim={args.dim}", "embedding.optimizer=adagrad", "embedding.lr=0.01",
+                 f"dlrm.bottom_mlp={args.bottom_mlp}", f"dlrm.top_mlp={args.top_mlp}"]
+    if kind != "device":
+        overrides.append(f"store.cache_bytes={args.cache_gb * 1e9:.0f}")
+    if kind == "cached_ssd":
+        overrides += [f"store.path={scratch / 'ssd'}", f"store.host_bytes={args.host_cache_gb * 1e9:.0f}"]
+    config = load_config(overrides=overrides, flags={"data": data, "batch_size": args.batch, "steps": 1 << 30,
+                                                     "seed": 0})
+    return TrainWorker(config, LocalCommunicator(), device)
+
+
+def bulk_load(store, vocab: int, device: torch.device, chunk_keys: int) -> None:
+    """Every (feature, ID < vocab) key with its initial row, in chunks, straight to where it lives."""
+    if hasattr(store, "cache"):  # once, with room for the new IDs: no table grows by doubling while timed
+        store.cache.reserve(int(HEADROOM * vocab * FEATURES))
+    per_chunk = max(1, chunk_keys // FEATURES)
+    for start in range(0, vocab, per_chunk):
+        ids = torch.arange(start, min(start + per_chunk, vocab), device=device)
+        keys = feature_keys(ids.unsqueeze(1).expand(-1, FEATURES)).reshape(-1)
+        store.load_items(keys, store.initial_values(keys))
+
+
+def warm(store, keys: Keys, batch: int, batches: int) -> None:
+    """Lookups of the unique keys of `batches` batches, 8 at a time: the caches hold the recent working set."""
+    for start in range(0, batches, 8):
+        sparse = torch.cat([keys.sparse(batch) for _ in range(min(8, batches - start))])
+        store.lookup(torch.unique(feature_keys(sparse)))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
+    vocab = args.rows // FEATURES
+    scratch = Path(args.scratch) / kind
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        worker = make_worker(args, kind, data, scratch, device)
+        store = worker.store
+        started = time.perf_counter()
+        bulk_load(store, vocab, device, args.chunk_keys)
+        sync(device)
+        load_s = time.perf_counter() - started
+        print(f"{kind}: loaded {len(store):,} rows in {load_s:.0f}s", flush=True)
+        keys = Keys(vocab, args.zipf, args.new_ids, device)
+        started = time.perf_counter()
+        warm(store, keys, args.batch, args.warm_batches)
+        compile_variants(store, torch.unique(feature_keys(keys.sparse(args.batch))))
+        for _ in range(3):  # the dense kernels' compiles, the first prefetch
+            worker.train_step(keys.batch(args.batch), keys.batch(args.batch))
+        sync(device)
+        warm_s = time.perf_counter() - started
+        batches = [keys.batch(args.batch) for _ in range(args.steps + 1)]
+        before = store.metrics()
+        sync(device)
+        started = time.perf_counter()
+        for step in range(args.steps):
+            worker.train_step(batches[step], batches[step + 1])
+        sync(device)
+        seconds = time.perf_counter() - started
+        after = store.metrics()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    looked = delta.get("cache_hits", 0.0) + delta.get("cache_misses", 0.0)
+    row_bytes = store.value_width * 4
+    row = {"kind": kind, "table_gb": round(len(store) * row_bytes / 1e9, 3),
+           "cache_gb": round(after.get("cache_capacity_rows", 0.0) * row_bytes / 1e9, 3),
+           "host_cache_gb": round(after.get("host_cache_capacity_rows", 0.0) * row_bytes / 1e9, 3),
+           "gpu_hit": round(delta["cache_hits"] / looked, 4) if looked else 1.0,
+           "samples_per_s": round(args.steps * args.batch / seconds),
+           "step_ms": round(seconds / args.steps * 1e3, 2), "load_s": round(load_s, 1), "warm_s": round(warm_s, 1),
+           "rows": len(store), "unique_keys_per_step": round(delta.get("lookups", 0.0) / args.steps)}
+    if "host_cache_hits" in delta:
+        host_looked = delta["host_cache_hits"] + delta["host_cache_misses"]
+        row["host_cache_hit"] = round(delta["host_cache_hits"] / host_looked, 4) if host_looked else 1.0
+    if "cache_prefetched" in delta and delta.get("cache_fills"):
+        row["prefetched_share"] = round(delta["cache_prefetched"] / delta["cache_fills"], 4)
+    row["index_bytes_per_row"] = {tier: round(value, 1) for tier, value in store.index_bytes_per_row().items()}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def merge(path: Path, rows: list[dict]) -> list[dict]:
+    """This call's rows over those already recorded for other kinds; vs_device against the device row."""
+    kept = json.loads(path.read_text())["figures"]["rows"] if path.exists() else []
+    merged = [r for r in kept if r["kind"] not in {row["kind"] for row in rows}] + rows
+    merged.sort(key=lambda r: KINDS.index(r["kind"]))
+    device_rate = next((r["samples_per_s"] for r in merged if r["kind"] == "device"), None)
+    for r in merged:
+        r["vs_device"] = round(r["samples_per_s"] / device_rate, 3) if device_rate else None
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=[*KINDS, "all"], default="all")
+    parser.add_argument("--rows", type=int, default=40_000_000, help="keys loaded before training")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--cache-gb", type=float, default=4.0, help="store.cache_bytes, in GB")
+    parser.add_argument("--host-cache-gb", type=float, default=8.0, help="cached_ssd's host cache (store.host_bytes)")
+    parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--zipf", type=float, default=1.45,
+                        help="ID skew; 1.45 puts a 4 GB cache near 90%% hit at 40M keys (Che's approximation)")
+    parser.add_argument("--new-ids", type=float, default=0.001, help="chance that an ID is a brand-new one")
+    parser.add_argument("--warm-batches", type=int, default=240, help="batches whose keys warm the caches")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps")
+    parser.add_argument("--chunk-keys", type=int, default=1 << 21, help="keys per bulk-load call")
+    parser.add_argument("--bottom-mlp", default="[512,256]")
+    parser.add_argument("--top-mlp", default="[1024,1024,512,256]")
+    parser.add_argument("--scratch", default="/tmp/terarec-store-large", help="SSD tables and a tiny dataset")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--smoke", action="store_true", help="every kind at a tiny size on the CPU, results to /tmp")
+    args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.dim, args.batch, args.cache_gb, args.host_cache_gb = 26 * 3000, 16, 256, 0.0005, 0.001
+        args.zipf, args.warm_batches, args.steps, args.chunk_keys = 1.2, 16, 4, 10_000
+        args.bottom_mlp, args.top_mlp, args.kind = "[32]", "[32]", "all"
+        args.out = tempfile.mkdtemp(prefix="store-large-smoke-")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True  # as bench/kernels.py's step
+    data = Path(args.scratch) / "data"
+    if not (data / "meta.json").exists():  # the worker reads the schema from a dataset; batches come from Keys
+        write_synthetic(str(data), rows=2000, seed=0)
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    rows = [run_kind(args, kind, str(data), device) for kind in kinds]
+    slug = device_name().lower().replace("nvidia ", "").replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
+    name = f"store_large-{slug}"
+    path = Path(args.out) / f"{name}.json"
+    figures = {"rows": merge(path, rows)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "scratch", "kind")}
+    if args.out == RESULTS:
+        record(name, figures, settings)
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        path.write_text(json.dumps({"benchmark": name, "device": device_name(), "settings": settings,
+                                    "figures": figures}, indent=1))
+        print(f"wrote {path}")
+    print("| kind | table GB | GPU cache GB | host cache GB | GPU-cache hit | samples/s | vs device |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in figures["rows"]:
+        vs = f"{r['vs_device']:.0%}" if r["vs_device"] else "-"
+        print(f"| {r['kind']} | {r['table_gb']} | {r['cache_gb']} | {r['host_cache_gb']} | {r['gpu_hit']:.1%} | "
+              f"{r['samples_per_s']:,} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()
