@@ -132,9 +132,8 @@ class CacheLevel:
         """Write every dirty row down; they stay cached, clean."""
         dirty = self.dirty[: self.size].nonzero().squeeze(1)
         if dirty.numel():
-            self._write_down(self.backing[dirty], self.values[dirty])
+            self._write_down(self.backing[dirty], self.values[dirty], defer=False)
             self.dirty[dirty] = False
-        self.drain()
 
     def drain(self) -> None:
         """Write the deferred write-backs down, oldest first."""
@@ -263,8 +262,11 @@ class CacheLevel:
         self.evictions += cache_slots.numel()
         self.size -= cache_slots.numel()
 
-    def _write_down(self, backing: torch.Tensor, values: torch.Tensor) -> None:
-        if self.defer_writes and sum(b.numel() for b, _ in self.deferred) < self.capacity:
+    def _write_down(self, backing: torch.Tensor, values: torch.Tensor, defer: bool = True) -> None:
+        """Rows to the tier below: deferred (see the module's doc) while fewer than a quarter of the
+        capacity wait, else now, after the waiting ones."""
+        waiting = sum(b.numel() for b, _ in self.deferred)
+        if defer and self.defer_writes and waiting + backing.numel() <= self.capacity // 4:
             self.deferred.append((backing, values.clone()))
         else:
             self.drain()

@@ -212,9 +212,9 @@ def test_row_evicted_with_its_write_back_in_flight_reads_back_written(kind, host
     """Rows updated, evicted dirty (their write-back deferred to the background job), prefetched again
     at once: the job writes them before it reads them, and an SSD read waits for their queued write."""
     optimizer = SparseAdagrad(lr=0.1)
-    store = tiered(kind, optimizer, tmp_path, cache_rows=4, host_rows=host_rows)
+    store = tiered(kind, optimizer, tmp_path, cache_rows=16, host_rows=host_rows)
     reference = DeviceStore(DIM, optimizer, seed=3)
-    first, second = torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8])
+    first, second = torch.tensor([1, 2, 3, 4]), torch.arange(5, 21)
     for model in (store, reference):
         model.lookup(first)
         model.update(first, grads_of(0, 4))
@@ -222,7 +222,7 @@ def test_row_evicted_with_its_write_back_in_flight_reads_back_written(kind, host
     assert store.cache.deferred  # their write-back has not happened yet
     store.prefetch(first)  # the job: write back, then read the same rows
     for model in (store, reference):
-        model.update(second, grads_of(1, 4))
+        model.update(second, grads_of(1, 16))
     assert torch.equal(store.lookup(first), reference.lookup(first))
     assert store.metrics()["cache_prefetched"] == 4
     assert_same_store(store, reference)
