@@ -42,7 +42,7 @@ class DenseOptimizerConfig(Strict):
 
 class StoreConfig(Strict):
     kind: Literal["device", "cached_host", "cached_ssd"] = "device"
-    policy: Literal["lru", "lfu"] = "lru"
+    policy: Literal["lru", "lfu"] = Field(default="lru", description="cache eviction: lru is CLOCK, lfu GCLOCK")
     cache_bytes: float | None = Field(default=None, gt=0, description="fast-tier size in bytes, or a fraction of free memory if < 1")
     host_bytes: float | None = Field(default=None, gt=0, description="host-tier size in bytes, or a fraction if < 1")
     path: str | None = Field(default=None, description="directory of the SSD table (cached_ssd)")

@@ -56,7 +56,8 @@ class EmbeddingStore(ABC):
         """Number of keys held."""
 
     def prefetch(self, keys: torch.Tensor) -> None:
-        """Hint: these keys come next; tiered stores stage them in the fast tier ahead of use."""
+        """Hint: these keys come next. Tiered stores start reading their rows from the slower tiers in the
+        background, for the next `lookup`; others ignore it."""
 
     def flush(self) -> None:
         """Write back whatever a fast tier holds dirty, so the slower tiers are a consistent point."""

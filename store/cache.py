@@ -80,8 +80,8 @@ class CacheLevel:
 
     def reserve(self, rows: int) -> None:
         """Backing slots [0, rows) may be addressed from now on."""
-        if rows > self.slot_of.numel():
-            grown = torch.full((max(rows, 2 * self.slot_of.numel()),), -1, dtype=torch.int32, device=self.device)
+        if rows > self.slot_of.numel():  # by a quarter: the map is index memory, 4 bytes a row at most 5
+            grown = torch.full((max(rows, self.slot_of.numel() * 5 // 4),), -1, dtype=torch.int32, device=self.device)
             grown[: self.slot_of.numel()] = self.slot_of
             self.slot_of = grown
         self.lower.reserve(rows)
