@@ -61,6 +61,7 @@ class CacheLevel:
         self.capacity = capacity
         self.policy = policy
         self.device = torch.device(device)
+        self.slot_device = self.device  # where read and write take slots and rows without a copy
         self.name = name
         self.values = torch.empty((0, value_width), device=self.device)
         self.backing = torch.empty(0, dtype=torch.int64, device=self.device)  # cache slot -> backing slot, -1 free

@@ -67,6 +67,11 @@ class HostTable:
         self.values = torch.empty((0, value_width))
         self.bytes_read = self.bytes_written = 0
 
+    @property
+    def slot_device(self) -> torch.device:
+        """Where read and write take slots and rows without a copy."""
+        return self.device if self.mode == "uva" else torch.device("cpu")
+
     def reserve(self, rows: int) -> None:
         capacity = self.values.shape[0]
         if rows <= capacity:

@@ -73,6 +73,7 @@ class SsdTable:
     """
 
     name = "ssd"
+    slot_device = torch.device("cpu")  # where read and write take slots and rows without a copy
 
     def __init__(self, path: str | os.PathLike, value_width: int, meta: dict, chunk_rows: int = 1 << 16,
                  keep: int = 2, verify: bool = True):

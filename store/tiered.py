@@ -36,6 +36,15 @@ from .optim import SparseOptimizer, apply_in_place
 
 ENCODER_MAX_LOAD = 0.75  # the index's share: 16 bytes a cell at 0.375-0.75 load is 21-43 bytes a row
 
+
+def _staged(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from the GPU to the CPU through pinned memory, without waiting for the copy."""
+    if tensor.device == device:
+        return tensor
+    if tensor.is_cuda and device.type == "cpu":
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+    return tensor.to(device)
+
 class TieredStore(EmbeddingStore):
     """Rows in `cache` (a CacheLevel, possibly over further levels) in front of `table` (HostTable or SsdTable).
 
@@ -64,7 +73,7 @@ class TieredStore(EmbeddingStore):
         self.lookups = 0
         self.inserts = 0
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-prefetch")
-        self._job: tuple[int, Future] | None = None  # (cache generation, future of (slots, rows)) in flight
+        self._job: tuple[int, torch.Tensor, Future] | None = None  # (cache generation, slots, future rows)
         self._prefetched: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, slots, rows) ready
 
     def __len__(self) -> int:
@@ -140,25 +149,35 @@ class TieredStore(EmbeddingStore):
         deferred = self.cache.take_deferred()
         if missing.numel() or deferred:
             missing = torch.sort(missing).values
-            self._job = (self.cache.generation, self._fetcher.submit(self._fetch, missing, deferred))
+            # The copies to the tier below start here: made on the job's thread, a copy from the GPU would
+            # wait for everything queued on the GPU by then (this batch's backward), and so would the job.
+            below = self.cache.lower.slot_device
+            moved = [(_staged(backing, below), _staged(values, below)) for backing, values in deferred]
+            copied = torch.cuda.Event() if self.device.type == "cuda" else None
+            wanted = _staged(missing, below)
+            if copied is not None:
+                copied.record()
+            self._job = (self.cache.generation, missing, self._fetcher.submit(self._fetch, wanted, moved, copied))
 
-    def _fetch(self, slots: torch.Tensor, deferred: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(On the background thread.) Write the deferred rows down, then read `slots` onto the cache's device."""
+    def _fetch(self, slots: torch.Tensor, deferred: list, copied) -> torch.Tensor:
+        """(On the background thread.) Write the deferred rows down, then read `slots`' rows onto the cache's device."""
+        if copied is not None:
+            copied.synchronize()
         lower = self.cache.lower
         for backing, values in deferred:
             lower.write(backing, values)
         rows = lower.read(slots) if slots.numel() else torch.empty((0, self.value_width))
         if rows.device != self.device:
             rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
-        return slots, rows
+        return rows
 
     def _settle(self) -> None:
         """Wait for the background job; keep what it read for the next lookup."""
         if self._job is None:
             return
-        generation, job = self._job
+        generation, slots, job = self._job
         self._job = None
-        slots, rows = job.result()
+        rows = job.result()
         self._prefetched = (generation, slots, rows) if slots.numel() else None
 
     def _take_prefetched(self) -> tuple[torch.Tensor, torch.Tensor] | None:

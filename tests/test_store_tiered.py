@@ -459,3 +459,27 @@ def test_sharded_pipeline_equals_the_device_store(world, tmp_path):
     ref_keys, ref_values = exported(reference)
     assert torch.equal(keys[order], ref_keys)
     assert torch.equal(values[order], ref_values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,host_rows,mode", [("cached_host", 0, "copy"), ("cached_host", 0, "uva"),
+                                                 ("cached_ssd", 250, None)])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_pipeline_on_the_gpu_equals_the_device_store(kind, host_rows, mode, optimizer, tmp_path):
+    """The CUDA paths: pinned staging, copies started before the job, the fused update on cache rows."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if mode == "uva":
+        pytest.importorskip("cupy")
+    store = make_store(kind, DIM, OPTIMIZERS[optimizer], seed=3, device="cuda", policy="lru",
+                       cache_bytes=150 * row_bytes(OPTIMIZERS[optimizer]),
+                       host_bytes=host_rows * row_bytes(OPTIMIZERS[optimizer]) or None,
+                       path=str(tmp_path / "ssd") if kind == "cached_ssd" else None)
+    if mode is not None:
+        store.table.mode = mode
+    reference = DeviceStore(DIM, OPTIMIZERS[optimizer], seed=3, device="cuda")
+    steps = [keys.cuda() for keys in batches("zipf", steps=25, size=120)]
+    for rows, ref_rows in zip(train(store, steps), train(reference, steps)):
+        assert torch.equal(rows, ref_rows)
+    assert store.metrics()["cache_prefetched"] > 0 and store.metrics()["cache_evictions"] > 0
+    assert_same_store(store, reference)
