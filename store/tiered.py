@@ -18,8 +18,8 @@ reading, and makes room by the usual eviction, so the running batch's rows stay
 resident until its `update` lands: only the calling thread ever changes the top
 cache. The read rows are used only if the top cache's `generation` did not move
 since the prefetch: no row came in or went out, and nothing was written below
-past it (a load), so the rows below are still the ones read. Every call that reads or writes below waits
-for the background job first (`_settle`).
+past it (a load), so the rows below are still the ones read. Every call that
+reads or writes below waits for the background job first (`_settle`).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def _staged(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.is_cuda and device.type == "cpu":
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
     return tensor.to(device)
+
 
 class TieredStore(EmbeddingStore):
     """Rows in `cache` (a CacheLevel, possibly over further levels) in front of `table` (HostTable or SsdTable).
@@ -162,6 +163,7 @@ class TieredStore(EmbeddingStore):
     def _fetch(self, slots: torch.Tensor, deferred: list, copied) -> torch.Tensor:
         """(On the background thread.) Write the deferred rows down, then read `slots`' rows onto the cache's device."""
         if copied is not None:
+            torch.cuda.set_device(self.device)  # this thread's own current device
             copied.synchronize()
         lower = self.cache.lower
         for backing, values in deferred:
