@@ -25,7 +25,7 @@ from results import RESULTS, device_name, record  # bench/results.py
 from terarec.kernels import gather as kernels_gather
 from terarec.models import Embedding
 from terarec.store import DeviceStore, IdEncoder, SparseAdagrad, SparseAdam, SparseSGD, feature_keys
-from terarec.store import device as store_device, encoder as store_encoder
+from terarec.store import encoder as store_encoder, optim as store_optim
 
 BATCH, FEATURES, DIM, VOCAB = 65536, 26, 128, 40_000  # VOCAB raw IDs per feature, as bench/kernels.py's step
 
@@ -42,7 +42,7 @@ def fused(enabled: bool):
 @contextlib.contextmanager
 def torch_embedding_path():
     """The embedding path on its torch references while the dense kernels stay fused (the state before)."""
-    modules = (store_encoder, store_device, kernels_gather)
+    modules = (store_encoder, store_optim, kernels_gather)
     saved = [module.use_fused for module in modules]
     for module in modules:
         module.use_fused = lambda tensor: False

@@ -53,7 +53,10 @@ class IdEncoder:
         """[N] unique keys -> [N] slots; absent keys get the next free slots."""
         keys = keys.to(self.device)
         if (self.size + keys.numel()) > self.max_load * self.capacity:
-            self._grow(self.size + keys.numel())
+            # most keys of a batch are usually known: grow for the absent ones only (index memory)
+            absent = int((self._probe(keys, insert=False) < 0).sum())
+            if self.size + absent > self.max_load * self.capacity:
+                self._grow(self.size + absent)
         return self._probe(keys, insert=True)
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,8 @@ from terarec.kernels.triton_hash import EMPTY_KEY, probe  # noqa: E402
 from terarec.kernels.triton_sparse_update import sparse_update_  # noqa: E402
 from terarec.models.embedding import Embedding  # noqa: E402
 from terarec.store import DeviceStore, IdEncoder, SparseAdagrad, SparseAdam, SparseSGD  # noqa: E402
-from terarec.store import device as store_device, encoder as store_encoder, keys as store_keys  # noqa: E402
+from terarec.store import encoder as store_encoder, keys as store_keys  # noqa: E402
+from terarec.store import optim as store_optim  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -35,7 +36,7 @@ gpu = pytest.mark.gpu
 
 def use_kernels(monkeypatch):
     """From here on, dispatch to the Triton kernels for CPU tensors too (interpreter); CUDA tensors use them anyway."""
-    for module in (store_encoder, store_device, kernels_gather):
+    for module in (store_encoder, store_optim, kernels_gather):
         monkeypatch.setattr(module, "use_fused", lambda tensor: True)
 
 
