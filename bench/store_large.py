@@ -72,7 +72,7 @@ class Keys:
 
 def make_worker(args, kind: str, data: str, scratch: Path, device: torch.device) -> TrainWorker:
     overrides = [f"store.kind={kind}", f"embedding.dim={args.dim}", "embedding.optimizer=adagrad", "embedding.lr=0.01",
-                 f"dlrm.bottom_mlp={args.bottom_mlp}", f"dlrm.top_mlp={args.top_mlp}"]
+                 f"dlrm.bottom_mlp={args.bottom_mlp}", f"dlrm.top_mlp={args.top_mlp}", "precision=tf32"]
     if kind != "device":
         overrides.append(f"store.cache_bytes={args.cache_gb * 1e9:.0f}")
     if kind == "cached_ssd":
@@ -194,7 +194,6 @@ def main() -> None:
         args.bottom_mlp, args.top_mlp, args.kind = "[32]", "[32]", "all"
         args.out = tempfile.mkdtemp(prefix="store-large-smoke-")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True  # as bench/kernels.py's step
     data = Path(args.scratch) / "data"
     if not (data / "meta.json").exists():  # the worker reads the schema from a dataset; batches come from Keys
         write_synthetic(str(data), rows=2000, seed=0)
