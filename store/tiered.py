@@ -163,7 +163,8 @@ class TieredStore(EmbeddingStore):
     def _fetch(self, slots: torch.Tensor, deferred: list, copied) -> torch.Tensor:
         """(On the background thread.) Write the deferred rows down, then read `slots`' rows onto the cache's device."""
         if copied is not None:
-            torch.cuda.set_device(self.device)  # this thread's own current device
+            # this thread's own current device; a bare "cuda" means the caller's current one
+            torch.cuda.set_device(self.device if self.device.index is not None else torch.cuda.current_device())
             copied.synchronize()
         lower = self.cache.lower
         for backing, values in deferred:
