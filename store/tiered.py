@@ -65,6 +65,8 @@ class TieredStore(EmbeddingStore):
         self.cache = cache
         self.table = table
         self.device = cache.device
+        if self.device.type == "cuda" and self.device.index is None:  # the background thread needs the index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         keys = getattr(table, "keys", torch.empty(0, dtype=torch.int64))
         self.encoder = IdEncoder.from_items(keys, torch.arange(keys.numel()), device=self.device,
                                             max_load=ENCODER_MAX_LOAD)
@@ -163,8 +165,7 @@ class TieredStore(EmbeddingStore):
     def _fetch(self, slots: torch.Tensor, deferred: list, copied) -> torch.Tensor:
         """(On the background thread.) Write the deferred rows down, then read `slots`' rows onto the cache's device."""
         if copied is not None:
-            # this thread's own current device; a bare "cuda" means the caller's current one
-            torch.cuda.set_device(self.device if self.device.index is not None else torch.cuda.current_device())
+            torch.cuda.set_device(self.device)  # this thread's own current device
             copied.synchronize()
         lower = self.cache.lower
         for backing, values in deferred:
