@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -295,7 +296,7 @@ def test_reader_rejects_bad_arguments_and_closes(dataset):
     reader = BatchReader(files, 10, epochs=None, prefetch=2)
     assert len(next(iter(reader))) == 10
     reader.close()
-    assert reader._thread is None
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("terarec-reader")]
     with pytest.raises(StopIteration):
         next(reader)
 
