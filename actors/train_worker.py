@@ -54,10 +54,13 @@ def with_next(batches: Iterable[Batch]) -> Iterator[tuple[Batch, Batch | None]]:
 class TrainWorker:
     """Builds the shard, the model and the optimizers for one rank, and runs the loop."""
 
-    def __init__(self, config: TrainConfig, comm: Communicator, device: torch.device):
+    def __init__(self, config: TrainConfig, comm: Communicator, device: torch.device,
+                 reader_threads: int | None = None):
         self.config = config
         self.comm = comm
         self.device = device
+        self.reader_threads = reader_threads  # this worker's share of the node's cores (None: the reader's default)
+        self.first_step_at: float | None = None  # wall clock when this process's first step had finished
         self.rank, self.world_size = comm.rank, comm.world_size
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
@@ -129,18 +132,25 @@ class TrainWorker:
     def train(self, on_log: Callable[[StepLog], None] | None = None,
               on_checkpoint: Callable[[int], None] | None = None) -> StepLog:
         config = self.config
+        # Batches arrive on the device, copied on a side stream while the previous step runs; the loop reads
+        # nothing back from the device but the loss, once per log window.
         reader = BatchReader(self.train_files, config.batch_size, rank=self.rank, world_size=self.world_size,
-                             seed=config.seed, shuffle=True, drop_last=True, start_step=self.step)
+                             seed=config.seed, shuffle=True, drop_last=True, start_step=self.step,
+                             device=self.device, threads=self.reader_threads)
         window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=self.device)
         # A tiered store stages the next batch's rows ahead (with several shards, through an early key
         # exchange: every rank takes part, as the store kind and the batch stream are the same on all).
         prefetch = config.store.kind != "device"
         with reader:
-            for batch, following in with_next(reader):
+            for batch, following in with_next(reader) if prefetch else ((batch, None) for batch in reader):
                 if self.step >= self.total_steps:
                     break
                 ahead = prefetch and self.step + 1 < self.total_steps
                 loss_sum += self.train_step(batch, following if ahead else None)
+                if self.first_step_at is None:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)  # once: when the first step has really finished
+                    self.first_step_at = time.time()
                 window_steps += 1
                 last = self.step == self.total_steps
                 if self.step % config.log_every == 0 or last:
@@ -174,9 +184,9 @@ class TrainWorker:
         batch_size = max(self.world_size, config.eval_batch_size // self.world_size * self.world_size)
         gathered, rows = [], 0
         with BatchReader(self.eval_files, batch_size, rank=self.rank, world_size=self.world_size,
-                         shuffle=False, drop_last=False, epochs=1) as reader:
+                         shuffle=False, drop_last=False, epochs=1, device=self.device,
+                         threads=self.reader_threads) as reader:
             for batch in reader:
-                batch = batch.to(self.device)
                 with matmul_precision(config.precision), autocast(config.precision, self.device):
                     logits = self.model(batch).float()
                 local = torch.cat([logits, batch.labels[:, :tasks]], dim=1).cpu()
@@ -239,7 +249,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
-    worker = TrainWorker(config, comm, device)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    worker = TrainWorker(config, comm, device, reader_threads=max(1, int(cpus)) if cpus else None)
     rank = worker.rank
 
     checkpoint = ray.train.get_checkpoint()
@@ -257,11 +268,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress = tqdm(total=worker.total_steps, desc="train") if rank == 0 and loop_config.get("tty") else None
     if progress is not None:
         progress.update(worker.step)
-    shown_step = worker.step
+    shown_step, first_window = worker.step, True
     curve_path = os.path.join(config.run_dir, "curve.jsonl")
 
     def on_log(log: StepLog) -> None:
-        nonlocal shown_step
+        nonlocal shown_step, first_window
+        if rank == 0 and first_window:
+            log_line(f"[terarec] first step {worker.first_step_at - loop_config['launched_at']:.1f} s after launch")
+            first_window = False
         monitor.record(log, worker.store)
         if rank == 0:
             line = f"train loss {log.loss:.4f} | {log.samples_per_s:,.0f} samples/s"
@@ -280,6 +294,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"step": step, "world_size": worker.world_size}
         if final:
             metrics |= worker.evaluate()
+            if worker.first_step_at is not None:
+                metrics["time_to_first_step_s"] = worker.first_step_at - loop_config["launched_at"]
             metrics |= {"loss": worker.last_log.loss, "samples_per_s": worker.last_log.samples_per_s}
         with tempfile.TemporaryDirectory() as directory:
             worker.save(directory)

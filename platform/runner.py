@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from terarec.core.checkpoints import META_FILE, read_meta
 from terarec.core.config import ConfigError, TrainConfig
@@ -24,6 +25,17 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str 
         context = ray.init(log_to_driver=True, **kwargs)
         return getattr(context, "dashboard_url", None)
     return None
+
+
+def process_started_at() -> float:
+    """Wall-clock time at which this process started (from /proc on Linux; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+            seconds_since_boot = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - seconds_since_boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def find_checkpoint(run_dir: str, resume_from: str) -> str:
@@ -49,16 +61,20 @@ def run_training(config: TrainConfig) -> dict:
 
     from terarec.core.data.reader import list_split_files
 
-    for split in ("train", "eval"):  # fail here, with the path, rather than inside every worker
-        list_split_files(config.data, split)
+    launched_at = process_started_at()  # time_to_first_step_s counts from here
+    files = [path for split in ("train", "eval")  # fail here, with the path, rather than inside every worker
+             for path in list_split_files(config.data, split)]
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     config = config.model_copy(update={"run_dir": run_dir,
                                        "data": config.data if "://" in config.data else os.path.abspath(config.data)})
-    loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(),
+    loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(), "launched_at": launched_at,
                    "resume_dir": os.path.abspath(find_checkpoint(run_dir, config.resume_from)) if config.resume_from else None}
 
-    dashboard = connect_ray(config.ray_address)
+    with ThreadPoolExecutor(1) as pool:  # build the data's column copies while Ray starts: workers only check them
+        copies = pool.submit(_prepare_column_copies, files)
+        dashboard = connect_ray(config.ray_address)
+        copies.result()
     if dashboard:
         print(f"[terarec] Ray dashboard: {dashboard if '://' in dashboard else 'http://' + dashboard}")
     import ray
@@ -87,3 +103,10 @@ def run_training(config: TrainConfig) -> dict:
     plot_curve(run_dir)
     return metrics
 
+
+def _prepare_column_copies(files: list[str]) -> None:
+    from terarec.core.data.columns import open_all_columns
+
+    if not any("://" in path for path in files):  # URIs are read as parquet
+        for column_file in open_all_columns(files, os.cpu_count() or 1):
+            column_file.close()

@@ -33,8 +33,9 @@ def test_dlrm_beats_logistic_regression(ray_cluster, clicks, tmp_path):
                          "--batch-size", "1024", "--seed", "0", "--set", "eval_rows=20000", *extra)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        for key in ("auc", "logloss", "samples_per_s", "steps", "train_rows", "model"):
+        for key in ("auc", "logloss", "samples_per_s", "steps", "train_rows", "model", "time_to_first_step_s"):
             assert key in metrics
+        assert 0 < metrics["time_to_first_step_s"] and "s after launch" in result.stdout + result.stderr
         assert metrics["steps"] == 340 and metrics["train_rows"] == 340 * 1024 and metrics["model"] == model
         assert (run_dir / "curve.jsonl").read_text().count("\n") >= 6
         assert (run_dir / "curve.png").stat().st_size > 1000

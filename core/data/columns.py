@@ -89,6 +89,13 @@ def open_columns(parquet_path: str, threads: int = 1) -> ColumnFile:
                       manifest["offsets"], os.open(bin_path, os.O_RDONLY))
 
 
+def open_all_columns(parquet_paths: list[str], threads: int = 1) -> list[ColumnFile]:
+    """The column copies of several files, built or checked in parallel over `threads` threads."""
+    with ThreadPoolExecutor(max(1, min(threads, len(parquet_paths)))) as pool:
+        per_file = max(1, threads // max(1, len(parquet_paths)))
+        return list(pool.map(lambda path: open_columns(path, per_file), parquet_paths))
+
+
 def column_paths(parquet_path: str) -> tuple[str, str]:
     """(.bin, .json) of a parquet file's copy: in `<split>/_columns/`, or the user's cache if that is read-only."""
     split_dir, name = os.path.split(os.path.abspath(parquet_path))

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from terarec.models.batch import Batch
-from terarec.core.data.columns import ColumnFile, open_columns
+from terarec.core.data.columns import ColumnFile, open_all_columns
 from terarec.core.data.errors import DataArgumentError, DataNotFoundError, SchemaMismatchError
 from terarec.core.data.parquet import decode_row_group, open_parquet
 from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, check_schema, label_columns_of
@@ -201,9 +201,7 @@ class BatchReader:
         if self._pool is not None or self._done:
             return
         if self.columns:
-            with ThreadPoolExecutor(min(self.threads, len(self.files))) as pool:
-                per_file = max(1, self.threads // len(self.files))
-                self._column_files = list(pool.map(lambda path: open_columns(path, per_file), self.files))
+            self._column_files = open_all_columns(self.files, self.threads)
         # the parquet path decodes in order on one thread: consecutive batches share row groups
         self._pool = ThreadPoolExecutor(self.threads if self.columns else 1, thread_name_prefix="terarec-reader")
         if self.columns and self.device is not None and self.device.type == "cuda":
