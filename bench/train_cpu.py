@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from terarec.models import DLRM, DLRMConfig, Embedding
-from terarec.models.layers import DotInteraction
+from terarec.kernels.interaction import dot_interaction_reference, interaction_output_dim
 from terarec.core.data.reader import BatchReader, list_split_files
 from terarec.core.data.synth import write_synthetic
 from terarec.store import DeviceStore, SparseAdagrad
@@ -25,22 +25,38 @@ from results import record  # bench/results.py
 
 
 class PlainDLRM(nn.Module):
-    """The same DLRM with one nn.EmbeddingBag per feature over hashed IDs (the usual PyTorch recipe)."""
+    """The same DLRM with one nn.EmbeddingBag per feature over hashed IDs (the usual PyTorch recipe).
 
-    def __init__(self, rows_per_table: int, num_sparse: int, dim: int, config: DLRMConfig):
+    rows_per_table: one size for every table, or one per feature.  sparse: sparse or dense table gradients.
+    """
+
+    def __init__(self, rows_per_table: int | list[int], num_sparse: int, dim: int, config: DLRMConfig,
+                 sparse: bool = True):
         super().__init__()
         self.rows_per_table = rows_per_table
-        self.tables = nn.ModuleList(nn.EmbeddingBag(rows_per_table, dim, mode="sum", sparse=True) for _ in range(num_sparse))
+        sizes = rows_per_table if isinstance(rows_per_table, list) else [rows_per_table] * num_sparse
+        self.register_buffer("table_rows", torch.tensor(sizes, dtype=torch.int64), persistent=False)
+        self.tables = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse) for rows in sizes)
         for table in self.tables:
             nn.init.uniform_(table.weight, -0.05, 0.05)
-        self.bottom = nn.Sequential(*_mlp([13, *config.bottom_mlp, dim], last_relu=True))
-        self.interaction = DotInteraction()
-        self.top = nn.Sequential(*_mlp([self.interaction.output_dim(dim, num_sparse), *config.top_mlp, 1], last_relu=False))
+        self.dense_part = DenseDLRM(dim, num_sparse, config)
 
     def forward(self, batch):
-        ids = torch.remainder(batch.sparse, self.rows_per_table)
+        ids = torch.remainder(batch.sparse, self.table_rows)
         sparse = torch.stack([table(ids[:, f : f + 1]) for f, table in enumerate(self.tables)], dim=1)
-        return self.top(self.interaction(self.bottom(batch.dense), sparse))
+        return self.dense_part(batch.dense, sparse)
+
+
+class DenseDLRM(nn.Module):
+    """DLRM's dense part in plain torch ops: bottom MLP, dot interaction with the [B, F, D] embeddings, top MLP."""
+
+    def __init__(self, dim: int, num_sparse: int, config: DLRMConfig):
+        super().__init__()
+        self.bottom = nn.Sequential(*_mlp([13, *config.bottom_mlp, dim], last_relu=True))
+        self.top = nn.Sequential(*_mlp([interaction_output_dim(dim, num_sparse), *config.top_mlp, 1], last_relu=False))
+
+    def forward(self, dense, sparse):
+        return self.top(dot_interaction_reference(self.bottom(dense), sparse))
 
 
 def _mlp(sizes, last_relu):

@@ -36,6 +36,7 @@ SECTIONS = ("labels", "dense", "sparse")
 CHECKSUM_CHUNK = 64 << 20
 ALIGN = 4096
 log = logging.getLogger(__name__)
+_checked_here: dict[str, tuple[int, int]] = {}  # copy -> (size, mtime_ns) when this process last checked it whole
 
 
 @dataclass
@@ -146,12 +147,16 @@ def _checked_manifest(parquet_path: str, bin_path: str, manifest_path: str, thre
         log.warning(f"{bin_path} is truncated or resized ({size} of {expected_size} bytes); rebuilding it from "
                     f"{parquet_path}")
         return None
+    stamp = (size, os.stat(bin_path).st_mtime_ns)
+    if _checked_here.get(bin_path) == stamp:
+        return manifest
     actual = _checksums(bin_path, size, threads)
     if actual != sums:
         chunk = next(i for i, (a, b) in enumerate(zip(actual, sums)) if a != b)
         log.warning(f"{bin_path} is damaged (checksum of bytes {chunk * CHECKSUM_CHUNK}-"
                     f"{min(size, (chunk + 1) * CHECKSUM_CHUNK)} differs); rebuilding it from {parquet_path}")
         return None
+    _checked_here[bin_path] = stamp
     return manifest
 
 
