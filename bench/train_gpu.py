@@ -20,7 +20,6 @@ with reader_samples_per_s, step_samples_per_s, e2e_samples_per_s, first_step_s) 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -35,10 +34,11 @@ from torch import nn
 from results import device_name, record  # bench/results.py
 from train_cpu import PlainDLRM  # bench/train_cpu.py
 from terarec.actors.train_worker import TrainWorker
-from terarec.core.config import TrainConfig, load_config
+from terarec.core.config import load_config
 from terarec.core.data.reader import BatchReader, list_split_files
 from terarec.core.data.synth import write_synthetic
 from terarec.kernels.comm import LocalCommunicator
+from terarec.kernels.precision import autocast, matmul_precision
 from terarec.models import DLRMConfig
 
 FULL = dict(rows=4_000_000, batch_size=65536, dim=128, bottom=[512, 256], top=[1024, 1024, 512, 256],
@@ -46,11 +46,6 @@ FULL = dict(rows=4_000_000, batch_size=65536, dim=128, bottom=[512, 256], top=[1
             eval_rows=131072)
 SMOKE = dict(rows=30_000, batch_size=2048, dim=16, bottom=[32, 16], top=[64, 32], cardinality_scale=1e-3,
              reader_batches=20, warmup=2, steps=4, e2e_steps=20, log_every=5, eval_rows=4096)
-
-
-def default_precisions() -> str:
-    """The precisions `terarec train` offers; 'default' where the config has no precision setting yet."""
-    return "tf32,bf16" if "precision" in TrainConfig.model_fields else "default"
 
 
 def synchronize(device: torch.device) -> None:
@@ -81,7 +76,7 @@ def config_overrides(shape: dict, precision: str) -> list[str]:
     overrides = [f"embedding.dim={shape['dim']}", f"dlrm.bottom_mlp={shape['bottom']}", f"dlrm.top_mlp={shape['top']}",
                  "store.kind=device", "embedding.optimizer=adagrad", f"log_every={shape['log_every']}",
                  f"eval_rows={shape['eval_rows']}"]
-    return overrides + ([f"precision={precision}"] if precision != "default" else [])
+    return overrides + [f"precision={precision}"]
 
 
 # ---- (a) the reader ---------------------------------------------------------------------------------------------
@@ -135,18 +130,6 @@ def end_to_end(data: str, shape: dict, precision: str, run_dir: str) -> dict:
 
 # ---- baselines: the plain PyTorch recipe ------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def plain_precision(precision: str, device: torch.device):
-    """fp32 (or 'default'), tf32 matmuls, or bf16 autocast of the forward."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def plain_step_rate(table_rows: list[int], shape: dict, precision: str, batches: list, device: torch.device,
                     sparse: bool, compiled: bool) -> float:
     torch.manual_seed(0)
@@ -159,14 +142,15 @@ def plain_step_rate(table_rows: list[int], shape: dict, precision: str, batches:
     optimizers = [torch.optim.Adagrad(tables, lr=0.05), torch.optim.Adam(dense, lr=3e-3)]
     loss_fn = nn.BCEWithLogitsLoss()
 
-    def step(batch):
-        with plain_precision(precision, device):
-            loss = loss_fn(model(batch).float(), batch.labels)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
+    def step(batch):  # the precision as terarec's step applies it
+        with matmul_precision(precision):
+            with autocast(precision, device):
+                loss = loss_fn(model(batch).float(), batch.labels)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
 
     return rate(step, batches, shape["warmup"], shape["steps"], device)
 
@@ -184,7 +168,7 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU), to check the script")
-    parser.add_argument("--precisions", default=default_precisions(), help="comma-separated: fp32, tf32, bf16")
+    parser.add_argument("--precisions", default="tf32,bf16", help="comma-separated: fp32, tf32, bf16")
     parser.add_argument("--rows", type=int, help="rows to synthesize (default 4M; smoke 30k)")
     parser.add_argument("--data", help="reuse a data directory instead of synthesizing one")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="reader threads (default: all cores)")
