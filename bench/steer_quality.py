@@ -1,0 +1,140 @@
+"""A run that watches itself: every zoo model's best eval AUC (keep_best, eval_every) against logistic
+regression's and against DeepCTR-Torch's best epoch; and the default batch size against batch sizes chosen by hand.
+
+Part `zoo`: synthetic data (`terarec data synth --rows 200000 --seed 7`), batch 1024, 300 steps (about 1.7
+epochs), an evaluation every 50 steps, on one training worker (the code `terarec train` runs on each Ray worker,
+without Ray). DeepCTR-Torch 0.3.0's DeepFM and DCN train on the same batches (same sizes and optimizers as
+bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each epoch's end.
+Part `batch`: one epoch of DeepFM at the default batch size (core/steering.py's rule) and at hand-picked ones,
+on 100k and 200k rows. Writes bench/results/steer_quality.json.
+
+    python bench/steer_quality.py [--parts zoo batch] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from terarec.actors.train_worker import TrainWorker
+from terarec.core.config import load_config
+from terarec.core.data.schema import SPARSE_COLUMNS
+from terarec.core.data.synth import write_synthetic
+from terarec.core.metrics import roc_auc
+from terarec.kernels.comm import LocalCommunicator
+from terarec.models.registry import MODELS, is_multi_task
+
+from results import record  # bench/results.py
+from zoo_cpu import DeepCTR, configs, load  # bench/zoo_cpu.py: the peer harness
+
+PEER_MODELS = ("deepfm", "dcn")
+
+
+def train_terarec(data: str, run_dir: str, model: str, steps: int | None, batch_size: int | None,
+                  eval_every: int) -> dict:
+    """One run with periodic evaluation and keep_best; returns its eval curve and final figures."""
+    config = load_config(flags={"data": data, "run_dir": run_dir, "model": model, "steps": steps, "seed": 0,
+                                "batch_size": batch_size, "eval_every": eval_every, "keep_best": eval_every > 0,
+                                "log_every": 10_000})
+    worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
+    curve = []
+    started = time.perf_counter()
+    worker.train(on_eval=lambda step, metrics, best: curve.append({"step": step, "auc": round(metrics["auc"], 4)}))
+    final = worker.final_metrics()
+    return {"model": model, "batch_size": worker.config.batch_size, "steps": worker.step,
+            "best_auc": round(final.get("best_auc", final["auc"]), 4), "best_step": final.get("best_step", worker.step),
+            "final_auc": round(final["auc"], 4), "mean_pred": round(final["mean_pred"], 4),
+            "mean_label": round(final["mean_label"], 4), "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: int) -> dict:
+    """DeepCTR-Torch on the same rows in the same order: eval AUC every `eval_every` steps and at each epoch's end."""
+    train, evaluation = load(data, "train"), load(data, "eval")
+    batches = [train.slice(i, i + batch_size) for i in range(0, len(train) - batch_size + 1, batch_size)]
+    vocabularies = [np.unique(train.sparse[:, f].numpy()) for f in range(len(SPARSE_COLUMNS))]
+    section = load_config(flags={"data": data, "model": model}).model_section()
+    _, make = configs(section.deep_mlp, [], getattr(section, "cross_layers", 3), 0.05 / 3**0.5)[model]
+    torch.manual_seed(0)
+    peer = DeepCTR(make, vocabularies, 16, MODELS[model].sparse_lr, 3e-3)
+    encoded_eval = peer.encode(evaluation)
+    labels = evaluation.labels[:, 0]
+    curve, epoch_aucs, step = [], [], 0
+    for _ in range(epochs):
+        for batch in batches:
+            peer.step(peer.encode(batch))
+            step += 1
+            if step % eval_every == 0:
+                curve.append({"step": step, "auc": round(roc_auc(labels, peer.scores(encoded_eval)), 4)})
+        epoch_aucs.append(round(roc_auc(labels, peer.scores(encoded_eval)), 4))
+    return {"model": model, "epoch_aucs": epoch_aucs, "best_epoch_auc": max(epoch_aucs),
+            "best_auc_any_step": max([p["auc"] for p in curve] + epoch_aucs), "steps_per_epoch": len(batches),
+            "curve": curve}
+
+
+def zoo_part(workdir: str, args) -> dict:
+    data = os.path.join(workdir, "zoo-data")
+    write_synthetic(data, rows=args.rows, seed=7)
+    runs = []
+    for model in [name for name in MODELS if not is_multi_task(name)]:
+        runs.append(train_terarec(data, os.path.join(workdir, model), model, args.steps, args.batch_size, args.eval_every))
+        print({key: value for key, value in runs[-1].items() if key != "curve"}, flush=True)
+    peers = []
+    for model in PEER_MODELS:
+        peers.append(train_peer(data, model, args.batch_size, args.peer_epochs, args.eval_every))
+        print({key: value for key, value in peers[-1].items() if key != "curve"}, flush=True)
+    lr_best = next(run["best_auc"] for run in runs if run["model"] == "lr")
+    peer_best = max(peer["best_epoch_auc"] for peer in peers)
+    for run in runs:
+        run["beats_lr"] = run["best_auc"] > lr_best
+        run["vs_deepctr_best_epoch"] = round(run["best_auc"] - peer_best, 4)
+    return {"terarec": runs, "deepctr_torch": peers}
+
+
+def batch_part(workdir: str, args) -> list[dict]:
+    """One epoch of DeepFM per batch size; the default's AUC against the best hand-picked one."""
+    results = []
+    for rows in args.batch_rows:
+        data = os.path.join(workdir, f"batch-data-{rows}")
+        write_synthetic(data, rows=rows, seed=7)
+        by_batch = {}
+        for batch_size in [None, *args.batches]:
+            run = train_terarec(data, os.path.join(workdir, f"batch-{rows}-{batch_size}"), "deepfm", None, batch_size, 0)
+            by_batch["default" if batch_size is None else batch_size] = run
+            print(rows, batch_size, run["batch_size"], run["final_auc"], flush=True)
+        hand = {batch: run["final_auc"] for batch, run in by_batch.items() if batch != "default"}
+        best_batch = max(hand, key=hand.get)
+        results.append({"rows": rows, "default_batch_size": by_batch["default"]["batch_size"],
+                        "default_auc": by_batch["default"]["final_auc"], "auc_by_batch_size": hand,
+                        "best_hand_batch_size": best_batch,
+                        "default_minus_best": round(by_batch["default"]["final_auc"] - hand[best_batch], 4)})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["zoo", "batch"], choices=["zoo", "batch"])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--peer-epochs", type=int, default=2)
+    parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    figures = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        if "zoo" in args.parts:
+            figures["zoo"] = zoo_part(workdir, args)
+        if "batch" in args.parts:
+            figures["batch"] = batch_part(workdir, args)
+    record("steer_quality", figures, dict(vars(args)))
+
+
+if __name__ == "__main__":
+    main()
