@@ -13,6 +13,7 @@ on 100k and 200k rows. Writes bench/results/steer_quality.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -28,7 +29,7 @@ from terarec.core.metrics import roc_auc
 from terarec.kernels.comm import LocalCommunicator
 from terarec.models.registry import MODELS, is_multi_task
 
-from results import record  # bench/results.py
+from results import RESULTS, record  # bench/results.py
 from zoo_cpu import DeepCTR, configs, load  # bench/zoo_cpu.py: the peer harness
 
 PEER_MODELS = ("deepfm", "dcn")
@@ -57,7 +58,7 @@ def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: 
     batches = [train.slice(i, i + batch_size) for i in range(0, len(train) - batch_size + 1, batch_size)]
     vocabularies = [np.unique(train.sparse[:, f].numpy()) for f in range(len(SPARSE_COLUMNS))]
     section = load_config(flags={"data": data, "model": model}).model_section()
-    _, make = configs(section.deep_mlp, [], getattr(section, "cross_layers", 3), 0.05 / 3**0.5)[model]
+    _, make = configs(section.deep_mlp, [32, 32], getattr(section, "cross_layers", 3), 0.05 / 3**0.5)[model]
     torch.manual_seed(0)
     peer = DeepCTR(make, vocabularies, 16, MODELS[model].sparse_lr, 3e-3)
     encoded_eval = peer.encode(evaluation)
@@ -75,28 +76,32 @@ def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: 
             "curve": curve}
 
 
-def zoo_part(workdir: str, args) -> dict:
+def zoo_part(workdir: str, args, save) -> None:
+    """Each run is saved as it ends (a long xDeepFM run on a busy CPU loses nothing before it)."""
     data = os.path.join(workdir, "zoo-data")
     write_synthetic(data, rows=args.rows, seed=7)
-    runs = []
-    for model in [name for name in MODELS if not is_multi_task(name)]:
-        runs.append(train_terarec(data, os.path.join(workdir, model), model, args.steps, args.batch_size, args.eval_every))
-        print({key: value for key, value in runs[-1].items() if key != "curve"}, flush=True)
-    peers = []
-    for model in PEER_MODELS:
-        peers.append(train_peer(data, model, args.batch_size, args.peer_epochs, args.eval_every))
-        print({key: value for key, value in peers[-1].items() if key != "curve"}, flush=True)
-    lr_best = next(run["best_auc"] for run in runs if run["model"] == "lr")
-    peer_best = max(peer["best_epoch_auc"] for peer in peers)
-    for run in runs:
-        run["beats_lr"] = run["best_auc"] > lr_best
-        run["vs_deepctr_best_epoch"] = round(run["best_auc"] - peer_best, 4)
-    return {"terarec": runs, "deepctr_torch": peers}
+    for model in args.models:
+        run = train_terarec(data, os.path.join(workdir, model), model, args.steps, args.batch_size, args.eval_every)
+        print({key: value for key, value in run.items() if key != "curve"}, flush=True)
+        save({"zoo": {"terarec": {model: run}}})
+    for model in args.peers:
+        peer = train_peer(data, model, args.batch_size, args.peer_epochs, args.eval_every)
+        print({key: value for key, value in peer.items() if key != "curve"}, flush=True)
+        save({"zoo": {"deepctr_torch": {model: peer}}})
 
 
-def batch_part(workdir: str, args) -> list[dict]:
+def compare(zoo: dict) -> dict:
+    """Each zoo model's best AUC minus LR's and minus the best DeepCTR-Torch model's at its best epoch."""
+    runs, peers = zoo.get("terarec", {}), zoo.get("deepctr_torch", {})
+    peer_best = max((peer["best_epoch_auc"] for peer in peers.values()), default=None)
+    return {model: {"best_auc": run["best_auc"],
+                    "minus_lr": round(run["best_auc"] - runs["lr"]["best_auc"], 4) if "lr" in runs else None,
+                    "minus_deepctr_best_epoch": round(run["best_auc"] - peer_best, 4) if peer_best else None}
+            for model, run in runs.items()}
+
+
+def batch_part(workdir: str, args, save) -> None:
     """One epoch of DeepFM per batch size; the default's AUC against the best hand-picked one."""
-    results = []
     for rows in args.batch_rows:
         data = os.path.join(workdir, f"batch-data-{rows}")
         write_synthetic(data, rows=rows, seed=7)
@@ -105,13 +110,28 @@ def batch_part(workdir: str, args) -> list[dict]:
             run = train_terarec(data, os.path.join(workdir, f"batch-{rows}-{batch_size}"), "deepfm", None, batch_size, 0)
             by_batch["default" if batch_size is None else batch_size] = run
             print(rows, batch_size, run["batch_size"], run["final_auc"], flush=True)
-        hand = {batch: run["final_auc"] for batch, run in by_batch.items() if batch != "default"}
-        best_batch = max(hand, key=hand.get)
-        results.append({"rows": rows, "default_batch_size": by_batch["default"]["batch_size"],
-                        "default_auc": by_batch["default"]["final_auc"], "auc_by_batch_size": hand,
-                        "best_hand_batch_size": best_batch,
-                        "default_minus_best": round(by_batch["default"]["final_auc"] - hand[best_batch], 4)})
-    return results
+        save({"batch": {str(rows): {"default_batch_size": by_batch["default"]["batch_size"],
+                                    "default_auc": by_batch["default"]["final_auc"],
+                                    "auc_by_batch_size": {str(batch): run["final_auc"] for batch, run in
+                                                          by_batch.items() if batch != "default"}}}})
+
+
+def batch_summary(batch: dict) -> dict:
+    """Per dataset size: the best hand-picked batch size and the default's AUC minus its."""
+    summary = {}
+    for rows, sweep in batch.items():
+        hand = sweep["auc_by_batch_size"]
+        best = max(hand, key=hand.get)
+        summary[rows] = {"default_batch_size": sweep["default_batch_size"], "best_hand_batch_size": int(best),
+                         "default_minus_best": round(sweep["default_auc"] - hand[best], 4)}
+    return summary
+
+
+def deep_merge(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def main() -> None:
@@ -124,16 +144,27 @@ def main() -> None:
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
+    parser.add_argument("--models", nargs="+", default=[name for name in MODELS if not is_multi_task(name)])
+    parser.add_argument("--peers", nargs="*", default=list(PEER_MODELS), choices=PEER_MODELS)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    figures = {}
+    path = os.path.join(RESULTS, "steer_quality.json")
+
+    def save(figures: dict) -> None:
+        """Merge into the recorded figures (a run of some parts or models keeps the others') and rewrite."""
+        if os.path.isfile(path):
+            with open(path) as stream:
+                figures = deep_merge(json.load(stream)["figures"], figures)
+        figures["zoo_comparison"] = compare(figures.get("zoo", {}))
+        figures["batch_summary"] = batch_summary(figures.get("batch", {}))
+        record("steer_quality", figures, dict(vars(args)))
+
     with tempfile.TemporaryDirectory() as workdir:
         if "zoo" in args.parts:
-            figures["zoo"] = zoo_part(workdir, args)
+            zoo_part(workdir, args, save)
         if "batch" in args.parts:
-            figures["batch"] = batch_part(workdir, args)
-    record("steer_quality", figures, dict(vars(args)))
+            batch_part(workdir, args, save)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class TrainConfig(Strict):
     run_dir: str = "runs/latest"
     steps: int | None = Field(default=None, gt=0, description="optimizer steps; default one epoch of train/")
     batch_size: int | None = Field(default=None, gt=0, description="global batch size, split across workers; "
-                                   "default: about 500 steps per epoch, a power of two in [256, 4096]")
+                                   "default: at least 1000 steps per epoch, a power of two in [32, 4096]")
     eval_batch_size: int = Field(default=16384, gt=0)
     eval_rows: int | None = Field(default=None, gt=0, description="evaluate on at most this many eval rows")
     eval_every: int | None = Field(default=None, ge=0, description="steps between evaluations (0: only at the "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from terarec.actors.train_worker import TrainWorker
+from terarec.api.routes.jobs import evaluations as job_evaluations
 from terarec.core.checkpoints import read_meta
 from terarec.core.config import ConfigError, load_config
 from terarec.core.steering import default_batch_size, fit_to_data, lr_factor, plan_notes
@@ -89,15 +90,17 @@ def test_early_stopping_stops_where_the_rule_says(synth_data, tmp_path):
 
 
 def test_defaults_fit_the_data_and_notes_say_when_a_plan_is_off():
-    assert default_batch_size(90_000, range(1, 2)) == 128
+    assert default_batch_size(90_000, range(1, 2)) == 64
+    assert default_batch_size(180_000, range(1, 2)) == 128
     assert default_batch_size(100_000_000, range(1, 2)) == 4096
-    assert default_batch_size(90_000, range(1, 4)) == 126  # a multiple of 1, 2 and 3
+    assert default_batch_size(90_000, range(1, 4)) == 60  # a multiple of 1, 2 and 3
     config = load_config(flags={"data": "x"})
     fitted = fit_to_data(config, 90_000)
-    assert (fitted.batch_size, fitted.eval_every) == (128, 70)
+    assert (fitted.batch_size, fitted.eval_every) == (64, 140)
     short = fit_to_data(load_config(flags={"data": "x", "batch_size": 4096}), 90_000)
     (note,) = plan_notes(short, 90_000, 10_000)
-    assert note.startswith("short run: one epoch of 90000 rows is only 21 steps of batch 4096; batch_size=128")
+    assert note == ("short run: one epoch of 90000 rows is only 21 steps of batch 4096; batch_size=64 gives 1406 "
+                    "updates per epoch")
     long = fit_to_data(load_config(flags={"data": "x", "batch_size": 1024, "steps": 300}, overrides=["eval_every=0"]), 90_000)
     (note,) = plan_notes(long, 90_000, 10_000)
     assert note.startswith("long run: 3.4 epochs with no evaluation until the end")
@@ -124,6 +127,8 @@ def test_a_run_with_eval_every_keeps_the_best_checkpoint(synth_data, tmp_path):
     assert metrics["best_checkpoint"] == str(run_dir / "best")
     assert read_meta(metrics["best_checkpoint"])["step"] == best["step"]
     assert (run_dir / "curve.png").stat().st_size > 1000
+    latest, best_view = job_evaluations(str(run_dir / "curve.jsonl"))  # what GET /v1/jobs/ID shows
+    assert latest == evaluations[-1] and best_view == {"step": best["step"], "auc": best["auc"]}
     assert f"eval at step {best['step']}" in result.stdout + result.stderr
 
 
