@@ -26,7 +26,7 @@ from terarec.models.registry import is_multi_task, store_width
 from terarec.core.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
 from terarec.core.config import TrainConfig
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
-from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, label_columns_of
+from terarec.core.data.schema import DENSE_TRANSFORM, NUM_DENSE, NUM_SPARSE, label_columns_of
 from terarec.core.metrics import calibration, log_loss, roc_auc
 from terarec.core.steering import BestTracker, fit_to_data, lr_factor
 from terarec.store import feature_keys, make_sparse_optimizer, save_store
@@ -188,7 +188,7 @@ class TrainWorker:
             self.save_best()
         if on_eval:
             on_eval(self.step, metrics, is_best)
-        if self.tracker.should_stop:
+        if self.tracker.should_stop and self.step < self.total_steps:  # at the last step the run ends anyway
             self.stop_reason = self.tracker.stop_reason(self.step)
 
     def final_metrics(self) -> dict:
@@ -258,7 +258,7 @@ class TrainWorker:
                 json.dump({"step": self.step, "world_size": self.world_size, "model": self.config.model,
                            "embedding_dim": self.store.dim,
                            "num_buckets": self.config.embedding.num_buckets,
-                           "label_columns": self.label_columns,
+                           "label_columns": self.label_columns, "dense_transform": DENSE_TRANSFORM,
                            "config": self.config.model_dump(mode="json")}, stream, indent=1)
 
     @property

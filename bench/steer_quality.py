@@ -91,12 +91,18 @@ def zoo_part(workdir: str, args, save) -> None:
 
 
 def compare(zoo: dict) -> dict:
-    """Each zoo model's best AUC minus LR's and minus the best DeepCTR-Torch model's at its best epoch."""
+    """Each zoo model's best AUC minus LR's, minus the same DeepCTR-Torch model's at its best epoch (where the
+    peer has it), and minus the best DeepCTR-Torch model's."""
     runs, peers = zoo.get("terarec", {}), zoo.get("deepctr_torch", {})
     peer_best = max((peer["best_epoch_auc"] for peer in peers.values()), default=None)
+
+    def minus(auc: float, other: float | None) -> float | None:
+        return None if other is None else round(auc - other, 4)
+
     return {model: {"best_auc": run["best_auc"],
-                    "minus_lr": round(run["best_auc"] - runs["lr"]["best_auc"], 4) if "lr" in runs else None,
-                    "minus_deepctr_best_epoch": round(run["best_auc"] - peer_best, 4) if peer_best else None}
+                    "minus_lr": minus(run["best_auc"], runs.get("lr", {}).get("best_auc")),
+                    "minus_same_deepctr_model": minus(run["best_auc"], peers.get(model, {}).get("best_epoch_auc")),
+                    "minus_best_deepctr_model": minus(run["best_auc"], peer_best)}
             for model, run in runs.items()}
 
 
@@ -144,7 +150,7 @@ def main() -> None:
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
-    parser.add_argument("--models", nargs="+", default=[name for name in MODELS if not is_multi_task(name)])
+    parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not is_multi_task(name)])
     parser.add_argument("--peers", nargs="*", default=list(PEER_MODELS), choices=PEER_MODELS)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
@@ -165,6 +171,7 @@ def main() -> None:
             zoo_part(workdir, args, save)
         if "batch" in args.parts:
             batch_part(workdir, args, save)
+    save({})  # the comparisons over everything recorded
 
 
 if __name__ == "__main__":

@@ -87,8 +87,8 @@ DENSE_TRANSFORM = "log1p(max(x, 0))"  # what transform_dense does, as data meta.
 
 
 def write_meta(out_dir: str, meta: dict) -> None:
-    """`out_dir/meta.json`: how the data was made, with the dense transform stated (serving applies the same
-    `transform_dense` to raw counts; checkpoints copy the statement)."""
+    """`out_dir/meta.json`: how the data was made, with the dense transform stated (checkpoints state it too,
+    and serving applies the same `transform_dense` to raw counts)."""
     with open(os.path.join(out_dir, "meta.json"), "w") as stream:
         json.dump({**meta, "dense_transform": DENSE_TRANSFORM}, stream, indent=2)
 
