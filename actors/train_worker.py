@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -13,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import pyarrow.parquet as pq
@@ -34,7 +34,7 @@ from terarec.store.factory import make_store
 from terarec.store.sharded import BucketMap, ShardedRows
 
 
-@dataclasses.dataclass
+@dataclass
 class StepLog:
     step: int
     loss: float
@@ -177,7 +177,7 @@ class TrainWorker:
             group["lr"] = dense_lr
         sparse_lr = config.sparse_lr * lr_factor(config.embedding.schedule, self.step, self.total_steps)
         if sparse_lr != self.store.optimizer.lr:  # sparse optimizers are frozen: a new one with the new lr
-            self.store.optimizer = dataclasses.replace(self.store.optimizer, lr=sparse_lr)
+            self.store.optimizer = replace(self.store.optimizer, lr=sparse_lr)
 
     def _evaluate_and_steer(self, on_eval: Callable[[int, dict[str, float], bool], None] | None) -> None:
         """Evaluate; keep the best checkpoint (keep_best); decide whether to stop early."""
