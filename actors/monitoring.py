@@ -14,6 +14,8 @@ class WorkerMetrics:
         self.exchange_mb = Gauge("terarec_exchange_mb", "MB this worker sent in all-to-alls in the window", tag_keys=tags)
         self.exchange_s = Gauge("terarec_exchange_seconds", "seconds in all-to-alls in the window", tag_keys=tags)
         self.store = Gauge("terarec_store", "store metric (hit rates, evictions, bytes) by name", tag_keys=("rank", "name"))
+        self.eval = Gauge("terarec_eval", "latest evaluation (auc, logloss, mean_pred, mean_label per task) by name",
+                          tag_keys=("rank", "name"))
 
     def record(self, log, store) -> None:
         self.samples_per_s.set(log.samples_per_s, self.rank)
@@ -23,3 +25,7 @@ class WorkerMetrics:
         self.exchange_s.set(log.exchange_s, self.rank)
         for name, value in store.metrics().items():
             self.store.set(value, {"rank": self.rank["rank"], "name": name})
+
+    def record_eval(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.eval.set(value, {"rank": self.rank["rank"], "name": name})

@@ -9,9 +9,10 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
 import pyarrow.parquet as pq
@@ -25,8 +26,9 @@ from terarec.models.registry import is_multi_task, store_width
 from terarec.core.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
 from terarec.core.config import TrainConfig
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
-from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, label_columns_of
-from terarec.core.metrics import log_loss, roc_auc
+from terarec.core.data.schema import DENSE_TRANSFORM, NUM_DENSE, NUM_SPARSE, label_columns_of
+from terarec.core.metrics import calibration, log_loss, roc_auc
+from terarec.core.steering import BestTracker, fit_to_data, lr_factor
 from terarec.store import feature_keys, make_sparse_optimizer, save_store
 from terarec.store.factory import make_store
 from terarec.store.sharded import BucketMap, ShardedRows
@@ -56,7 +58,6 @@ class TrainWorker:
 
     def __init__(self, config: TrainConfig, comm: Communicator, device: torch.device,
                  reader_threads: int | None = None):
-        self.config = config
         self.comm = comm
         self.device = device
         self.reader_threads = reader_threads  # this worker's share of the node's cores (None: the reader's default)
@@ -64,6 +65,7 @@ class TrainWorker:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
+        self.config = config = fit_to_data(config, count_rows(self.train_files))
         label_columns = label_columns_of(pq.read_schema(self.train_files[0]))
         # single-task models learn the first label (click); multi-task ones every label column
         self.label_columns = label_columns if is_multi_task(config.model) else label_columns[:1]
@@ -87,6 +89,10 @@ class TrainWorker:
         self.optimizer = optimizer_cls[config.dense_optimizer.name](self.dense_params, lr=config.dense_optimizer.lr)
         self.step = 0
         self.last_log = StepLog(0, math.nan, 0.0, 0.0, 0.0)  # the latest log window
+        stopping = config.early_stopping
+        self.tracker = BestTracker(stopping.patience if stopping else None, stopping.min_delta if stopping else 0.0)
+        self.last_eval: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest evaluation
+        self.stop_reason: str | None = None
 
     # ---- one step -------------------------------------------------------------------------
     def train_step(self, batch: Batch, following: Batch | None = None) -> torch.Tensor:
@@ -130,7 +136,10 @@ class TrainWorker:
 
     # ---- loop -------------------------------------------------------------------------------
     def train(self, on_log: Callable[[StepLog], None] | None = None,
-              on_checkpoint: Callable[[int], None] | None = None) -> StepLog:
+              on_checkpoint: Callable[[int, bool], None] | None = None,
+              on_eval: Callable[[int, dict[str, float], bool], None] | None = None) -> StepLog:
+        """Train to total_steps (or until early stopping); on_checkpoint(step, final), on_eval(step, metrics,
+        is_best) as they happen."""
         config = self.config
         # Batches arrive on the device, copied on a side stream while the previous step runs; the loop reads
         # nothing back from the device but the loss, once per log window.
@@ -145,6 +154,7 @@ class TrainWorker:
             for batch, following in with_next(reader) if prefetch else ((batch, None) for batch in reader):
                 if self.step >= self.total_steps:
                     break
+                self._apply_lr_schedules()
                 ahead = prefetch and self.step + 1 < self.total_steps
                 loss_sum += self.train_step(batch, following if ahead else None)
                 if self.first_step_at is None:
@@ -153,14 +163,55 @@ class TrainWorker:
                     self.first_step_at = time.time()
                 window_steps += 1
                 last = self.step == self.total_steps
+                if config.eval_every and (self.step % config.eval_every == 0 or last):
+                    eval_started = time.perf_counter()
+                    self._evaluate_and_steer(on_eval)
+                    window_start += time.perf_counter() - eval_started  # samples/s counts training time only
+                    last = last or self.stop_reason is not None
                 if self.step % config.log_every == 0 or last:
                     self.last_log = self._window_log(loss_sum, window_steps, window_start)
                     if on_log:
                         on_log(self.last_log)
                     window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros_like(loss_sum)
                 if on_checkpoint and (last or (config.checkpoint_every and self.step % config.checkpoint_every == 0)):
-                    on_checkpoint(self.step)
+                    on_checkpoint(self.step, last)
+                if self.stop_reason:
+                    break
         return self.last_log
+
+    def _apply_lr_schedules(self) -> None:
+        """Dense and sparse learning rates for the coming step, from their schedules."""
+        config = self.config
+        dense_lr = config.dense_optimizer.lr * lr_factor(config.dense_optimizer.schedule, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = dense_lr
+        sparse_lr = config.sparse_lr * lr_factor(config.embedding.schedule, self.step, self.total_steps)
+        if sparse_lr != self.store.optimizer.lr:  # sparse optimizers are frozen: a new one with the new lr
+            self.store.optimizer = replace(self.store.optimizer, lr=sparse_lr)
+
+    def _evaluate_and_steer(self, on_eval: Callable[[int, dict[str, float], bool], None] | None) -> None:
+        """Evaluate; keep the best checkpoint (keep_best); decide whether to stop early."""
+        metrics = self.evaluate()
+        self.last_eval = (self.step, metrics)
+        is_best = self.tracker.update(self.step, metrics["auc"])
+        if is_best and self.config.keep_best:
+            self.save_best()
+        if on_eval:
+            on_eval(self.step, metrics, is_best)
+        if self.tracker.should_stop and self.step < self.total_steps:  # at the last step the run ends anyway
+            self.stop_reason = self.tracker.stop_reason(self.step)
+
+    def final_metrics(self) -> dict:
+        """The end-of-run figures: eval metrics at this step (reusing an evaluation made at it), the best
+        evaluation, why the run stopped early (if it did), and the last training window."""
+        metrics = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.step else self.evaluate()
+        metrics = dict(metrics, loss=self.last_log.loss, samples_per_s=self.last_log.samples_per_s)
+        if self.tracker.best_step is not None:
+            metrics |= {"best_auc": self.tracker.best_auc, "best_step": self.tracker.best_step,
+                        "best_checkpoint": self.best_dir if self.config.keep_best else None}
+        if self.stop_reason:
+            metrics["stopped_early"] = self.stop_reason
+        return metrics
 
     def _window_log(self, loss_sum: torch.Tensor, steps: int, started: float) -> StepLog:
         total = self.comm.all_reduce(loss_sum.clone().reshape(1)).item()
@@ -201,6 +252,8 @@ class TrainWorker:
             suffix = "" if task == 0 else f"_{column.removeprefix('label_')}"
             metrics[f"auc{suffix}"] = roc_auc(all_labels[:, task], all_logits[:, task])
             metrics[f"logloss{suffix}"] = log_loss(all_labels[:, task], all_logits[:, task])
+            metrics[f"mean_pred{suffix}"], metrics[f"mean_label{suffix}"] = calibration(all_labels[:, task],
+                                                                                      all_logits[:, task])
         return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -215,8 +268,29 @@ class TrainWorker:
                 json.dump({"step": self.step, "world_size": self.world_size, "model": self.config.model,
                            "embedding_dim": self.store.dim,
                            "num_buckets": self.config.embedding.num_buckets,
-                           "label_columns": self.label_columns,
+                           "label_columns": self.label_columns, "dense_transform": DENSE_TRANSFORM,
                            "config": self.config.model_dump(mode="json")}, stream, indent=1)
+
+    @property
+    def best_dir(self) -> str:
+        return os.path.join(self.config.run_dir, "best")
+
+    def save_best(self) -> None:
+        """Every rank writes into RUN_DIR/best.partial; rank 0 then swaps it for RUN_DIR/best, so a reader
+        never sees half a checkpoint (RUN_DIR is on a filesystem every worker shares)."""
+        staging = self.best_dir + ".partial"
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        self._barrier()
+        self.save(staging)
+        self._barrier()
+        if self.rank == 0:
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            os.replace(staging, self.best_dir)
+
+    def _barrier(self) -> None:
+        self.comm.all_reduce(torch.zeros(1))
 
     def restore(self, directory: str) -> int:
         """Load a checkpoint written by any world size: this rank keeps the keys of the buckets it owns now."""
@@ -289,21 +363,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with open(curve_path, "a") as stream:
                 stream.write(json.dumps(log.__dict__) + "\n")
 
-    def on_checkpoint(step: int) -> None:
-        final = step == worker.total_steps
+    def on_eval(step: int, metrics: dict[str, float], is_best: bool) -> None:
+        monitor.record_eval(metrics)
+        if rank == 0:
+            figures = " | ".join(f"{name} {value:.4f}" for name, value in metrics.items() if name != "eval_rows")
+            log_line(f"[terarec] eval at step {step}: {figures}" + (" (best so far)" if is_best else ""))
+            with open(curve_path, "a") as stream:
+                stream.write(json.dumps({"step": step, **metrics, "is_best": is_best}) + "\n")
+
+    def on_checkpoint(step: int, final: bool) -> None:
         metrics = {"step": step, "world_size": worker.world_size}
         if final:
-            metrics |= worker.evaluate()
+            metrics |= worker.final_metrics()
             if worker.first_step_at is not None:
                 metrics["time_to_first_step_s"] = worker.first_step_at - loop_config["launched_at"]
-            metrics |= {"loss": worker.last_log.loss, "samples_per_s": worker.last_log.samples_per_s}
         with tempfile.TemporaryDirectory() as directory:
             worker.save(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     if worker.step >= worker.total_steps:
-        on_checkpoint(worker.step)
+        on_checkpoint(worker.step, True)
     else:
-        worker.train(on_log=on_log, on_checkpoint=on_checkpoint)
+        worker.train(on_log=on_log, on_checkpoint=on_checkpoint, on_eval=on_eval)
     if progress is not None:
         progress.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from terarec.core.errors import UserError
 
@@ -17,7 +18,9 @@ def register(subparsers) -> None:
     serve.set_defaults(func=_serve)
 
     deploy = subparsers.add_parser("deploy", help="serve a checkpoint with Ray Serve on the running cluster")
-    deploy.add_argument("checkpoint", help="a checkpoint directory (meta.json, dense.pt, shard-*.pt)")
+    deploy.add_argument("checkpoint", help="a checkpoint directory (meta.json, dense.pt, shard-*.pt), or `best` "
+                                          "(the best eval AUC of a keep_best run) or `latest` of --run-dir")
+    deploy.add_argument("--run-dir", default="runs/latest", help="the run whose `best` or `latest` checkpoint to serve")
     deploy.add_argument("--name", required=True, help="model name; an existing one is rolled out to this checkpoint")
     deploy.add_argument("--replicas", type=int, default=1, help="Serve replicas of the dense model")
     deploy.add_argument("--servers", type=int, help="embedding server actors (default: the checkpoint's world size)")
@@ -54,14 +57,15 @@ def _serve(args) -> int:
 def _deploy(args) -> int:
     from pydantic import ValidationError
 
-    from terarec.core.checkpoints import open_checkpoint
+    from terarec.core.checkpoints import find_checkpoint, open_checkpoint
     from terarec.core.config import format_validation_error
 
     from .ray_cluster import RayCluster, RayUnavailable
     from .schemas import ModelRequest
 
+    checkpoint = os.path.abspath(find_checkpoint(args.run_dir, args.checkpoint))
     try:
-        request = ModelRequest(name=args.name, checkpoint=args.checkpoint, replicas=args.replicas, servers=args.servers)
+        request = ModelRequest(name=args.name, checkpoint=checkpoint, replicas=args.replicas, servers=args.servers)
     except ValidationError as error:
         raise UserError(format_validation_error(error).replace("config field", "argument")) from None
     open_checkpoint(request.checkpoint)  # a wrong path fails here, before joining the cluster

@@ -43,6 +43,10 @@ class JobView(BaseModel):
     progress: dict[str, Any] | None = Field(default=None, description="the latest line of RUN_DIR/curve.jsonl")
     result: dict[str, Any] | None = Field(default=None, description="RUN_DIR/metrics.json once the job is done")
     checkpoint: str | None = Field(default=None, description="the final checkpoint: deploy it with POST /v1/models")
+    evaluation: dict[str, Any] | None = Field(default=None, description="the latest periodic evaluation (eval_every): "
+                                              "step, AUC, log loss, mean predicted vs observed CTR per task")
+    best: dict[str, Any] | None = Field(default=None, description="the best evaluation so far: step and AUC "
+                                        "(deploy its checkpoint with checkpoint `best` when the job keeps it)")
 
 
 class JobList(BaseModel):
@@ -58,7 +62,10 @@ class JobLogs(BaseModel):
 class ModelRequest(Body):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
                       description="lowercase letters, digits and dashes; deploying an existing name rolls it out")
-    checkpoint: str = Field(min_length=1, description="a checkpoint directory (meta.json, dense.pt, shard-*.pt)")
+    checkpoint: str = Field(min_length=1, description="a checkpoint directory (meta.json, dense.pt, shard-*.pt), "
+                                                     "or `best` / `latest` of the training job `job`")
+    job: str | None = Field(default=None, description="the training job whose `best` (keep_best) or `latest` "
+                                                      "checkpoint to serve")
     replicas: int = Field(default=1, ge=1, le=256, description="Serve replicas of the dense model")
     servers: int | None = Field(default=None, ge=1, le=1024,
                                 description="embedding server actors; default: the checkpoint's world size")

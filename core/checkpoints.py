@@ -7,6 +7,7 @@ Layout of a checkpoint directory (written by the training workers):
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass
@@ -16,9 +17,15 @@ import torch
 from terarec.store import DeviceStore, load_store, make_sparse_optimizer
 
 from .config import TrainConfig
+from .errors import UserError
 
 
 DENSE_FILE, META_FILE = "dense.pt", "meta.json"
+BEST_DIR = "best"  # RUN_DIR/best: the checkpoint of the best eval AUC (keep_best)
+
+
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """No checkpoint where one was asked for; the message says where it looked."""
 
 
 def shard_file(rank: int, world_size: int) -> str:
@@ -54,7 +61,7 @@ def read_meta(directory: str) -> dict:
     """A checkpoint's meta.json (step, world size, buckets, model, config); a clear error if it is not one."""
     meta_path = os.path.join(directory, META_FILE)
     if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"{directory} is not a terarec checkpoint: it has no {META_FILE}")
+        raise CheckpointNotFound(f"{directory} is not a terarec checkpoint: it has no {META_FILE}")
     with open(meta_path) as stream:
         return json.load(stream)
 
@@ -64,3 +71,20 @@ def open_checkpoint(directory: str) -> CheckpointContents:
     config = TrainConfig.model_validate(meta["config"])
     dense_state = torch.load(os.path.join(directory, DENSE_FILE), map_location="cpu", weights_only=True)
     return CheckpointContents(directory, meta, config, dense_state)
+
+
+def find_checkpoint(run_dir: str, which: str) -> str:
+    """'latest' -> the newest checkpoint under run_dir; 'best' -> RUN_DIR/best, kept by a run with keep_best;
+    anything else is a checkpoint directory, checked."""
+    if which == "best":
+        best = os.path.join(run_dir, BEST_DIR)
+        if not os.path.isfile(os.path.join(best, META_FILE)):
+            raise CheckpointNotFound(f"no best checkpoint in {run_dir}: train with keep_best=true (and eval_every > 0)")
+        return best
+    if which != "latest":
+        read_meta(which)
+        return which
+    candidates = [os.path.dirname(path) for path in glob.glob(os.path.join(run_dir, "*", "checkpoint_*", META_FILE))]
+    if not candidates:
+        raise CheckpointNotFound(f"no checkpoint under {run_dir}")
+    return max(candidates, key=lambda directory: read_meta(directory)["step"])

@@ -25,6 +25,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ScheduleConfig(Strict):
+    """A learning-rate schedule: linear warmup, then a decay (formulas in core/steering.py::lr_factor)."""
+
+    warmup_steps: int = Field(default=0, ge=0, description="steps of linear warmup from lr/warmup_steps to lr")
+    decay: Literal["none", "linear", "cosine", "step"] = "none"
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="linear/cosine: the final lr as a fraction of lr")
+    step_every: int | None = Field(default=None, gt=0, description="step decay: multiply the lr by gamma every this many steps")
+    gamma: float = Field(default=0.5, gt=0, le=1, description="step decay factor")
+
+    @model_validator(mode="after")
+    def _step_needs_interval(self) -> "ScheduleConfig":
+        if self.decay == "step" and self.step_every is None:
+            raise ValueError("decay 'step' needs step_every (steps between lr drops)")
+        return self
+
+
+class EarlyStoppingConfig(Strict):
+    patience: int = Field(gt=0, description="evaluations in a row without a gain before the run stops")
+    min_delta: float = Field(default=0.0, ge=0, description="an eval AUC must beat the best by more than this")
+
+
 class EmbeddingConfig(Strict):
     dim: int = Field(default=16, gt=0, le=4096, description="embedding width D")
     optimizer: Literal["sgd", "adagrad", "adam"] = "adagrad"
@@ -33,11 +54,13 @@ class EmbeddingConfig(Strict):
     num_buckets: int = Field(default=4096, gt=0, description="keys -> buckets -> workers; resharding moves buckets")
     comm_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="fp32", description="rows on the wire")
     grad_comm_dtype: Literal["fp32", "bf16", "fp16", "int8"] = Field(default="fp32", description="gradients on the wire")
+    schedule: ScheduleConfig = Field(default=ScheduleConfig(), description="decay (and warmup) of the sparse lr")
 
 
 class DenseOptimizerConfig(Strict):
     name: Literal["sgd", "adagrad", "adam"] = "adam"
     lr: float = Field(default=3e-3, gt=0)
+    schedule: ScheduleConfig = ScheduleConfig()
 
 
 class StoreConfig(Strict):
@@ -70,9 +93,14 @@ class TrainConfig(Strict):
     data: str = Field(description="directory with train/ and eval/ parquet (terarec data synth|convert)")
     run_dir: str = "runs/latest"
     steps: int | None = Field(default=None, gt=0, description="optimizer steps; default one epoch of train/")
-    batch_size: int = Field(default=4096, gt=0, description="global batch size, split across workers")
+    batch_size: int | None = Field(default=None, gt=0, description="global batch size, split across workers; "
+                                   "default: at least 1000 steps per epoch, a power of two in [32, 4096]")
     eval_batch_size: int = Field(default=16384, gt=0)
     eval_rows: int | None = Field(default=None, gt=0, description="evaluate on at most this many eval rows")
+    eval_every: int | None = Field(default=None, ge=0, description="steps between evaluations (0: only at the "
+                                   "end); default: 10 evaluations per run")
+    keep_best: bool = Field(default=False, description="keep the checkpoint of the best eval AUC in RUN_DIR/best")
+    early_stopping: EarlyStoppingConfig | None = Field(default=None, description="stop when eval AUC stops improving")
     seed: int = 0
     precision: Literal["fp32", "tf32", "bf16"] = Field(
         default="fp32", description="the dense part's math: fp32; tf32 matmuls; or bf16 autocast with fp32 "
@@ -106,9 +134,19 @@ class TrainConfig(Strict):
         return workers
 
     @model_validator(mode="after")
+    def _steering_needs_evaluations(self) -> "TrainConfig":
+        if self.eval_every == 0 and (self.keep_best or self.early_stopping):
+            raise ValueError("eval_every is 0, but keep_best and early_stopping need periodic evaluations: set "
+                             "eval_every > 0 (or leave it unset for 10 per run)")
+        for name, schedule in (("dense_optimizer", self.dense_optimizer.schedule), ("embedding", self.embedding.schedule)):
+            if self.steps and schedule.warmup_steps >= self.steps:
+                raise ValueError(f"{name}.schedule.warmup_steps ({schedule.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+    @model_validator(mode="after")
     def _batch_splits(self) -> "TrainConfig":
         for count in range(self.min_workers, self.max_workers + 1):
-            if self.batch_size % count:
+            if self.batch_size and self.batch_size % count:
                 raise ValueError(f"batch_size {self.batch_size} must be divisible by every worker count the job "
                                  f"may run with ({self.min_workers}..{self.max_workers}); {count} does not divide it")
         return self

@@ -28,3 +28,8 @@ def roc_auc(labels: torch.Tensor, scores: torch.Tensor) -> float:
 
 def log_loss(labels: torch.Tensor, logits: torch.Tensor) -> float:
     return torch.nn.functional.binary_cross_entropy_with_logits(logits.double(), labels.double()).item()
+
+
+def calibration(labels: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """(mean predicted probability, observed positive rate): equal for a calibrated model."""
+    return torch.sigmoid(logits.double()).mean().item(), labels.double().mean().item()

@@ -42,7 +42,10 @@ def _train(args) -> int:
     from .runner import run_training
 
     metrics = run_training(config)
-    summary = {k: metrics.get(k) for k in ("model", "steps", "auc", "logloss", "samples_per_s", "train_rows")}
+    if metrics.get("stopped_early"):
+        print(f"[terarec] {metrics['stopped_early']}")
+    summary = {k: metrics.get(k) for k in ("model", "steps", "auc", "logloss", "samples_per_s", "train_rows",
+                                           "best_auc", "best_step")}
     print(f"[terarec] done: {json.dumps(summary)}")
     print(f"[terarec] metrics: {config.run_dir}/metrics.json")
     return 0

@@ -22,11 +22,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--eval-fraction", type=float, default=0.1)
     synth.set_defaults(func=run_synth)
 
-    convert = subparsers.add_parser("convert", help="convert a Criteo TSV file to terarec parquet")
-    convert.add_argument("--in", dest="in_path", required=True, help="Criteo TSV file (plain or .gz)")
-    convert.add_argument("--out", required=True, help="output directory (gets train/ and eval/)")
+    convert = subparsers.add_parser("convert", help="convert Criteo TSV files to terarec parquet")
+    convert.add_argument("--in", dest="inputs", required=True, nargs="+",
+                         help="Criteo TSV files or globs (plain or .gz), e.g. 'day_*.gz', read in natural order")
+    convert.add_argument("--out", required=True, help="output directory (gets train/, eval/ and meta.json)")
     convert.add_argument("--strict", action="store_true", help="stop at the first malformed line")
     convert.add_argument("--eval-fraction", type=float, default=0.1)
+    convert.add_argument("--split", choices=["hash", "tail"], default="hash",
+                         help="eval rows: a hash of the line number, or the last --eval-fraction of the lines (time order)")
+    convert.add_argument("--eval-from", help="this input file and the ones after it are the eval split (e.g. day_23)")
+    convert.add_argument("--min-count", type=int, default=1,
+                         help="IDs seen fewer times in the training lines map to one out-of-vocabulary ID per feature")
     convert.set_defaults(func=run_convert)
 
 
@@ -42,9 +48,11 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    summary = convert_tsv(args.in_path, args.out, eval_fraction=args.eval_fraction, strict=args.strict)
-    errors = "; ".join(f"line {error.line}: {error.reason}" for error in summary.first_errors)
-    print(f"Converted {args.in_path} to {args.out}: {summary.rows_written} rows ({summary.train_rows} train, "
+    summary = convert_tsv(args.inputs, args.out, eval_fraction=args.eval_fraction, strict=args.strict,
+                          split=args.split, eval_from=args.eval_from, min_count=args.min_count)
+    errors = "; ".join(("" if len(summary.inputs) == 1 else f"{error.path} ") + f"line {error.line}: {error.reason}"
+                       for error in summary.first_errors)
+    print(f"Converted {' '.join(summary.inputs)} to {args.out}: {summary.rows_written} rows ({summary.train_rows} train, "
           f"{summary.eval_rows} eval, {len(summary.files)} parquet files), {summary.malformed} malformed lines "
           f"skipped" + (f" (first: {errors})." if errors else "."))
     return 0

@@ -1,16 +1,17 @@
 """Runs a training job on Ray Train: a local Ray when no cluster is given, one worker per shard."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from terarec.core.checkpoints import META_FILE, read_meta
+from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
 from terarec.core.config import ConfigError, TrainConfig
 from terarec.core.resources import uses_gpu, worker_resources
+from terarec.core.data.reader import count_rows, list_split_files
+from terarec.core.steering import fit_to_data, plan_notes
 from .plots import plot_curve
 
 
@@ -38,41 +39,37 @@ def process_started_at() -> float:
     return time.time() - seconds_since_boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def find_checkpoint(run_dir: str, resume_from: str) -> str:
-    """'latest' -> the newest checkpoint under run_dir; otherwise the given directory, checked."""
-    if resume_from != "latest":
-        try:
-            read_meta(resume_from)
-        except FileNotFoundError as error:
-            raise ConfigError(f"resume_from: {error}") from None
-        return resume_from
-    candidates = [os.path.dirname(path) for path in glob.glob(os.path.join(run_dir, "*", "checkpoint_*", META_FILE))]
-    if not candidates:
-        raise ConfigError(f"resume_from=latest: no checkpoint under {run_dir}")
-    return max(candidates, key=lambda directory: read_meta(directory)["step"])
+def resume_checkpoint(run_dir: str, resume_from: str) -> str:
+    try:
+        return os.path.abspath(find_checkpoint(run_dir, resume_from))
+    except CheckpointNotFound as error:
+        raise ConfigError(f"resume_from={resume_from}: {error}") from None
 
 
 def run_training(config: TrainConfig) -> dict:
-    """Train, evaluate, checkpoint; write RUN_DIR/metrics.json and return it."""
+    """Train, evaluate, checkpoint; write RUN_DIR/metrics.json and return it (with best_auc, best_step and
+    best_checkpoint when the run evaluated periodically)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from terarec.actors.train_worker import train_loop_per_worker
 
-    from terarec.core.data.reader import list_split_files
-
     launched_at = process_started_at()  # time_to_first_step_s counts from here
-    files = [path for split in ("train", "eval")  # fail here, with the path, rather than inside every worker
-             for path in list_split_files(config.data, split)]
+    # fail here, with the path, rather than inside every worker
+    files = {split: list_split_files(config.data, split) for split in ("train", "eval")}
+    train_rows, eval_rows = (count_rows(files[split]) for split in ("train", "eval"))
+    config = fit_to_data(config, train_rows)
+    for note in plan_notes(config, train_rows, eval_rows):
+        print(f"[terarec] note: {note}")
     run_dir = os.path.abspath(config.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     config = config.model_copy(update={"run_dir": run_dir,
                                        "data": config.data if "://" in config.data else os.path.abspath(config.data)})
     loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(), "launched_at": launched_at,
-                   "resume_dir": os.path.abspath(find_checkpoint(run_dir, config.resume_from)) if config.resume_from else None}
+                   "resume_dir": resume_checkpoint(run_dir, config.resume_from) if config.resume_from else None}
 
     with ThreadPoolExecutor(1) as pool:  # build the data's column copies while Ray starts: workers only check them
-        copies = pool.submit(_prepare_column_copies, files)
+        copies = pool.submit(_prepare_column_copies, files["train"] + files["eval"])
         dashboard = connect_ray(config.ray_address)
         copies.result()
     if dashboard:

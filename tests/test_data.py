@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import torch
 
 from terarec.models.batch import Batch
 from terarec.platform.data_cli import register
-from terarec.core.data.criteo import MISSING_ID, convert_tsv
+from terarec.core.data.criteo import MISSING_ID, OOV_ID, convert_tsv
 from terarec.core.data.errors import (BadDataError, DataArgumentError, DataError, DataNotFoundError,
                                           MalformedInputError, OutputExistsError, SchemaMismatchError)
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
@@ -206,6 +207,57 @@ def test_convert_eval_split_and_errors(tmp_path):
         convert_tsv(write_tsv(tmp_path / "bad.tsv", list(MALFORMED)), str(tmp_path / "out2"))
     with pytest.raises(DataNotFoundError, match="does not exist"):
         convert_tsv(str(tmp_path / "nope.tsv"), str(tmp_path / "out3"))
+
+
+def numbered_line(i: int) -> str:
+    """Line i: label i % 2, I1 = i (to find the row again), C1 = i % 3 (IDs of known counts), C2 = i (each once),
+    C3..C26 one constant."""
+    return "\t".join([str(i % 2), str(i)] + ["0"] * 12 + [f"{i % 3:x}", f"{100 + i:x}"] + ["a"] * 24)
+
+
+def written_rows(out, split: str) -> dict[int, list[int]]:
+    """{I1 as the raw count i: [C1, C2, C3] raw IDs} of one split."""
+    table = pq.read_table(out / split)
+    counts = np.rint(np.expm1(table.column("I1").to_numpy())).astype(int)
+    return {int(i): [table.column(c)[row].as_py() for c in ("C1", "C2", "C3")] for row, i in enumerate(counts)}
+
+
+@pytest.fixture
+def days(tmp_path):
+    """Lines 0-3 in day_1.tsv, 4-6 in day_2.tsv.gz, 7-9 in day_10.tsv: natural order is the line order."""
+    for name, numbers in (("day_1.tsv", range(4)), ("day_2.tsv.gz", range(4, 7)), ("day_10.tsv", range(7, 10))):
+        text = "".join(numbered_line(i) + "\n" for i in numbers).encode()
+        (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    return tmp_path
+
+
+def test_convert_tail_split_and_eval_from_follow_the_file_order(days):
+    summary = convert_tsv(str(days / "day_*"), str(days / "tail"), eval_fraction=0.3, split="tail")
+    assert summary.inputs == [str(days / name) for name in ("day_1.tsv", "day_2.tsv.gz", "day_10.tsv")]
+    assert sorted(written_rows(days / "tail", "train")) == list(range(7))
+    assert sorted(written_rows(days / "tail", "eval")) == [7, 8, 9]
+    convert_tsv([str(days / "day_1.tsv"), str(days / "day_2.tsv.gz"), str(days / "day_10.tsv")],
+                str(days / "from"), eval_from=str(days / "day_2.tsv.gz"))
+    assert sorted(written_rows(days / "from", "train")) == [0, 1, 2, 3]
+    assert sorted(written_rows(days / "from", "eval")) == list(range(4, 10))
+    meta = json.loads((days / "from" / "meta.json").read_text())
+    assert meta["eval_split"] == "eval_from" and meta["dense_transform"] == "log1p(max(x, 0))"
+    with pytest.raises(DataArgumentError, match="--eval-from .*day_3.tsv is not one of the input files"):
+        convert_tsv(str(days / "day_*"), str(days / "bad"), eval_from=str(days / "day_3.tsv"))
+    with pytest.raises(DataNotFoundError, match="matches no file"):
+        convert_tsv(str(days / "week_*"), str(days / "bad"))
+
+
+def test_convert_min_count_maps_rare_ids_to_one_oov_id_per_feature(days):
+    convert_tsv(str(days / "day_*"), str(days / "out"), eval_fraction=0.3, split="tail", min_count=3)
+    hex_id = lambda value: splitmix64_reference(int(value, 16))  # noqa: E731
+    # training lines 0-6 hold C1 = 0, 1, 2, 0, 1, 2, 0: only 0 is seen 3 times; every C2 once; C3 always
+    expected = {i: [hex_id("0") if i % 3 == 0 else OOV_ID, OOV_ID, hex_id("a")] for i in range(10)}
+    assert written_rows(days / "out", "train") == {i: expected[i] for i in range(7)}
+    assert written_rows(days / "out", "eval") == {i: expected[i] for i in range(7, 10)}
+    meta = json.loads((days / "out" / "meta.json").read_text())
+    assert meta["min_count"] == 3 and meta["oov_id"] == OOV_ID and meta["vocabulary_sizes"][:3] == [1, 0, 1]
+    assert OOV_ID == splitmix64_reference(2**64 - 2) and OOV_ID not in (MISSING_ID, hex_id("0"))
 
 
 # --- the reader -------------------------------------------------------------------------------------------------

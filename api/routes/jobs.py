@@ -132,11 +132,12 @@ def job_view(state, record: JobRecord) -> JobView:
                 state.records.set_job_status(record.id, status, message)
                 record = state.records.job(record.id)
     result = read_json(os.path.join(record.run_dir, "metrics.json")) if record.status == "SUCCEEDED" else None
+    evaluation, best = evaluations(os.path.join(record.run_dir, "curve.jsonl"))
     return JobView(id=record.id, status=record.status, message=record.message, run_dir=record.run_dir,
                    config=record.config, created_at=record.created_at, updated_at=record.updated_at,
                    ray_reachable=reachable, dashboard_url=f"{state.settings.dashboard_link_base}/#/jobs/{record.id}",
                    progress=last_line(os.path.join(record.run_dir, "curve.jsonl")), result=result,
-                   checkpoint=(result or {}).get("checkpoint"))
+                   checkpoint=(result or {}).get("checkpoint"), evaluation=evaluation, best=best)
 
 
 def ray_status(client, job_id: str) -> tuple[str, str | None]:
@@ -155,6 +156,23 @@ def read_json(path: str) -> dict | None:
             return json.load(stream)
     except (OSError, ValueError):
         return None
+
+
+def evaluations(path: str) -> tuple[dict | None, dict | None]:
+    """(the latest evaluation, the best one) among RUN_DIR/curve.jsonl's evaluation lines."""
+    lines = []
+    try:
+        with open(path) as stream:
+            for line in stream:
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:  # a line being written
+                    continue
+    except OSError:
+        return None, None
+    lines = [line for line in lines if "auc" in line]
+    best = [line for line in lines if line.get("is_best")]
+    return (lines[-1] if lines else None), ({"step": best[-1]["step"], "auc": best[-1]["auc"]} if best else None)
 
 
 def last_line(path: str) -> dict | None:

@@ -7,6 +7,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
+from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
 from terarec.core.data.schema import transform_dense
 
 from ..auth import require_token
@@ -67,9 +68,26 @@ class ServedModels:
             self._handles.pop(name, None)
 
 
+def job_checkpoint(body: ModelRequest, records) -> ModelRequest:
+    """`best` / `latest` name a checkpoint of the training job `job`; a directory stays as it is."""
+    if body.checkpoint not in ("best", "latest"):
+        return body
+    if body.job is None:
+        raise HTTPException(status_code=422, detail=f"checkpoint {body.checkpoint!r} needs `job`: the id of the "
+                                                    f"training job whose checkpoint to serve")
+    record = records.job(body.job)
+    if record is None:
+        raise HTTPException(status_code=404, detail=f"no job {body.job!r}")
+    try:
+        return body.model_copy(update={"checkpoint": find_checkpoint(record.run_dir, body.checkpoint)})
+    except CheckpointNotFound as error:
+        raise HTTPException(status_code=422, detail=f"job {body.job}: {error}") from None
+
+
 @router.post("", response_model=ModelView, summary="deploy a checkpoint (an existing name rolls out the new one)")
 def deploy_model(body: ModelRequest, request: Request) -> ModelView:
     models: ServedModels = request.app.state.models
+    body = job_checkpoint(body, request.app.state.records)
     models.deploy(body)
     return models.view(body.name, models.status()[body.name])
 

@@ -14,6 +14,7 @@ so they are the same on every run and machine.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from contextlib import contextmanager
@@ -80,6 +81,16 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 def transform_dense(raw: np.ndarray) -> np.ndarray:
     """Raw integer counts -> the stored dense value `log(1 + max(x, 0))` as float32."""
     return np.log1p(np.maximum(np.asarray(raw, dtype=np.float64), 0.0)).astype(np.float32)
+
+
+DENSE_TRANSFORM = "log1p(max(x, 0))"  # what transform_dense does, as data meta.json states it
+
+
+def write_meta(out_dir: str, meta: dict) -> None:
+    """`out_dir/meta.json`: how the data was made, with the dense transform stated (checkpoints state it too,
+    and serving applies the same `transform_dense` to raw counts)."""
+    with open(os.path.join(out_dir, "meta.json"), "w") as stream:
+        json.dump({**meta, "dense_transform": DENSE_TRANSFORM}, stream, indent=2)
 
 
 class SplitWriter:

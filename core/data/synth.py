@@ -11,8 +11,6 @@ clicked rows and has its own weights.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -22,7 +20,7 @@ from tqdm import tqdm
 
 from terarec.core.data.errors import DataArgumentError
 from terarec.core.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_column, split_writers,
-                                          splitmix64, transform_dense)
+                                          splitmix64, transform_dense, write_meta)
 
 # Distinct values of C1..C26 in Criteo Kaggle (the counts DLRM reports for the 7-day set).
 KAGGLE_CARDINALITIES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
@@ -190,6 +188,5 @@ def write_synthetic(out_dir: str, rows: int, seed: int = 0, cardinality_scale: f
     meta.update(ctr=summary.ctr, cardinality_scale=cardinality_scale, zipf_exponent=ZIPF_EXPONENT,
                 label_columns=[label_column(i, t) for i, t in enumerate(tasks)],
                 cardinalities=dict(zip(SPARSE_COLUMNS, cardinalities)))
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    write_meta(out_dir, meta)
     return summary

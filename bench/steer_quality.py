@@ -1,0 +1,178 @@
+"""A run that watches itself: every zoo model's best eval AUC (keep_best, eval_every) against logistic
+regression's and against DeepCTR-Torch's best epoch; and the default batch size against batch sizes chosen by hand.
+
+Part `zoo`: synthetic data (`terarec data synth --rows 200000 --seed 7`), batch 1024, 300 steps (about 1.7
+epochs), an evaluation every 50 steps, on one training worker (the code `terarec train` runs on each Ray worker,
+without Ray). DeepCTR-Torch 0.3.0's DeepFM and DCN train on the same batches (same sizes and optimizers as
+bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each epoch's end.
+Part `batch`: one epoch of DeepFM at the default batch size (core/steering.py's rule) and at hand-picked ones,
+on 100k and 200k rows. Writes bench/results/steer_quality.json.
+
+    python bench/steer_quality.py [--parts zoo batch] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from terarec.actors.train_worker import TrainWorker
+from terarec.core.config import load_config
+from terarec.core.data.schema import SPARSE_COLUMNS
+from terarec.core.data.synth import write_synthetic
+from terarec.core.metrics import roc_auc
+from terarec.kernels.comm import LocalCommunicator
+from terarec.models.registry import MODELS, is_multi_task
+
+from results import RESULTS, record  # bench/results.py
+from zoo_cpu import DeepCTR, configs, load  # bench/zoo_cpu.py: the peer harness
+
+PEER_MODELS = ("deepfm", "dcn")
+
+
+def train_terarec(data: str, run_dir: str, model: str, steps: int | None, batch_size: int | None,
+                  eval_every: int) -> dict:
+    """One run with periodic evaluation and keep_best; returns its eval curve and final figures."""
+    config = load_config(flags={"data": data, "run_dir": run_dir, "model": model, "steps": steps, "seed": 0,
+                                "batch_size": batch_size, "eval_every": eval_every, "keep_best": eval_every > 0,
+                                "log_every": 10_000})
+    worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
+    curve = []
+    started = time.perf_counter()
+    worker.train(on_eval=lambda step, metrics, best: curve.append({"step": step, "auc": round(metrics["auc"], 4)}))
+    final = worker.final_metrics()
+    return {"model": model, "batch_size": worker.config.batch_size, "steps": worker.step,
+            "best_auc": round(final.get("best_auc", final["auc"]), 4), "best_step": final.get("best_step", worker.step),
+            "final_auc": round(final["auc"], 4), "mean_pred": round(final["mean_pred"], 4),
+            "mean_label": round(final["mean_label"], 4), "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: int) -> dict:
+    """DeepCTR-Torch on the same rows in the same order: eval AUC every `eval_every` steps and at each epoch's end."""
+    train, evaluation = load(data, "train"), load(data, "eval")
+    batches = [train.slice(i, i + batch_size) for i in range(0, len(train) - batch_size + 1, batch_size)]
+    vocabularies = [np.unique(train.sparse[:, f].numpy()) for f in range(len(SPARSE_COLUMNS))]
+    section = load_config(flags={"data": data, "model": model}).model_section()
+    _, make = configs(section.deep_mlp, [32, 32], getattr(section, "cross_layers", 3), 0.05 / 3**0.5)[model]
+    torch.manual_seed(0)
+    peer = DeepCTR(make, vocabularies, 16, MODELS[model].sparse_lr, 3e-3)
+    encoded_eval = peer.encode(evaluation)
+    labels = evaluation.labels[:, 0]
+    curve, epoch_aucs, step = [], [], 0
+    for _ in range(epochs):
+        for batch in batches:
+            peer.step(peer.encode(batch))
+            step += 1
+            if step % eval_every == 0:
+                curve.append({"step": step, "auc": round(roc_auc(labels, peer.scores(encoded_eval)), 4)})
+        epoch_aucs.append(round(roc_auc(labels, peer.scores(encoded_eval)), 4))
+    return {"model": model, "epoch_aucs": epoch_aucs, "best_epoch_auc": max(epoch_aucs),
+            "best_auc_any_step": max([p["auc"] for p in curve] + epoch_aucs), "steps_per_epoch": len(batches),
+            "curve": curve}
+
+
+def zoo_part(workdir: str, args, save) -> None:
+    """Each run is saved as it ends (a long xDeepFM run on a busy CPU loses nothing before it)."""
+    data = os.path.join(workdir, "zoo-data")
+    write_synthetic(data, rows=args.rows, seed=7)
+    for model in args.models:
+        run = train_terarec(data, os.path.join(workdir, model), model, args.steps, args.batch_size, args.eval_every)
+        print({key: value for key, value in run.items() if key != "curve"}, flush=True)
+        save({"zoo": {"terarec": {model: run}}})
+    for model in args.peers:
+        peer = train_peer(data, model, args.batch_size, args.peer_epochs, args.eval_every)
+        print({key: value for key, value in peer.items() if key != "curve"}, flush=True)
+        save({"zoo": {"deepctr_torch": {model: peer}}})
+
+
+def compare(zoo: dict) -> dict:
+    """Each zoo model's best AUC minus LR's, minus the same DeepCTR-Torch model's at its best epoch (where the
+    peer has it), and minus the best DeepCTR-Torch model's."""
+    runs, peers = zoo.get("terarec", {}), zoo.get("deepctr_torch", {})
+    peer_best = max((peer["best_epoch_auc"] for peer in peers.values()), default=None)
+
+    def minus(auc: float, other: float | None) -> float | None:
+        return None if other is None else round(auc - other, 4)
+
+    return {model: {"best_auc": run["best_auc"],
+                    "minus_lr": minus(run["best_auc"], runs.get("lr", {}).get("best_auc")),
+                    "minus_same_deepctr_model": minus(run["best_auc"], peers.get(model, {}).get("best_epoch_auc")),
+                    "minus_best_deepctr_model": minus(run["best_auc"], peer_best)}
+            for model, run in runs.items()}
+
+
+def batch_part(workdir: str, args, save) -> None:
+    """One epoch of DeepFM per batch size; the default's AUC against the best hand-picked one."""
+    for rows in args.batch_rows:
+        data = os.path.join(workdir, f"batch-data-{rows}")
+        write_synthetic(data, rows=rows, seed=7)
+        by_batch = {}
+        for batch_size in [None, *args.batches]:
+            run = train_terarec(data, os.path.join(workdir, f"batch-{rows}-{batch_size}"), "deepfm", None, batch_size, 0)
+            by_batch["default" if batch_size is None else batch_size] = run
+            print(rows, batch_size, run["batch_size"], run["final_auc"], flush=True)
+        save({"batch": {str(rows): {"default_batch_size": by_batch["default"]["batch_size"],
+                                    "default_auc": by_batch["default"]["final_auc"],
+                                    "auc_by_batch_size": {str(batch): run["final_auc"] for batch, run in
+                                                          by_batch.items() if batch != "default"}}}})
+
+
+def batch_summary(batch: dict) -> dict:
+    """Per dataset size: the best hand-picked batch size and the default's AUC minus its."""
+    summary = {}
+    for rows, sweep in batch.items():
+        hand = sweep["auc_by_batch_size"]
+        best = max(hand, key=hand.get)
+        summary[rows] = {"default_batch_size": sweep["default_batch_size"], "best_hand_batch_size": int(best),
+                         "default_minus_best": round(sweep["default_auc"] - hand[best], 4)}
+    return summary
+
+
+def deep_merge(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["zoo", "batch"], choices=["zoo", "batch"])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--peer-epochs", type=int, default=2)
+    parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
+    parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not is_multi_task(name)])
+    parser.add_argument("--peers", nargs="*", default=list(PEER_MODELS), choices=PEER_MODELS)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = os.path.join(RESULTS, "steer_quality.json")
+
+    def save(figures: dict) -> None:
+        """Merge into the recorded figures (a run of some parts or models keeps the others') and rewrite."""
+        if os.path.isfile(path):
+            with open(path) as stream:
+                figures = deep_merge(json.load(stream)["figures"], figures)
+        figures["zoo_comparison"] = compare(figures.get("zoo", {}))
+        figures["batch_summary"] = batch_summary(figures.get("batch", {}))
+        record("steer_quality", figures, dict(vars(args)))
+
+    with tempfile.TemporaryDirectory() as workdir:
+        if "zoo" in args.parts:
+            zoo_part(workdir, args, save)
+        if "batch" in args.parts:
+            batch_part(workdir, args, save)
+    save({})  # the comparisons over everything recorded
+
+
+if __name__ == "__main__":
+    main()
