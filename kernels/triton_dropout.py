@@ -19,7 +19,7 @@ BLOCK_M = 64
 BLOCK_N = 128
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "seed"])  # varies per call: no variant per size % 16
 def _relu_dropout_fwd(h_ptr, out_ptr, words_ptr, M, N, WORDS, p, scale, seed,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +58,7 @@ def relu_mask_tile(mask_src_ptr, rows, pid_n, M, N, WORDS,
                        mask=(rows[:, None] < M) & (cols[None, :] < N), other=0.0) > 0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # varies per call: no variant per size % 16
 def _relu_mask_bwd(g_ptr, mask_src_ptr, d_pre_ptr, db_part_ptr, M, N, WORDS, scale,
                    FROM_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)

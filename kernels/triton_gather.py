@@ -14,7 +14,7 @@ import triton.language as tl
 BLOCK_M = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # varies per call: no variant per size % 16
 def _gather_rows(table_ptr, idx_ptr, out_ptr, M, stride, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -25,7 +25,7 @@ def _gather_rows(table_ptr, idx_ptr, out_ptr, M, stride, D: tl.constexpr,
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # varies per call: no variant per size % 16
 def _gather_sum(table_ptr, idx_ptr, out_ptr, B, stride, L: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     bags = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -38,7 +38,7 @@ def _gather_sum(table_ptr, idx_ptr, out_ptr, B, stride, L: tl.constexpr, D: tl.c
     tl.store(out_ptr + bags[:, None].to(tl.int64) * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # varies per call: no variant per size % 16
 def _reduce_by_key(grads_ptr, inverse_ptr, out_ptr, M, GROUP: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[inverse[m]] += grads[m // GROUP] (GROUP > 1: one bag gradient shared by its L rows)."""

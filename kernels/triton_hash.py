@@ -37,7 +37,7 @@ def _splitmix64(x):
     return (z ^ (z >> 31)).to(tl.int64, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # varies per call: no variant per size % 16
 def _probe(keys_ptr, n, table_keys_ptr, table_slots_ptr, mask, counter_ptr, given_slots_ptr, out_ptr,
            EMPTY: tl.constexpr, INSERT: tl.constexpr, GIVEN: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = slot of keys[i]; with INSERT, absent keys claim a cell and take a new (or given) slot."""

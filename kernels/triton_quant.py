@@ -20,7 +20,7 @@ FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + M) - M rounds |y| < 2**22 to the nearest integer, ties to even
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # varies per call: no variant per size % 16
 def _quantize(rows_ptr, payload_ptr, bad_ptr, N, stride, D: tl.constexpr, TINY: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """rows [N, D] (row stride `stride`) -> payload [N, D + 4] int8: q, then the scale's 4 bytes; bad += rows with NaN/Inf."""
@@ -43,7 +43,7 @@ def _quantize(rows_ptr, payload_ptr, bad_ptr, N, stride, D: tl.constexpr, TINY: 
     tl.store(out + D + byte[None, :], scale_bytes, mask=rows[:, None] < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # varies per call: no variant per size % 16
 def _dequantize(payload_ptr, rows_ptr, N, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """payload [N, D + 4] int8 -> rows [N, D] float32."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

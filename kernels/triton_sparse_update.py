@@ -20,7 +20,7 @@ BLOCK_M = 32
 KINDS = {"SparseSGD": 0, "SparseAdagrad": 1, "SparseAdam": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # varies per call: no variant per size % 16
 def _sparse_update(values_ptr, slots_ptr, grads_ptr, n, stride, lr, eps, keep1, keep2, D: tl.constexpr,
                    KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """KIND 0: w -= lr g. 1 (Adagrad): s += g g; w -= lr g / (sqrt(s) + eps).

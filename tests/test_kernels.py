@@ -264,3 +264,25 @@ def test_dispatchers_run_fused_on_cuda(monkeypatch):
     assert type(fused_node).__name__.startswith("FusedDotInteraction")
     assert not type(eager_node or object()).__name__.startswith("FusedDotInteraction")
     assert_close(fused_out, eager_out.double(), torch.float32, "DLRM-shaped forward")
+
+
+def compiled_variants(kernel) -> int:
+    return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_per_call_sizes_compile_one_variant():
+    """Sizes that vary per batch (row counts) do not compile a variant per size % 16 or size == 1 (do_not_specialize)."""
+    from terarec.kernels import triton_gather, triton_sparse_update
+    from terarec.store.optim import SparseAdagrad
+    table = torch.randn(64, 16, device="cuda")
+    values = torch.rand(64, 32, device="cuda")
+    kernels = (triton_gather._gather_rows, triton_sparse_update._sparse_update)
+    before = [compiled_variants(kernel) for kernel in kernels]
+    for size in (1, 16, 17, 40):
+        idx = torch.randperm(64, device="cuda")[:size]
+        triton_gather.gather_rows_forward(table, idx)
+        triton_sparse_update.sparse_update_(values, idx, torch.randn(size, 16, device="cuda"), SparseAdagrad(lr=0.1), 1)
+    for kernel, count in zip(kernels, before):
+        assert compiled_variants(kernel) - count <= 1, f"{kernel.fn.__name__} compiled per size"
