@@ -249,7 +249,7 @@ def bench_gather(table: Table, batch: int, use_compile: bool):
 
 
 def dlrm_at_criteo_shapes(batch: int):
-    """DLRM 13-512-256-128 / 479-1024-1024-512-256-1 over a DeviceStore (26 features x 128), SGD, and 4 batches."""
+    """DLRM 13-512-256-128 / 480-1024-1024-512-256-1 over a DeviceStore (26 features x 128), SGD, and 4 batches."""
     from terarec.models import DLRM, Batch, DLRMConfig, Embedding
     from terarec.store import DeviceStore, SparseSGD
 
@@ -309,7 +309,7 @@ def bench_dlrm_step(batch: int, steps: int) -> dict:
     return {"batch": batch, "eager_ms": round(eager_ms, 3), "fused_ms": round(fused_ms, 3),
             "embedding_lookup_fwd_ms": round(lookup_ms, 3),
             "speedup": round(eager_ms / fused_ms, 2), "samples_per_s_fused": round(batch / fused_ms * 1e3),
-            "config": "DLRM 13-512-256-128 / 479-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
+            "config": "DLRM 13-512-256-128 / 480-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
                       "fp32 with TF32 matmuls, median of steps"}
 
 
@@ -325,7 +325,7 @@ def bench_precision(batch: int, steps: int) -> dict:
         print(f"DLRM step, {precision}: {figures[precision]}", flush=True)
     torch.set_float32_matmul_precision(before)
     return {"batch": batch, **figures,
-            "config": "DLRM 13-512-256-128 / 479-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
+            "config": "DLRM 13-512-256-128 / 480-1024-1024-512-256-1, 26 features x 128, DeviceStore + SparseSGD, "
                       "fused kernels, median of steps"}
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from terarec.models import DLRM, DLRMConfig, Embedding
+from terarec.models.dlrm import INTERACTION_PAD_TO
 from terarec.kernels.interaction import dot_interaction_reference, interaction_output_dim
 from terarec.core.data.reader import BatchReader, list_split_files
 from terarec.core.data.synth import write_synthetic
@@ -48,15 +49,17 @@ class PlainDLRM(nn.Module):
 
 
 class DenseDLRM(nn.Module):
-    """DLRM's dense part in plain torch ops: bottom MLP, dot interaction with the [B, F, D] embeddings, top MLP."""
+    """DLRM's dense part in plain torch ops: bottom MLP, dot interaction with the [B, F, D] embeddings (padded as
+    DLRM pads it), top MLP."""
 
     def __init__(self, dim: int, num_sparse: int, config: DLRMConfig):
         super().__init__()
         self.bottom = nn.Sequential(*_mlp([13, *config.bottom_mlp, dim], last_relu=True))
-        self.top = nn.Sequential(*_mlp([interaction_output_dim(dim, num_sparse), *config.top_mlp, 1], last_relu=False))
+        width = interaction_output_dim(dim, num_sparse, pad_to=INTERACTION_PAD_TO)
+        self.top = nn.Sequential(*_mlp([width, *config.top_mlp, 1], last_relu=False))
 
     def forward(self, dense, sparse):
-        return self.top(dot_interaction_reference(self.bottom(dense), sparse))
+        return self.top(dot_interaction_reference(self.bottom(dense), sparse, pad_to=INTERACTION_PAD_TO))
 
 
 def _mlp(sizes, last_relu):

@@ -9,6 +9,10 @@ from .batch import Batch
 from .embedding import Embedding
 from .layers import DotInteraction, FusedMLP
 
+# The top MLP's input width is padded with zero columns to a multiple of 8 (479 -> 480 at 26 features x 128):
+# bf16 GEMMs want 16-byte aligned rows; NVIDIA's DLRM pads the same way. The zero columns' weights get no gradient.
+INTERACTION_PAD_TO = 8
+
 
 class DLRMConfig(BaseModel):
     """`bottom_mlp` and `top_mlp` are hidden sizes; the bottom ends at the embedding dim, the top at 1 logit."""
@@ -24,7 +28,7 @@ class DLRM(nn.Module):
     """Batch -> logits [B, 1].
 
     dense [B, 13] -> bottom MLP -> [B, D]; sparse [B, 26] -> Embedding -> [B, 26, D];
-    dot interaction -> [B, D + 27*26/2] -> top MLP -> [B, 1].
+    dot interaction -> [B, D + 27*26/2, zero-padded to a multiple of 8] -> top MLP -> [B, 1].
     """
 
     def __init__(self, embedding: Embedding, num_dense: int, num_sparse: int, config: DLRMConfig = DLRMConfig()):
@@ -32,7 +36,7 @@ class DLRM(nn.Module):
         dim = embedding.dim
         self.embedding = embedding
         self.bottom_mlp = FusedMLP([num_dense, *config.bottom_mlp, dim], last_activation=True)
-        self.interaction = DotInteraction(config.self_interaction)
+        self.interaction = DotInteraction(config.self_interaction, INTERACTION_PAD_TO)
         interaction_dim = self.interaction.output_dim(dim, num_sparse)
         self.top_mlp = FusedMLP([interaction_dim, *config.top_mlp, 1], dropout=config.dropout)
 

@@ -273,7 +273,7 @@ def compiled_variants(kernel) -> int:
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_per_call_sizes_compile_one_variant():
-    """Sizes that vary per batch (row counts) do not compile a variant per size % 16 or size == 1 (do_not_specialize)."""
+    """Sizes that vary per batch (row counts) compile no variant per size % 16 or size == 1 (do_not_specialize)."""
     from terarec.kernels import triton_gather, triton_sparse_update
     from terarec.store.optim import SparseAdagrad
     table = torch.randn(64, 16, device="cuda")
@@ -283,6 +283,7 @@ def test_per_call_sizes_compile_one_variant():
     for size in (1, 16, 17, 40):
         idx = torch.randperm(64, device="cuda")[:size]
         triton_gather.gather_rows_forward(table, idx)
-        triton_sparse_update.sparse_update_(values, idx, torch.randn(size, 16, device="cuda"), SparseAdagrad(lr=0.1), 1)
+        grads = torch.randn(size, 16, device="cuda")
+        triton_sparse_update.sparse_update_(values, idx, grads, SparseAdagrad(lr=0.1), 1)
     for kernel, count in zip(kernels, before):
         assert compiled_variants(kernel) - count <= 1, f"{kernel.fn.__name__} compiled per size"

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terarec.models import (CIN, MODELS, Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, FMInteraction,
-                            MMoEConfig, PNNConfig, XDeepFMConfig, build_model)
+from terarec.models import (CIN, MODELS, Batch, DCNConfig, DCNv2Config, DeepFMConfig, DLRMConfig, Embedding,
+                            FMInteraction, MMoEConfig, PNNConfig, XDeepFMConfig, build_model)
 from terarec.core.data.reader import BatchReader, list_split_files
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
@@ -114,6 +114,18 @@ def test_output_shape_and_parameter_count_match_the_paper(name, config):
     batch = random_batch(rows=5)
     assert model(batch).shape == (5, num_tasks_of(name))
     assert sum(p.numel() for p in model.parameters()) == expected_params(name, config)
+
+
+def test_dlrm_parameter_count_with_the_padded_interaction():
+    """DLRM's top MLP reads D + (F+1)F/2 columns rounded up to a multiple of 8 (zero padding for aligned GEMMs)."""
+    config = DLRMConfig(bottom_mlp=[32], top_mlp=[64, 16])
+    model, _ = make_model("dlrm", config)
+    pairs = (NUM_SPARSE + 1) * NUM_SPARSE // 2
+    width = -(-(DIM + pairs) // 8) * 8
+    assert width == DIM + pairs + 1  # 8 + 351 = 359 -> 360: this shape does pad
+    assert model(random_batch(rows=5)).shape == (5, 1)
+    top = mlp_params([width, 64, 16, 1])
+    assert sum(p.numel() for p in model.parameters()) == mlp_params([NUM_DENSE, 32, DIM]) + top
 
 
 def test_every_zoo_name_builds_with_its_defaults():
