@@ -5,6 +5,12 @@
 - bf16: the forward under `torch.autocast` (CPU autocast on CPU): matmuls and the fused kernels take
   bf16 activations; parameters stay fp32 (the optimizer steps fp32 master weights) and the embedding
   rows stay fp32 in the store (the gather hands the dense part bf16 copies).
+
+No fp32 islands beyond that (and the fp32 loss on fp32 logits): on DLRM (CPU study, 600k synthetic rows,
+300 steps x 2048, seeds 0-2) bf16 - fp32 AUC was -0.005 to +0.013 per seed, the spread of fp32 itself
+started from dense weights perturbed by 2**-8 (-0.003 to +0.011; 2**-20: within 0.001); the interaction or
+the logit layer in fp32 did not narrow it (-0.002 to +0.009, -0.004 to +0.012). One seed's gap measures
+how far two runs part ways, not a loss in one op: compare means over seeds.
 """
 from __future__ import annotations
 

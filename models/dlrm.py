@@ -5,12 +5,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from terarec.kernels import interaction_output_dim
+
 from .batch import Batch
 from .embedding import Embedding
 from .layers import DotInteraction, FusedMLP
 
 # The top MLP's input width is padded with zero columns to a multiple of 8 (479 -> 480 at 26 features x 128):
-# bf16 GEMMs want 16-byte aligned rows; NVIDIA's DLRM pads the same way. The zero columns' weights get no gradient.
+# bf16 GEMMs want 16-byte aligned rows; NVIDIA's DLRM pads the same way. The zero columns' weights start at 0
+# and get no gradient.
 INTERACTION_PAD_TO = 8
 
 
@@ -37,8 +40,10 @@ class DLRM(nn.Module):
         self.embedding = embedding
         self.bottom_mlp = FusedMLP([num_dense, *config.bottom_mlp, dim], last_activation=True)
         self.interaction = DotInteraction(config.self_interaction, INTERACTION_PAD_TO)
-        interaction_dim = self.interaction.output_dim(dim, num_sparse)
-        self.top_mlp = FusedMLP([interaction_dim, *config.top_mlp, 1], dropout=config.dropout)
+        # drawn at the unpadded width, then zero weights for the pad columns: the same model as without padding
+        self.top_mlp = FusedMLP([interaction_output_dim(dim, num_sparse, config.self_interaction), *config.top_mlp, 1],
+                                dropout=config.dropout)
+        self.top_mlp.pad_input(self.interaction.output_dim(dim, num_sparse))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         dense = self.bottom_mlp(batch.dense)

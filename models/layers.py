@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from terarec.kernels import cross_v1, cross_v2, dot_interaction, fused_mlp, interaction_output_dim
@@ -33,6 +34,13 @@ class FusedMLP(nn.Module):
             layer = nn.Linear(fan_in, fan_out)
             self.weights.append(layer.weight)
             self.biases.append(layer.bias)
+
+    def pad_input(self, width: int) -> None:
+        """Widen the input to `width` columns with zero weights, for inputs whose extra columns are zero padding:
+        the same function and the same initial draw as the unpadded layer's."""
+        first = self.weights[0]
+        self.weights[0] = nn.Parameter(F.pad(first.detach(), (0, width - first.shape[1])))
+        self.sizes[0] = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fused_mlp(x, list(self.weights), list(self.biases), self.last_activation, self.dropout, self.training)

@@ -74,7 +74,7 @@ def check_against_reference(fused, reference, inputs, dtype):
                      floor=2 * relative_error(s, e))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("self_interaction, pad_to, num_sparse, dim", [
     (False, None, 26, 32), (True, 8, 5, 24), (False, 32, 3, 16)])
 def test_dot_interaction(dtype, self_interaction, pad_to, num_sparse, dim):
@@ -83,7 +83,7 @@ def test_dot_interaction(dtype, self_interaction, pad_to, num_sparse, dim):
                             lambda d, s: dot_interaction_reference(d, s, self_interaction, pad_to), inputs, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("matrix", [False, True])
 def test_cross(dtype, matrix, monkeypatch):
     monkeypatch.setattr(triton_cross, "BWD_PROGRAMS", 2)           # several row blocks per backward program
@@ -94,7 +94,7 @@ def test_cross(dtype, matrix, monkeypatch):
     check_against_reference(fused.apply, reference, inputs, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("last_activation", [False, True])
 @pytest.mark.parametrize("width, x_grad", [(13, True), (13, False), (40, True)])
 def test_fused_mlp(dtype, last_activation, width, x_grad):
@@ -114,7 +114,7 @@ def test_fused_mlp(dtype, last_activation, width, x_grad):
                                 [*weights, *biases], dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_relu_dropout_bitmask(dtype):
     p = 0.3
     h = torch.randn(70, 100, device=DEVICE).to(dtype)
@@ -132,7 +132,7 @@ def test_relu_dropout_bitmask(dtype):
     assert_close(d_bias, ref.sum(0), torch.float32, "bias gradient")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("from_bits", [False, True])
 @pytest.mark.parametrize("m, k, n", [(70, 48, 80), (130, 1, 40), (64, 13, 100)])
 def test_masked_grad_matmul(dtype, from_bits, m, k, n):
@@ -155,7 +155,7 @@ def test_masked_grad_matmul(dtype, from_bits, m, k, n):
     assert_close(d_bias, ref.sum(0), tolerance, "bias gradient")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_mlp_dropout_backward_in_dtype(dtype):
     """Dropout on, three layers: the backward GEMMs apply each hidden layer's bits and scale (checked through
     the reference run with the masks the forward drew, ReLU included, read back from the saved bits)."""
@@ -213,7 +213,7 @@ def test_fused_mlp_dropout_matches_its_masks():
     check_against_reference(fused, reference, inputs, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gather_rows_and_sum(dtype):
     store_values = torch.randn(50, 40, device=DEVICE).to(dtype)
     table = store_values[:, :24].detach().requires_grad_()           # strided rows, like a store's values
@@ -223,7 +223,7 @@ def test_gather_rows_and_sum(dtype):
     check_against_reference(GatherSum.apply, gather_sum_reference, [table, bags], dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reduce_by_key(dtype):
     grads = torch.randn(90, 24, device=DEVICE).to(dtype)
     inverse = torch.randint(0, 11, (90,), device=DEVICE)

@@ -124,6 +124,7 @@ def test_dlrm_parameter_count_with_the_padded_interaction():
     width = -(-(DIM + pairs) // 8) * 8
     assert width == DIM + pairs + 1  # 8 + 351 = 359 -> 360: this shape does pad
     assert model(random_batch(rows=5)).shape == (5, 1)
+    assert not model.top_mlp.weights[0][:, DIM + pairs:].any()  # the pad columns' weights: zero, as unpadded
     top = mlp_params([width, 64, 16, 1])
     assert sum(p.numel() for p in model.parameters()) == mlp_params([NUM_DENSE, 32, DIM]) + top
 
