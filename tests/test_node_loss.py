@@ -66,10 +66,11 @@ def remove_a_node_after_a_checkpoint(process, cluster, node, run_dir) -> tuple[i
         first = next((root for root, _dirs, files in os.walk(run_dir) if "meta.json" in files), None)
         time.sleep(0.2)
     assert first is not None, "the run never wrote a checkpoint"
+    world = open_checkpoint(first).meta["world_size"]  # read now: checkpoints beyond the newest three go away
     lose(cluster, node)
     code = process.wait(timeout=300)
     reader.join(timeout=5)
-    return code, "".join(output), open_checkpoint(first).meta["world_size"]
+    return code, "".join(output), world
 
 
 def test_an_elastic_job_goes_on_without_the_lost_node(two_nodes, synth_data, tmp_path):
