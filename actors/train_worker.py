@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator
 
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -25,6 +24,7 @@ from terarec.models import Batch, Embedding, build_model
 from terarec.models.registry import is_multi_task, store_width
 from terarec.core.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
 from terarec.core.config import TrainConfig
+from terarec.core.data.parquet import open_parquet
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
 from terarec.core.data.schema import DENSE_TRANSFORM, NUM_DENSE, NUM_SPARSE, label_columns_of
 from terarec.core.metrics import calibration, log_loss, roc_auc
@@ -66,7 +66,7 @@ class TrainWorker:
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
         self.config = config = fit_to_data(config, count_rows(self.train_files))
-        label_columns = label_columns_of(pq.read_schema(self.train_files[0]))
+        label_columns = label_columns_of(open_parquet(self.train_files[0]).schema_arrow)
         # single-task models learn the first label (click); multi-task ones every label column
         self.label_columns = label_columns if is_multi_task(config.model) else label_columns[:1]
         self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)

@@ -113,6 +113,7 @@ class TrainConfig(Strict):
     log_every: int = Field(default=50, gt=0)
     resume_from: str | None = Field(default=None, description="a checkpoint directory, or 'latest' in run_dir")
     ray_address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS or a local Ray")
+    resource_timeout_s: float = Field(default=300, gt=0, description="give up after waiting this long for workers' resources")
     embedding: EmbeddingConfig = EmbeddingConfig()
     dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
     store: StoreConfig = StoreConfig()
@@ -124,6 +125,14 @@ class TrainConfig(Strict):
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
         return name
+
+    @field_validator("run_dir")
+    @classmethod
+    def _local_run_dir(cls, run_dir: str) -> str:
+        if "://" in run_dir:  # Ray Train, metrics.json and curve.jsonl write to a filesystem path
+            raise ValueError(f"run_dir must be a local or mounted directory, not a URI ({run_dir}); mount the bucket "
+                             f"(e.g. s3fs, gcsfuse) and give its path")
+        return run_dir
 
     @field_validator("workers")
     @classmethod

@@ -93,13 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from terarec.core.data.errors import DataError
+    from .runner import JobFailedError
 
     try:
         code = args.func(args)
-    except (ConfigError, DataError, UserError, FileNotFoundError) as error:
+    except (UserError, FileNotFoundError) as error:
         print(f"terarec {args.command}: error: {error}", file=sys.stderr)
         code = 2
+    except JobFailedError as error:
+        print(f"terarec {args.command}: {error}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -4,15 +4,31 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
 from terarec.core.config import ConfigError, TrainConfig
-from terarec.core.resources import uses_gpu, worker_resources
+from terarec.core.data.errors import DataNotFoundError
 from terarec.core.data.reader import count_rows, list_split_files
+from terarec.core.errors import UserError
+from terarec.core.resources import ResourceError, unfit_reason, unreachable_reason, uses_gpu, worker_resources
 from terarec.core.steering import fit_to_data, plan_notes
 from .plots import plot_curve
+
+RAY_LOG, ERROR_LOG = "ray.log", "error.log"  # in RUN_DIR: Ray's log of the job's processes; a failure's traceback
+PLACEMENT_POLL_S = 10.0
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+USER_START_TIMEOUT = os.environ.get(START_TIMEOUT_VAR)  # a value the user set wins over ours
+DATA_TIMEOUT_S = 60.0
+
+
+class JobFailedError(Exception):
+    """A job ended in an error that is not the user's to fix (a bug, workers lost past max_failures ...);
+    the message is one line and names the file holding the traceback."""
+
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str | None:
@@ -21,6 +37,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> str 
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        reason = unreachable_reason(address) if address else None
+        if reason:
+            raise ConfigError(reason)
         kwargs = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": True,
                                                         "dashboard_host": "127.0.0.1"}
         context = ray.init(log_to_driver=True, **kwargs)
@@ -46,23 +65,63 @@ def resume_checkpoint(run_dir: str, resume_from: str) -> str:
         raise ConfigError(f"resume_from={resume_from}: {error}") from None
 
 
+def check_data(data: str) -> dict[str, list[str]]:
+    """The files of train/ and eval/, listed here to fail with the path rather than inside every worker; a store
+    that does not answer within DATA_TIMEOUT_S (GCS retries for many minutes) fails too, rather than hang."""
+    outcome: list = []
+
+    def list_splits() -> None:
+        try:
+            outcome.append({split: list_split_files(data, split) for split in ("train", "eval")})
+        except Exception as error:  # handed to the caller's thread
+            outcome.append(error)
+
+    lister = threading.Thread(target=list_splits, daemon=True)
+    lister.start()
+    lister.join(DATA_TIMEOUT_S)
+    if not outcome:
+        raise DataNotFoundError(f"data {data}: no answer in {DATA_TIMEOUT_S:g} s; check the URI, the network and "
+                                f"the credentials")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def worker_request(config: TrainConfig) -> tuple[dict[str, float], bool]:
+    """What each worker asks of the joined cluster, and whether it takes a GPU. A job the cluster can never hold
+    (an autoscaling one: even at its largest) fails here, in one line."""
+    import ray
+    from ray._private.state import state as ray_state
+
+    cluster = ray.cluster_resources()
+    reason = unfit_reason(config, cluster, ray_state.get_max_resources_from_cluster_config())
+    if reason:
+        raise ResourceError(reason)
+    # how often a waiting placement group is given up and asked again: when PendingWatch looks at the clock
+    os.environ[START_TIMEOUT_VAR] = USER_START_TIMEOUT or str(min(PLACEMENT_POLL_S, config.resource_timeout_s / 3))
+    return worker_resources(config, cluster), uses_gpu(config, cluster)
+
+
 def run_training(config: TrainConfig) -> dict:
     """Train, evaluate, checkpoint; write RUN_DIR/metrics.json and return it (with best_auc, best_step and
     best_checkpoint when the run evaluated periodically)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from terarec.actors.train_controller import PendingWatch
     from terarec.actors.train_worker import train_loop_per_worker
 
     launched_at = process_started_at()  # time_to_first_step_s counts from here
-    # fail here, with the path, rather than inside every worker
-    files = {split: list_split_files(config.data, split) for split in ("train", "eval")}
+    files = check_data(config.data)
     train_rows, eval_rows = (count_rows(files[split]) for split in ("train", "eval"))
     config = fit_to_data(config, train_rows)
     for note in plan_notes(config, train_rows, eval_rows):
         print(f"[terarec] note: {note}")
     run_dir = os.path.abspath(config.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"run_dir {run_dir}: cannot create it ({error.strerror}); give a writable directory") from None
     config = config.model_copy(update={"run_dir": run_dir,
                                        "data": config.data if "://" in config.data else os.path.abspath(config.data)})
     loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(), "launched_at": launched_at,
@@ -74,23 +133,25 @@ def run_training(config: TrainConfig) -> dict:
         copies.result()
     if dashboard:
         print(f"[terarec] Ray dashboard: {dashboard if '://' in dashboard else 'http://' + dashboard}")
-    import ray
-
-    cluster = ray.cluster_resources()
-    use_gpu = uses_gpu(config, cluster)
+    per_worker, use_gpu = worker_request(config)
     workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=worker_resources(config, cluster)),
+                                     resources_per_worker=per_worker),
         run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run_dir,
                              failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3),
+                             callbacks=[PendingWatch(config, per_worker)]),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    route_worker_logs(os.path.join(run_dir, RAY_LOG))
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        raise job_error(error, os.path.join(run_dir, ERROR_LOG)) from None
     metrics = dict(result.metrics or {})
     metrics |= {"model": config.model, "steps": metrics.get("step"), "train_rows": (metrics.get("step") or 0) * config.batch_size,
                 "wall_s": time.perf_counter() - started, "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -107,3 +168,66 @@ def _prepare_column_copies(files: list[str]) -> None:
     if not any("://" in path for path in files):  # URIs are read as parquet
         for column_file in open_all_columns(files, os.cpu_count() or 1):
             column_file.close()
+
+
+def route_worker_logs(path: str) -> None:
+    """From now on, the log lines of the job's Ray processes (workers, controller) go to `path`; the terminal
+    keeps terarec's own lines and progress bars. So a failing worker ends in the one
+    line `job_error` makes, not in pages of tracebacks, and nothing is lost. Lines keep arriving after fit()
+    returns, so the route stays for the life of the driver (the next job moves it to its own file)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    _log_route["path"] = path
+    show = dict(dispatcher.handlers).get("ray_print_logs")  # absent when Ray was joined with log_to_driver=False
+    if show is None or show is _log_route.get("handler"):
+        return
+
+    def route(data: dict) -> None:
+        process = f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
+        with open(_log_route["path"], "a") as log:
+            log.writelines(f"{process} {line}\n" for line in data["lines"])
+        shown = [line for line in data["lines"] if line.startswith("[terarec]") or RAY_TQDM_MAGIC in line]
+        if shown:
+            show({**data, "lines": shown})
+
+    _log_route["handler"] = route
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", route)
+
+
+_log_route: dict = {}  # the file route_worker_logs writes to, and its handler once installed
+
+
+def job_error(error: BaseException, log_path: str) -> Exception:
+    """The one-line error for a failed job: the UserError a worker (or PendingWatch) raised, out of Ray Train's
+    wrappers, else the innermost cause; the whole traceback, workers' included, goes to `log_path`."""
+    from ray.exceptions import RayTaskError
+
+    causes = wrapped_errors(error)
+    with open(log_path, "w") as log:
+        log.writelines(traceback.format_exception(error))
+        log.writelines(f"\n--- wrapped: {type(cause).__name__}\n{cause}\n" for cause in causes[1:])
+    user = next((cause for cause in causes if isinstance(cause, UserError) and not isinstance(cause, RayTaskError)), None)
+    if user is not None:
+        return UserError(f"{user} (traceback: {log_path})")
+    innermost = causes[-1]
+    first_line = (str(innermost).strip().splitlines() or [""])[0]
+    return JobFailedError(f"the job failed: {type(innermost).__name__}: {first_line} (traceback: {log_path})")
+
+
+def wrapped_errors(error: BaseException) -> list[BaseException]:
+    """`error` and what it wraps, outermost first: Ray Train's worker failures (by rank) and controller failure,
+    the user exception behind a worker's traceback, a Ray task's cause, Python's __cause__."""
+    found: list[BaseException] = []
+    todo = [error]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        failures = getattr(current, "worker_failures", None) or {}
+        todo += [failures[rank] for rank in sorted(failures)]
+        todo += [getattr(current, name, None) for name in ("controller_failure", "_base_exc", "cause")]
+        todo.append(current.__cause__)
+    return found

@@ -28,6 +28,7 @@ import gzip
 import itertools
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Sequence
 
@@ -190,8 +191,12 @@ def _natural_key(path: str) -> list:
 def _line_chunks(path: str) -> Iterator[tuple[list[bytes], int]]:
     """(lines without their line ends, bytes read) per CHUNK_LINES lines of a plain or .gz file."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as source:
-        while raw := list(itertools.islice(source, CHUNK_LINES)):
-            yield [line.rstrip(b"\r\n") for line in raw], sum(map(len, raw))
+        try:
+            while raw := list(itertools.islice(source, CHUNK_LINES)):
+                yield [line.rstrip(b"\r\n") for line in raw], sum(map(len, raw))
+        except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a .gz cut short, or not gzip at all
+            raise DataError(f"{path} cannot be read as gzip ({error}); download it again, or give a plain "
+                            f"text file a name without .gz") from None
 
 
 def _parse_lines(lines: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

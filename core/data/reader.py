@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -40,9 +41,13 @@ def list_split_files(data_dir: str, split: str) -> list[str]:
     """The parquet files of `data_dir/split`, sorted; `data_dir` is a local path or a pyarrow.fs URI."""
     if "://" in data_dir:
         scheme = data_dir[:data_dir.index("://") + 3]
-        fs, root = pafs.FileSystem.from_uri(data_dir)
-        directory = f"{root.rstrip('/')}/{split}"
-        infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        try:
+            fs, root = pafs.FileSystem.from_uri(data_dir)
+            directory = f"{root.rstrip('/')}/{split}"
+            infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+        except (OSError, pa.ArrowException) as error:  # an unknown scheme, no such bucket, no network, no access
+            raise DataNotFoundError(f"cannot list {data_dir}/{split}: {' '.join(str(error).split())}; check the URI, "
+                                    f"the network and the credentials") from None
         files = sorted(scheme + info.path for info in infos if info.is_file and info.path.endswith(".parquet"))
         where = scheme + directory
     else:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from terarec.core.data.errors import OutputExistsError, SchemaMismatchError
+from terarec.core.data.errors import DataArgumentError, OutputExistsError, SchemaMismatchError
 
 LABEL = "label"
 DENSE_COLUMNS = [f"I{i}" for i in range(1, 14)]
@@ -102,7 +102,11 @@ class SplitWriter:
         if rows_per_file < 1 or row_group_size < 1:
             raise ValueError(f"rows_per_file ({rows_per_file}) and row_group_size ({row_group_size}) must be >= 1")
         self.directory = os.path.join(out_dir, split)
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as error:  # out_dir is a file, or not writable
+            raise DataArgumentError(f"cannot make the output directory {self.directory}: {error.strerror}; "
+                                    f"give a new or empty directory") from None
         if any(name.endswith(".parquet") for name in os.listdir(self.directory)):
             raise OutputExistsError(f"{self.directory} already holds parquet files; write into an empty "
                                     f"directory or delete them first")
