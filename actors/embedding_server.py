@@ -1,41 +1,123 @@
 """Embedding servers for online inference: each holds a trained checkpoint's rows of the buckets it owns.
 
 As in training, keys go to buckets and buckets to servers through a `BucketMap(num_buckets, num_servers)`;
-each server loads only its buckets' rows from the checkpoint's shards. `EmbeddingShard` is the plain class
-(testable without Ray); `start_servers` runs one detached Ray actor per shard; `ServerRows` is the row
-backend the inference model's Embedding front reads through (lookups only: unseen IDs read zero rows and
-are never inserted).
+each server loads only its buckets' rows from the checkpoint's shards into a store built as training builds
+one (`store` section: device, or cached_host / cached_ssd when the table outgrows the server's memory), on
+the server's GPU when it has one. `EmbeddingShard` is the plain class (testable without Ray); `start_servers`
+runs one detached Ray actor per shard (`EmbeddingServer`: the shard plus its cache hit rate as a Ray metric);
+`ServerRows` is the row backend the inference model's Embedding front reads through: one call per owning
+server, all in flight together, behind an optional replica-local cache of recent rows (`RecentRows`).
+Lookups only: unseen IDs read zero rows and are never inserted.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 
 import torch
 
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
+from terarec.core.config import StoreConfig
+from terarec.store import make_sparse_optimizer, make_store
+from terarec.store.encoder import IdEncoder
 from terarec.store.sharded import BucketMap
 
 NAMESPACE = "terarec"  # the Ray namespace of serving actors
 SERVER_PREFIX = "terarec-embedding"
 
 
+def serving_store(checkpoint: CheckpointContents, store: StoreConfig, rank: int):
+    """An empty store for one server's rows: the checkpoint's row width and optimizer, `store`'s tiers, on the
+    GPU when this process sees one (a Ray actor sees one only when it asked for `num_gpus`)."""
+    config = checkpoint.config
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return make_store(store.kind, checkpoint.meta.get("embedding_dim") or config.embedding.dim,
+                      make_sparse_optimizer(config.embedding.optimizer, config.sparse_lr), seed=config.seed,
+                      init_scale=config.embedding.init_scale, device=device, policy=store.policy,
+                      cache_bytes=store.cache_bytes, host_bytes=store.host_bytes,
+                      path=os.path.join(store.path, f"{checkpoint_tag(checkpoint)}-rank-{rank}") if store.path else None)
+
+
 class EmbeddingShard:
     """The rows of the buckets `rank` owns among `num_servers`, read from a checkpoint; lookups only."""
 
-    def __init__(self, checkpoint_dir: str, rank: int, num_servers: int):
+    def __init__(self, checkpoint_dir: str, rank: int, num_servers: int, store: dict | None = None):
         checkpoint = open_checkpoint(checkpoint_dir)
         self.bucket_map = BucketMap(checkpoint.meta["num_buckets"], num_servers)
-        self.store = checkpoint.load_rows(keep=self.bucket_map.owns(rank))
+        empty = serving_store(checkpoint, StoreConfig.model_validate(store or {}), rank)
+        self.store = checkpoint.load_rows(store=empty, keep=self.bucket_map.owns(rank))
         self.dim = self.store.dim
         self.rank = rank
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """[N] keys (all owned by this shard) -> [N, D] rows; unknown keys give zero rows."""
-        return self.store.lookup(keys, insert=False)
+        """[N] keys (all owned by this shard) -> [N, D] rows on the CPU; unknown keys give zero rows."""
+        return self.store.lookup(keys, insert=False).cpu()
 
     def rows(self) -> int:
         return len(self.store)
+
+    def metrics(self) -> dict[str, float]:
+        """The store's counters: rows, lookups, and for a tiered store each cache level's hits and hit rate."""
+        return {"rows": float(len(self.store)), **self.store.metrics()}
+
+
+class EmbeddingServer(EmbeddingShard):
+    """The Ray actor: a shard that exports its cache hit rate as the gauge `terarec_embedding_cache_hit_rate`."""
+
+    EXPORT_EVERY_S = 1.0
+
+    def __init__(self, checkpoint_dir: str, rank: int, num_servers: int, store: dict | None = None,
+                 model: str = ""):
+        from ray.util.metrics import Gauge
+
+        super().__init__(checkpoint_dir, rank, num_servers, store)
+        self.hit_rate = Gauge("terarec_embedding_cache_hit_rate", description="hits / lookups of an embedding "
+                              "server's fastest cache level, since it started", tag_keys=("model", "server"))
+        self.tags = {"model": model, "server": str(rank)}
+        self.exported_at = 0.0
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        rows = super().lookup(keys)
+        if time.monotonic() - self.exported_at > self.EXPORT_EVERY_S:
+            self.exported_at = time.monotonic()
+            self.hit_rate.set(self.metrics().get("cache_hit_rate", 1.0), tags=self.tags)  # device store: all hits
+        return rows
+
+
+class RecentRows:
+    """A replica-local cache of rows read from the servers: at most `capacity` rows, none older than `max_age_s`.
+
+    It empties itself whole (one generation) when it is full or its oldest row passes `max_age_s`, so a row
+    a server changes is seen at most `max_age_s` later, and no per-row bookkeeping is needed.
+    """
+
+    def __init__(self, dim: int, capacity: int, max_age_s: float):
+        self.dim, self.capacity, self.max_age_s = dim, capacity, max_age_s
+        self.hits = self.lookups = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.encoder = IdEncoder(capacity=2 * self.capacity)
+        self.values = torch.empty((self.capacity, self.dim))
+        self.born = time.monotonic()
+
+    def find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N] unique keys -> the cached ones' positions in `keys` [H] and their rows [H, D]."""
+        if time.monotonic() - self.born > self.max_age_s:
+            self._clear()
+        slots = self.encoder.find(keys)
+        held = (slots >= 0).nonzero().squeeze(1)
+        self.lookups += keys.numel()
+        self.hits += held.numel()
+        return held, self.values[slots[held]]
+
+    def add(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Cache `rows` of unique keys not cached yet; a full cache starts a new generation first."""
+        if len(self.encoder) + keys.numel() > self.capacity:
+            self._clear()
+            keys, rows = keys[: self.capacity], rows[: self.capacity]
+        self.values[self.encoder.find_or_insert(keys)] = rows
 
 
 class ServerRows:
@@ -44,16 +126,34 @@ class ServerRows:
     Read-only: `lookup` never inserts (a serving model must not grow its tables) and `update` refuses.
     """
 
-    def __init__(self, servers: list, num_buckets: int, dim: int):
+    def __init__(self, servers: list, num_buckets: int, dim: int, recent: RecentRows | None = None):
         self.servers = servers
         self.bucket_map = BucketMap(num_buckets, len(servers))
         self.dim = dim
+        self.recent = recent
 
     def lookup(self, keys: torch.Tensor, insert: bool = False) -> torch.Tensor:
-        import ray
-
+        """[N] unique keys -> [N, D] rows: the recent ones from the local cache, the rest from their servers."""
         if insert:
             raise ValueError("serving embeddings are read-only: lookup(insert=True) is not allowed")
+        device, keys = keys.device, keys.cpu()  # a GPU replica's keys; servers take and give CPU tensors
+        if self.recent is None:
+            return self._ask_servers(keys).to(device)
+        rows = torch.empty((keys.numel(), self.dim), dtype=torch.float32)
+        held, held_rows = self.recent.find(keys)
+        rows[held] = held_rows
+        missing = torch.ones(keys.numel(), dtype=torch.bool)
+        missing[held] = False
+        if bool(missing.any()):
+            fetched = self._ask_servers(keys[missing])
+            rows[missing] = fetched
+            self.recent.add(keys[missing], fetched)
+        return rows.to(device)
+
+    def _ask_servers(self, keys: torch.Tensor) -> torch.Tensor:
+        """One call per owning server, all in flight together."""
+        import ray
+
         owners = self.bucket_map.owner(keys)
         rows = torch.empty((keys.numel(), self.dim), dtype=torch.float32)
         asked = [(owner, owners == owner) for owner in range(len(self.servers))]
@@ -78,15 +178,17 @@ def server_names(model: str, checkpoint: CheckpointContents, num_servers: int) -
     return [f"{SERVER_PREFIX}:{model}:{tag}:{rank}-of-{num_servers}" for rank in range(num_servers)]
 
 
-def start_servers(model: str, checkpoint: CheckpointContents, num_servers: int, num_cpus: float = 0.1) -> list[str]:
+def start_servers(model: str, checkpoint: CheckpointContents, num_servers: int, store: StoreConfig | None = None,
+                  num_cpus: float = 0.1, num_gpus: float = 0) -> list[str]:
     """One detached actor per shard (reused if this checkpoint is already served); waits until all are loaded."""
     import ray
 
-    actor = ray.remote(EmbeddingShard)
+    actor = ray.remote(EmbeddingServer)
     names = server_names(model, checkpoint, num_servers)
+    store_tree = store.model_dump() if store else None
     handles = [actor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                             num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1)
-               .remote(os.path.abspath(checkpoint.directory), rank, num_servers)
+                             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1)
+               .remote(os.path.abspath(checkpoint.directory), rank, num_servers, store_tree, model)
                for rank, name in enumerate(names)]
     ray.get([handle.rows.remote() for handle in handles])
     return names

@@ -2,7 +2,8 @@
 
 The replica builds the same dense model as training (`model_from_checkpoint`), in eval mode, over a
 read-only row backend that asks the embedding servers (`embedding_server.py`) for the rows; `@serve.batch`
-merges concurrent requests into one forward. `deploy_model` (used by `POST /v1/models` and
+merges concurrent requests into one forward (its size and wait are `ReplicaSettings`), on the replica's GPU
+when it has one; recent rows stay in a replica-local cache (`RecentRows`) for a bounded time. `deploy_model` (used by `POST /v1/models` and
 `terarec deploy`) starts the servers and runs the Serve application; deploying a new checkpoint under the
 same name is Serve's rolling update (new replicas, with their own servers, take over before the old ones
 and their servers are stopped), so no request fails.
@@ -14,6 +15,7 @@ import os
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from torch import nn
 
@@ -22,7 +24,25 @@ from terarec.models.registry import store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
-from .embedding_server import ServerRows, server_handles, start_servers, stop_servers
+from terarec.core.config import StoreConfig
+
+from .embedding_server import RecentRows, ServerRows, server_handles, start_servers, stop_servers
+
+
+class ReplicaSettings(BaseModel):
+    """How one replica batches and caches; the `serving` part of POST /v1/models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="requests merged into one forward "
+                                "(@serve.batch); larger on a GPU")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="how long a forward waits for "
+                                        "more requests once one is there")
+    recent_rows: int = Field(default=65536, ge=0, description="rows a replica keeps from its servers' answers "
+                             "(0: ask the servers every time)")
+    recent_max_age_s: float = Field(default=30.0, gt=0, description="the oldest a replica's cached row may be: "
+                                    "how late it sees a row that changed on the servers")
+    gpus: float = Field(default=0, ge=0, le=8, description="GPUs per replica (the dense model runs on it)")
 
 
 
@@ -41,9 +61,11 @@ def embedding_dim(checkpoint: CheckpointContents) -> int:
 
 @torch.inference_mode()
 def score(model: nn.Module, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    """dense [B, 13] float32 (log-transformed), sparse [B, 26] int64 raw IDs -> [B, T] click probabilities."""
-    logits = model(Batch(dense, sparse, torch.zeros((dense.shape[0], 1))))  # labels unused by forward
-    return torch.sigmoid(logits.reshape(dense.shape[0], -1).float())
+    """dense [B, 13] float32 (log-transformed), sparse [B, 26] int64 raw IDs -> [B, T] click probabilities (CPU)."""
+    device = next(model.parameters()).device
+    dense, sparse = dense.to(device), sparse.to(device)
+    logits = model(Batch(dense, sparse, torch.zeros((dense.shape[0], 1), device=device)))  # labels unused by forward
+    return torch.sigmoid(logits.reshape(dense.shape[0], -1).float()).cpu()
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128, graceful_shutdown_timeout_s=30,
@@ -51,14 +73,20 @@ def score(model: nn.Module, dense: torch.Tensor, sparse: torch.Tensor) -> torch.
 class InferenceModel:
     """One replica: the dense model of a checkpoint; embedding rows come from the named servers."""
 
-    def __init__(self, checkpoint_dir: str, servers: list[str]):
+    def __init__(self, checkpoint_dir: str, servers: list[str], settings: dict | None = None):
+        settings = ReplicaSettings.model_validate(settings or {})
         checkpoint = open_checkpoint(checkpoint_dir)
-        backend = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], embedding_dim(checkpoint))
-        self.model = model_from_checkpoint(checkpoint, backend)
+        dim = embedding_dim(checkpoint)
+        recent = RecentRows(dim, settings.recent_rows, settings.recent_max_age_s) if settings.recent_rows else None
+        self.rows = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], dim, recent)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a replica a GPU only if it asked for one
+        self.model = model_from_checkpoint(checkpoint, self.rows).to(device)
+        self.predict.set_max_batch_size(settings.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.info = {"checkpoint": checkpoint_dir, "step": checkpoint.step, "model": checkpoint.config.model,
-                     "tasks": list(checkpoint.meta["label_columns"]), "servers": len(servers)}
+                     "tasks": list(checkpoint.meta["label_columns"]), "servers": len(servers), "device": device}
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)  # defaults; __init__ sets ReplicaSettings'
     async def predict(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Each request is (dense [n, 13] float32 transformed, sparse [n, 26] int64); answers [n, T] probabilities."""
         sizes = [len(dense) for dense, _ in requests]
@@ -68,22 +96,29 @@ class InferenceModel:
         return list(np.split(scores.numpy(), np.cumsum(sizes)[:-1]))
 
     def describe(self) -> dict:
-        return self.info
+        recent = self.rows.recent
+        hit_rate = recent.hits / recent.lookups if recent and recent.lookups else None
+        return self.info | {"recent_hit_rate": hit_rate}
 
 
 def deploy_model(name: str, checkpoint_dir: str, replicas: int = 1, num_servers: int | None = None,
-                 replica_cpus: float = 1.0) -> dict:
+                 replica_cpus: float = 1.0, store: StoreConfig | None = None, server_gpus: float = 0,
+                 settings: ReplicaSettings | None = None) -> dict:
     """Start (or roll out) the Serve application `name` for a checkpoint; returns what is served.
 
-    Needs a Ray connection (`ray.init`) to a cluster that outlives the caller. Waits until the new
-    replicas run, then stops the embedding servers of the checkpoint they replaced.
+    `store`: the servers' store (default: all rows in memory); `server_gpus`: GPUs per server (its store on
+    the GPU); `settings`: the replicas' batching, cache and GPUs. Needs a Ray connection (`ray.init`) to a
+    cluster that outlives the caller. Waits until the new replicas run, then stops the embedding servers of
+    the checkpoint they replaced.
     """
+    settings = settings or ReplicaSettings()
     checkpoint = open_checkpoint(checkpoint_dir)
     num_servers = num_servers or checkpoint.meta["world_size"]
-    servers = start_servers(name, checkpoint, num_servers)
+    servers = start_servers(name, checkpoint, num_servers, store, num_gpus=server_gpus)
     serve.start(proxy_location="Disabled")  # served through the control plane's handles; no open HTTP port
-    app = InferenceModel.options(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}).bind(
-        os.path.abspath(checkpoint.directory), servers)
+    options = {"num_cpus": replica_cpus, "num_gpus": settings.gpus}
+    app = InferenceModel.options(num_replicas=replicas, ray_actor_options=options).bind(
+        os.path.abspath(checkpoint.directory), servers, settings.model_dump())
     serve.run(app, name=name, route_prefix=None)
     stop_servers(name, keep=servers)
     return {"name": name, "checkpoint": os.path.abspath(checkpoint.directory), "step": checkpoint.step,

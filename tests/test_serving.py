@@ -1,4 +1,5 @@
-"""Online inference over REST: deploy the REST-trained checkpoint on Ray Serve, predict, roll out, clean up.
+"""Online inference: embedding servers on the store's tiers and the replica's recent-rows cache (plain classes, no
+Ray); then over REST: deploy the REST-trained checkpoint on Ray Serve, predict, roll out, clean up.
 
 Served scores must equal the offline model's (the checkpoint loaded in this process) on the same rows.
 """
@@ -9,6 +10,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from terarec.actors.embedding_server import NAMESPACE, server_names
+from terarec.actors.embedding_server import NAMESPACE, EmbeddingShard, RecentRows, server_names
 from terarec.actors.inference import model_from_checkpoint, score
 from terarec.core.checkpoints import open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
@@ -31,6 +33,52 @@ def api(ray_cluster, tmp_path_factory):
     server = ApiServer(ray_cluster, tmp_path_factory.mktemp("serving-api"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_checkpoint(synth_data, tmp_path_factory) -> str:
+    """A DLRM checkpoint trained in this process for a few steps (no Ray)."""
+    from terarec.actors.train_worker import TrainWorker
+    from terarec.core.config import load_config
+    from terarec.kernels.comm import LocalCommunicator
+
+    run_dir = tmp_path_factory.mktemp("local-run")
+    config = load_config(tree={"data": synth_data, "run_dir": str(run_dir), "steps": 4, "batch_size": 512,
+                               "log_every": 4})
+    worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
+    worker.train()
+    worker.save(str(run_dir))
+    return str(run_dir)
+
+
+def test_a_tiered_server_reads_what_an_in_memory_one_reads(local_checkpoint, tmp_path):
+    in_memory = EmbeddingShard(local_checkpoint, rank=1, num_servers=2)
+    keys, _ = in_memory.store.export()
+    slot_bytes = in_memory.store.value_width * 4 + 64
+    for store in ({"kind": "cached_host", "cache_bytes": len(keys) * slot_bytes / 4},
+                  {"kind": "cached_ssd", "cache_bytes": len(keys) * slot_bytes / 4, "path": str(tmp_path)}):
+        tiered = EmbeddingShard(local_checkpoint, rank=1, num_servers=2, store=store)
+        assert tiered.rows() == in_memory.rows() == len(keys) > 0
+        assert tiered.metrics()["cache_capacity_rows"] < len(keys) / 3  # the table is 4x the cache
+        for piece in torch.split(keys[torch.randperm(len(keys))], 97):
+            torch.testing.assert_close(tiered.lookup(piece), in_memory.lookup(piece), rtol=0, atol=0)
+        unseen = torch.tensor([-12345, 2**62 + 7])
+        assert torch.equal(tiered.lookup(unseen), torch.zeros(2, tiered.dim)) and tiered.rows() == len(keys)
+        metrics = tiered.metrics()
+        assert 0 < metrics["cache_hit_rate"] < 1 and metrics["cache_evictions"] > 0, metrics
+
+
+def test_recent_rows_answer_what_they_hold_until_full_or_too_old():
+    recent = RecentRows(dim=3, capacity=4, max_age_s=0.2)
+    keys, rows = torch.tensor([5, -9, 2**40]), torch.arange(9, dtype=torch.float32).reshape(3, 3)
+    recent.add(keys, rows)
+    held, held_rows = recent.find(torch.tensor([7, 2**40, 5]))
+    assert held.tolist() == [1, 2] and torch.equal(held_rows, rows[[2, 0]])
+    assert (recent.hits, recent.lookups) == (2, 3)
+    recent.add(torch.tensor([7, 8]), torch.ones(2, 3))  # 5 rows > capacity 4: a new generation holds only these
+    assert recent.find(keys)[0].numel() == 0 and recent.find(torch.tensor([8]))[0].tolist() == [0]
+    time.sleep(0.3)
+    assert recent.find(torch.tensor([7, 8]))[0].numel() == 0  # older than max_age_s: asked again
 
 
 @pytest.fixture(scope="module")
