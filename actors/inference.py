@@ -2,7 +2,7 @@
 
 The replica builds the same dense model as training (`model_from_checkpoint`), in eval mode, over a
 read-only row backend that asks the embedding servers (`embedding_server.py`) for the rows; `@serve.batch`
-merges concurrent requests into one forward (its size and wait are `ReplicaSettings`), on the replica's GPU
+merges concurrent requests into one forward (its size and wait are `ServingConfig`), on the replica's GPU
 when it has one; recent rows stay in a replica-local cache (`RecentRows`) for a bounded time. `deploy_model` (used by `POST /v1/models` and
 `terarec deploy`) starts the servers and runs the Serve application; deploying a new checkpoint under the
 same name is Serve's rolling update (new replicas, with their own servers, take over before the old ones
@@ -15,35 +15,16 @@ import os
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from torch import nn
 
 from terarec.models import Batch, Embedding, build_model
 from terarec.models.registry import store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
+from terarec.core.config import ServingConfig, StoreConfig
 from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
-from terarec.core.config import StoreConfig
-
 from .embedding_server import RecentRows, ServerRows, server_handles, start_servers, stop_servers
-
-
-class ReplicaSettings(BaseModel):
-    """How one replica batches and caches; the `serving` part of POST /v1/models."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_batch_size: int = Field(default=64, ge=1, le=4096, description="requests merged into one forward "
-                                "(@serve.batch); larger on a GPU")
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="how long a forward waits for "
-                                        "more requests once one is there")
-    recent_rows: int = Field(default=65536, ge=0, description="rows a replica keeps from its servers' answers "
-                             "(0: ask the servers every time)")
-    recent_max_age_s: float = Field(default=30.0, gt=0, description="the oldest a replica's cached row may be: "
-                                    "how late it sees a row that changed on the servers")
-    gpus: float = Field(default=0, ge=0, le=8, description="GPUs per replica (the dense model runs on it)")
-
 
 
 def model_from_checkpoint(checkpoint: CheckpointContents, backend) -> nn.Module:
@@ -74,7 +55,7 @@ class InferenceModel:
     """One replica: the dense model of a checkpoint; embedding rows come from the named servers."""
 
     def __init__(self, checkpoint_dir: str, servers: list[str], settings: dict | None = None):
-        settings = ReplicaSettings.model_validate(settings or {})
+        settings = ServingConfig.model_validate(settings or {})
         checkpoint = open_checkpoint(checkpoint_dir)
         dim = embedding_dim(checkpoint)
         recent = RecentRows(dim, settings.recent_rows, settings.recent_max_age_s) if settings.recent_rows else None
@@ -86,7 +67,7 @@ class InferenceModel:
         self.info = {"checkpoint": checkpoint_dir, "step": checkpoint.step, "model": checkpoint.config.model,
                      "tasks": list(checkpoint.meta["label_columns"]), "servers": len(servers), "device": device}
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)  # defaults; __init__ sets ReplicaSettings'
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)  # defaults; __init__ applies the ServingConfig
     async def predict(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Each request is (dense [n, 13] float32 transformed, sparse [n, 26] int64); answers [n, T] probabilities."""
         sizes = [len(dense) for dense, _ in requests]
@@ -103,7 +84,7 @@ class InferenceModel:
 
 def deploy_model(name: str, checkpoint_dir: str, replicas: int = 1, num_servers: int | None = None,
                  replica_cpus: float = 1.0, store: StoreConfig | None = None, server_gpus: float = 0,
-                 settings: ReplicaSettings | None = None) -> dict:
+                 settings: ServingConfig | None = None) -> dict:
     """Start (or roll out) the Serve application `name` for a checkpoint; returns what is served.
 
     `store`: the servers' store (default: all rows in memory); `server_gpus`: GPUs per server (its store on
@@ -111,7 +92,7 @@ def deploy_model(name: str, checkpoint_dir: str, replicas: int = 1, num_servers:
     cluster that outlives the caller. Waits until the new replicas run, then stops the embedding servers of
     the checkpoint they replaced.
     """
-    settings = settings or ReplicaSettings()
+    settings = settings or ServingConfig()
     checkpoint = open_checkpoint(checkpoint_dir)
     num_servers = num_servers or checkpoint.meta["world_size"]
     servers = start_servers(name, checkpoint, num_servers, store, num_gpus=server_gpus)

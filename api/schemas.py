@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from terarec.core.config import ServingConfig, StoreConfig
 from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -69,6 +70,11 @@ class ModelRequest(Body):
     replicas: int = Field(default=1, ge=1, le=256, description="Serve replicas of the dense model")
     servers: int | None = Field(default=None, ge=1, le=1024,
                                 description="embedding server actors; default: the checkpoint's world size")
+    store: StoreConfig | None = Field(default=None, description="the servers' store, as in training: cached_host or "
+                                      "cached_ssd with a cache_bytes budget when the table outgrows a server's memory; "
+                                      "default: every row in memory")
+    server_gpus: float = Field(default=0, ge=0, le=8, description="GPUs per embedding server (its store on the GPU)")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="replica batching, row cache, GPUs")
 
 
 class ModelView(BaseModel):
@@ -81,6 +87,8 @@ class ModelView(BaseModel):
     model: str | None = None
     tasks: list[str] | None = Field(default=None, description="the label columns, in the order of `scores`")
     servers: int | None = Field(default=None, description="embedding server actors holding the rows")
+    device: str | None = Field(default=None, description="where a replica runs the dense model (cpu or cuda)")
+    recent_hit_rate: float | None = Field(default=None, description="share of rows a replica found in its own cache")
 
 
 class ModelList(BaseModel):

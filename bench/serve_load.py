@@ -1,12 +1,16 @@
 """Online inference under load, on loopback: terarec's predict route vs a bare FastAPI + torch endpoint.
 
 terarec: the control plane (`terarec serve`, uvicorn) -> Ray Serve handle -> the InferenceModel replica
-(`@serve.batch`) -> embedding server actors. Baseline: one uvicorn process with a FastAPI route that parses the
-same request body and runs the same model in-process (the checkpoint's rows in a local store). Both score the
-same checkpoint (DLRM, trained here for a few steps on synthetic data) and the same rows. For each batch size
-(1, 256 rows per request) and concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`,
-whichever ends first; figures are p50/p99 latency and rows/s. JSON goes to bench/results/serve_load.json, a table
-to bench/results/serve_load.md.
+(`@serve.batch`, recent rows cached) -> embedding server actors. Baseline: one uvicorn process with a FastAPI
+route that parses the same request body and runs the same model in-process (the checkpoint's rows in a local
+store). Both score the same checkpoint (DLRM, trained here for a few steps on synthetic data) and the same eval
+rows (each client walks through distinct bodies). For each batch size (1, 256 rows per request) and
+concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`, whichever ends first;
+figures are p50/p99 latency and rows/s. Two more terarec deployments run the 1-client cells: without the
+replica's row cache (every request asks the servers), and with the servers on `cached_host` whose cache holds
+a quarter of the table (its hit rate is read from the servers). `hops` times the pieces of one single-row
+request: the local forward, one embedding-server call, the Serve handle call. JSON goes to
+bench/results/serve_load.json, a table to bench/results/serve_load.md.
 
     python bench/serve_load.py [--seconds 4] [--max-requests 4000]
 """
@@ -32,6 +36,7 @@ from terarec.api.schemas import PredictRequest, PredictResponse  # module level:
 
 CONCURRENCY = (1, 8, 64)
 BATCHES = (1, 256)
+BODIES_PER_BATCH = {1: 2048, 256: 16}  # distinct bodies the clients walk through
 
 
 def free_port() -> int:
@@ -59,17 +64,26 @@ def make_checkpoint(workdir: str, rows: int, steps: int) -> tuple[str, str]:
     return data, checkpoint
 
 
-def request_bodies(data: str) -> dict[int, bytes]:
-    """One JSON body per batch size, from the eval split (stored values: `transformed` is true)."""
+def eval_rows(data: str) -> tuple[np.ndarray, np.ndarray]:
+    """dense [n, 13] (stored, transformed) and sparse [n, 26] of the eval split."""
     import pyarrow.parquet as pq
 
     from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
 
-    table = pq.read_table(sorted(glob.glob(os.path.join(data, "eval", "*.parquet")))[0]).slice(0, max(BATCHES))
-    dense = np.stack([table[name].to_numpy() for name in DENSE_COLUMNS], axis=1).tolist()
-    sparse = np.stack([table[name].to_numpy() for name in SPARSE_COLUMNS], axis=1).tolist()
-    return {batch: json.dumps({"rows": [{"dense": d, "sparse": s} for d, s in zip(dense[:batch], sparse[:batch])],
-                               "transformed": True}).encode() for batch in BATCHES}
+    table = pq.read_table(sorted(glob.glob(os.path.join(data, "eval", "*.parquet"))))
+    dense = np.stack([table[name].to_numpy() for name in DENSE_COLUMNS], axis=1).astype(np.float32)
+    sparse = np.stack([table[name].to_numpy() for name in SPARSE_COLUMNS], axis=1).astype(np.int64)
+    return dense, sparse
+
+
+def request_bodies(dense: np.ndarray, sparse: np.ndarray) -> dict[int, list[bytes]]:
+    """Distinct JSON bodies per batch size, cycling through the eval rows (`transformed`: stored values)."""
+    bodies = {}
+    for batch, count in BODIES_PER_BATCH.items():
+        picks = np.arange(batch * count).reshape(count, batch) % len(dense)
+        bodies[batch] = [json.dumps({"rows": [{"dense": dense[i].tolist(), "sparse": sparse[i].tolist()} for i in rows],
+                                     "transformed": True}).encode() for rows in picks]
+    return bodies
 
 
 def bare_server(port: int, checkpoint_dir: str) -> None:
@@ -108,19 +122,21 @@ def wait_up(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     raise RuntimeError(f"the server at {url} did not come up in {timeout} s")
 
 
-async def load(url: str, body: bytes, headers: dict, concurrency: int, seconds: float, max_requests: int) -> dict:
-    """`concurrency` clients send `body` back to back until the time or the request budget runs out."""
+async def load(url: str, bodies: list[bytes], headers: dict, concurrency: int, seconds: float,
+               max_requests: int) -> dict:
+    """`concurrency` clients send the bodies in turn, back to back, until the time or the request budget runs out."""
     latencies: list[float] = []
     errors, sent = 0, 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as client:
-        for _ in range(3):  # warm: connections, the model's first forward
+        for body in bodies[:3]:  # warm: connections, the model's first forward
             await client.post(url, content=body)
         deadline = time.perf_counter() + seconds
 
         async def client_loop():
             nonlocal errors, sent
             while time.perf_counter() < deadline and sent < max_requests:
+                body = bodies[sent % len(bodies)]
                 sent += 1
                 started = time.perf_counter()
                 response = await client.post(url, content=body)
@@ -134,16 +150,17 @@ async def load(url: str, body: bytes, headers: dict, concurrency: int, seconds: 
         elapsed = time.perf_counter() - started
     if not latencies:
         raise RuntimeError(f"every request to {url} failed ({errors} errors)")
-    batch = len(json.loads(body)["rows"])
+    batch = len(json.loads(bodies[0])["rows"])
     ms = np.array(latencies) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "rows_per_s": len(latencies) * batch / elapsed, "requests": len(latencies), "errors": errors}
 
 
-def run_cells(name: str, url: str, bodies: dict[int, bytes], headers: dict, args) -> dict:
+def run_cells(name: str, url: str, bodies: dict[int, list[bytes]], headers: dict, args,
+              concurrencies=CONCURRENCY) -> dict:
     figures = {}
     for batch in BATCHES:
-        for concurrency in CONCURRENCY:
+        for concurrency in concurrencies:
             cell = asyncio.run(load(url, bodies[batch], headers, concurrency, args.seconds, args.max_requests))
             figures[f"batch{batch}_c{concurrency}"] = cell
             print(f"{name:8s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
@@ -151,13 +168,45 @@ def run_cells(name: str, url: str, bodies: dict[int, bytes], headers: dict, args
     return figures
 
 
+def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray, repeats: int = 200) -> dict:
+    """Median ms of the pieces of one single-row request, timed from this driver (servers of `model`)."""
+    import ray
+    import torch
+    from ray import serve
+
+    from terarec.actors.embedding_server import server_handles, server_names
+    from terarec.actors.inference import model_from_checkpoint, score
+    from terarec.core.checkpoints import open_checkpoint
+    from terarec.store import feature_keys
+
+    def median_ms(call) -> float:
+        call()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        return float(np.median(times) * 1e3)
+
+    checkpoint = open_checkpoint(checkpoint_dir)
+    local = model_from_checkpoint(checkpoint, checkpoint.load_rows())
+    row_dense, row_sparse = dense[:1], sparse[:1]
+    keys = torch.unique(feature_keys(torch.from_numpy(row_sparse)))
+    servers = server_handles(server_names(model, checkpoint, 2))
+    handle = serve.get_app_handle(model)
+    return {"forward_in_process": median_ms(lambda: score(local, torch.from_numpy(row_dense), torch.from_numpy(row_sparse))),
+            "one_server_call": median_ms(lambda: ray.get(servers[0].lookup.remote(keys))),
+            "both_servers_in_flight": median_ms(lambda: ray.get([server.lookup.remote(keys) for server in servers])),
+            "serve_handle_predict": median_ms(lambda: handle.predict.remote((row_dense, row_sparse)).result())}
+
+
 def markdown(figures: dict, settings: dict) -> str:
     lines = ["# Online inference under load (bench/serve_load.py)", "",
              f"{device_name()}, {settings['date']}; {settings['model']} checkpoint, {settings['seconds']} s or "
              f"{settings['max_requests']} requests per cell, loopback HTTP, JSON bodies; load generator, servers and "
              f"Ray share the {settings['cpus']} cores (load average {settings['load_average_1m']:.1f} at the end).", "",
-             "terarec: control plane -> Ray Serve (@serve.batch, 1 replica of 1 CPU) -> 2 embedding servers. "
-             "bare: FastAPI + torch in one process (same schema, same model, rows in a local store).", "",
+             "terarec: control plane -> Ray Serve (@serve.batch, 1 replica of 1 CPU, recent rows cached) -> 2 embedding "
+             "servers. bare: FastAPI + torch in one process (same schema, same model, rows in a local store).", "",
              "| rows/request | clients | terarec p50 ms | terarec p99 ms | terarec rows/s | bare p50 ms | bare p99 ms | bare rows/s |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for batch in BATCHES:
@@ -166,7 +215,40 @@ def markdown(figures: dict, settings: dict) -> str:
             ours, bare = figures["terarec"][key], figures["bare"][key]
             lines.append(f"| {batch} | {concurrency} | {ours['p50_ms']:.2f} | {ours['p99_ms']:.2f} | {ours['rows_per_s']:,.0f} "
                          f"| {bare['p50_ms']:.2f} | {bare['p99_ms']:.2f} | {bare['rows_per_s']:,.0f} |")
+    tiered = figures["tiered_servers"]
+    lines += ["", "One client, three terarec deployments: the replica's row cache on (above), off (every request asks the "
+              f"servers), and off with the servers on cached_host whose caches hold {tiered['cache_rows']:,.0f} of the "
+              f"table's {tiered['table_rows']:,.0f} rows (hit rate {tiered['hit_rate']:.1%} over the run).", "",
+              "| rows/request | cached p50 / p99 ms | no replica cache p50 / p99 ms | tiered servers p50 / p99 ms |",
+              "| ---: | ---: | ---: | ---: |"]
+    for batch in BATCHES:
+        key = f"batch{batch}_c1"
+        cells = [figures[name][key] for name in ("terarec", "terarec_no_recent", "terarec_tiered")]
+        lines.append(f"| {batch} | " + " | ".join(f"{cell['p50_ms']:.2f} / {cell['p99_ms']:.2f}" for cell in cells) + " |")
+    lines += ["", "Pieces of one single-row request (median ms, timed from a driver): "
+              + ", ".join(f"{name.replace('_', ' ')} {ms:.2f}" for name, ms in figures["hops"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def deploy(base: str, headers: dict, name: str, checkpoint: str, **fields) -> None:
+    response = httpx.post(f"{base}/v1/models", headers=headers, timeout=300,
+                          json={"name": name, "checkpoint": checkpoint, "replicas": 1, "servers": 2, **fields})
+    if response.status_code != 200:
+        raise RuntimeError(f"deploying {name} failed: {response.status_code} {response.text[:500]}")
+
+
+def tiered_servers(name: str, checkpoint_dir: str) -> dict:
+    """The tiered servers' cache: hit rate over the run, rows held, rows the caches hold."""
+    import ray
+
+    from terarec.actors.embedding_server import server_handles, server_names
+    from terarec.core.checkpoints import open_checkpoint
+
+    servers = server_handles(server_names(name, open_checkpoint(checkpoint_dir), 2))
+    metrics = ray.get([server.metrics.remote() for server in servers])
+    hits, looked = (sum(m["cache_hits"] for m in metrics), sum(m["cache_hits"] + m["cache_misses"] for m in metrics))
+    return {"hit_rate": hits / max(1.0, looked), "table_rows": sum(m["rows"] for m in metrics),
+            "cache_rows": sum(m["cache_capacity_rows"] for m in metrics)}
 
 
 def main() -> None:
@@ -184,7 +266,8 @@ def main() -> None:
 
     workdir = tempfile.mkdtemp(prefix="serve-load-")
     data, checkpoint = make_checkpoint(workdir, args.rows, args.steps)
-    bodies = request_bodies(data)
+    dense, sparse = eval_rows(data)
+    bodies = request_bodies(dense, sparse)
     figures: dict = {}
 
     port = free_port()
@@ -197,21 +280,30 @@ def main() -> None:
         bare.terminate()
         bare.wait()
 
-    context = ray.init(num_cpus=4, include_dashboard=False)
+    context = ray.init(num_cpus=4, include_dashboard=False, namespace="terarec")
     token, port = secrets.token_hex(16), free_port()
     env = os.environ | {"TERAREC_API_TOKEN": token, "TERAREC_DB_PATH": os.path.join(workdir, "jobs.db"),
                         "RAY_ADDRESS": context.address_info["address"]}
     api = subprocess.Popen([sys.executable, "-m", "terarec.platform.cli", "serve", "--port", str(port),
-                            "--log-level", "warning"], env=env,
-                           cwd=workdir)
+                            "--log-level", "warning"], env=env, cwd=workdir)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    base = f"http://127.0.0.1:{port}"
+    table_bytes = sum(os.path.getsize(path) for path in glob.glob(os.path.join(checkpoint, "shard-*")))
     try:
-        wait_up(f"http://127.0.0.1:{port}/healthz", api)
-        deployed = httpx.post(f"http://127.0.0.1:{port}/v1/models", headers=headers, timeout=300,
-                              json={"name": "bench", "checkpoint": checkpoint, "replicas": 1, "servers": 2})
-        deployed.raise_for_status()
-        figures["terarec"] = run_cells("terarec", f"http://127.0.0.1:{port}/v1/models/bench/predict", bodies, headers, args)
-        httpx.delete(f"http://127.0.0.1:{port}/v1/models/bench", headers=headers, timeout=120)
+        wait_up(f"{base}/healthz", api)
+        deploy(base, headers, "bench", checkpoint)
+        figures["terarec"] = run_cells("terarec", f"{base}/v1/models/bench/predict", bodies, headers, args)
+        figures["hops"] = hops("bench", checkpoint, dense, sparse)
+        deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0})
+        figures["terarec_no_recent"] = run_cells("direct", f"{base}/v1/models/direct/predict", bodies, headers, args,
+                                                 concurrencies=(1,))
+        store = {"kind": "cached_host", "cache_bytes": table_bytes / 2 / 4}  # per server: a quarter of its half
+        deploy(base, headers, "tiered", checkpoint, serving={"recent_rows": 0}, store=store)
+        figures["terarec_tiered"] = run_cells("tiered", f"{base}/v1/models/tiered/predict", bodies, headers, args,
+                                              concurrencies=(1,))
+        figures["tiered_servers"] = tiered_servers("tiered", checkpoint)
+        for name in ("bench", "direct", "tiered"):
+            httpx.delete(f"{base}/v1/models/{name}", headers=headers, timeout=120)
     finally:
         api.terminate()
         api.wait()
@@ -219,7 +311,8 @@ def main() -> None:
 
     settings = {"seconds": args.seconds, "max_requests": args.max_requests, "rows": args.rows, "steps": args.steps,
                 "model": "dlrm (default sizes, embedding dim 16)", "batches": BATCHES, "concurrency": CONCURRENCY,
-                "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d")}
+                "table_bytes": table_bytes, "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+                "date": time.strftime("%Y-%m-%d")}
     record("serve_load", figures, settings)
     with open(os.path.join(RESULTS, "serve_load.md"), "w") as stream:
         stream.write(markdown(figures, settings))

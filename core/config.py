@@ -77,6 +77,20 @@ class StoreConfig(Strict):
         return self
 
 
+class ServingConfig(Strict):
+    """How one online-inference replica batches and caches (POST /v1/models `serving`, `terarec deploy`)."""
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="requests merged into one forward "
+                                "(@serve.batch); larger on a GPU")
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="how long a forward waits for "
+                                        "more requests once one is there")
+    recent_rows: int = Field(default=65536, ge=0, description="rows a replica keeps from its embedding servers' "
+                             "answers (0: ask the servers every time)")
+    recent_max_age_s: float = Field(default=30.0, gt=0, description="the oldest a replica's cached row may be: "
+                                    "how late it sees a row that changed on the servers")
+    gpus: float = Field(default=0, ge=0, le=8, description="GPUs per replica (the dense model runs on it)")
+
+
 def _models_section() -> type[BaseModel]:
     """One config section per zoo model, named after it (`dlrm:`, `deepfm:` ...)."""
     fields: dict[str, Any] = {name: (spec.config, spec.config()) for name, spec in MODELS.items()}

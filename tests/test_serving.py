@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -22,7 +24,8 @@ from terarec.actors.embedding_server import NAMESPACE, EmbeddingShard, RecentRow
 from terarec.actors.inference import model_from_checkpoint, score
 from terarec.core.checkpoints import open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
-from test_api import ApiServer, checkpoints_of, trained_job
+from terarec.store import feature_keys
+from test_api import ApiServer, checkpoints_of, tiny_job, trained_job
 
 pytestmark = pytest.mark.slow
 MODEL = "ctr"
@@ -229,3 +232,57 @@ def test_terarec_deploy_cli(api, served, checkpoints, synth_data):
     np.testing.assert_allclose(np.array(response.json()["scores"]), offline_scores(checkpoints[20], dense, sparse), atol=1e-5)
     listed = {model["name"]: model for model in api.call("GET", "/v1/models").json()["models"]}
     assert listed["cli"]["servers"] == 1 and listed[MODEL]["replicas"] == 1
+
+
+NEW_IDS = np.array([10**15 + 11, 10**15 + 12, 10**15 + 13])  # C1 values no row of the synthetic data has
+
+
+def with_new_ids(data: str, out) -> str:
+    """A copy of `data` whose C1 column holds only NEW_IDS: the new traffic of an online-learning loop."""
+    for split in ("train", "eval"):
+        (out / split).mkdir(parents=True)
+        for path in glob.glob(f"{data}/{split}/*.parquet"):
+            table = pq.read_table(path)
+            ids = NEW_IDS[np.arange(table.num_rows) % len(NEW_IDS)]
+            table = table.set_column(table.schema.get_field_index("C1"), "C1", pa.array(ids, table.schema.field("C1").type))
+            pq.write_table(table, out / split / os.path.basename(path))
+    return str(out)
+
+
+def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, checkpoints, synth_data, tmp_path):
+    """The online-learning loop: `terarec train --resume` on data with new IDs, then a rollout under traffic."""
+    new_data = with_new_ids(synth_data, tmp_path / "new-data")
+    dense, sparse = eval_rows(new_data, 6)
+    assert api.call("POST", "/v1/models", json={"name": "online", "checkpoint": checkpoints[20], "servers": 2}).status_code == 200
+    before = np.array(predict(api, dense, sparse, model="online").json()["scores"])
+    np.testing.assert_allclose(before, offline_scores(checkpoints[20], dense, sparse), atol=1e-5, rtol=0)
+
+    config = tiny_job(new_data, steps=30, checkpoint_every=10)["config"]
+    trained = subprocess.run([sys.executable, "-m", "terarec.platform.cli", "train", "--config-json", json.dumps(config),
+                              "--run-dir", str(tmp_path / "resumed"), "--resume", checkpoints[20]],
+                             capture_output=True, text=True, env=api.env, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    resumed = checkpoints_of(str(tmp_path / "resumed"))[30]
+    new_keys = feature_keys(torch.from_numpy(sparse))[:, 0].unique()  # C1 is feature 0
+    assert open_checkpoint(checkpoints[20]).load_rows().encoder.find(new_keys).eq(-1).all()  # served as zero rows
+    assert open_checkpoint(resumed).load_rows().encoder.find(new_keys).ge(0).all()  # trained rows now
+
+    statuses, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            statuses.append(predict(api, dense, sparse, model="online").status_code)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        response = api.call("POST", "/v1/models", json={"name": "online", "checkpoint": resumed, "servers": 2})
+    finally:
+        stop.set()
+        sender.join()
+    assert response.status_code == 200 and response.json()["step"] == 30, response.text
+    assert len(statuses) > 3 and set(statuses) == {200}, statuses
+    after = np.array(predict(api, dense, sparse, model="online").json()["scores"])
+    np.testing.assert_allclose(after, offline_scores(resumed, dense, sparse), atol=1e-5, rtol=0)
+    assert np.abs(after - before).max() > 1e-3
+    assert api.call("DELETE", "/v1/models/online").status_code == 204

@@ -32,7 +32,8 @@ class ServedModels:
 
     def deploy(self, body: ModelRequest) -> None:
         try:
-            self.serve().deploy_model(body.name, body.checkpoint, body.replicas, body.servers)
+            self.serve().deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
+                                      server_gpus=body.server_gpus, settings=body.serving)
         except FileNotFoundError as error:
             raise HTTPException(status_code=422, detail=f"checkpoint {body.checkpoint!r}: {error}") from None
         with self._lock:
