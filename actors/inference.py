@@ -49,6 +49,11 @@ def score(model: nn.Module, dense: torch.Tensor, sparse: torch.Tensor) -> torch.
     return torch.sigmoid(logits.reshape(dense.shape[0], -1).float()).cpu()
 
 
+def rows_in(requests: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """A batch's size for @serve.batch: its rows (a forward's cost), not its requests."""
+    return sum(len(dense) for dense, _ in requests)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128, graceful_shutdown_timeout_s=30,
                   max_surge_percent=25)  # a rollout starts replacements before it stops old replicas
 class InferenceModel:
@@ -62,12 +67,12 @@ class InferenceModel:
         self.rows = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], dim, recent)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a replica a GPU only if it asked for one
         self.model = model_from_checkpoint(checkpoint, self.rows).to(device)
-        self.predict.set_max_batch_size(settings.max_batch_size)
+        self.predict.set_max_batch_size(settings.max_batch_rows)
         self.predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.info = {"checkpoint": checkpoint_dir, "step": checkpoint.step, "model": checkpoint.config.model,
                      "tasks": list(checkpoint.meta["label_columns"]), "servers": len(servers), "device": device}
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)  # defaults; __init__ applies the ServingConfig
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=rows_in)  # __init__ applies ServingConfig
     async def predict(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """Each request is (dense [n, 13] float32 transformed, sparse [n, 26] int64); answers [n, T] probabilities."""
         sizes = [len(dense) for dense, _ in requests]

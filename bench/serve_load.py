@@ -87,17 +87,21 @@ def request_bodies(dense: np.ndarray, sparse: np.ndarray) -> dict[int, list[byte
 
 
 def bare_server(port: int, checkpoint_dir: str) -> None:
-    """The baseline: FastAPI + torch in one process, the same request schema and model, no Ray."""
+    """The baseline: FastAPI + torch in one process, the same request schema and model, no Ray; rows and model on
+    the GPU when there is one."""
     import torch
     import uvicorn
     from fastapi import FastAPI
 
+    from terarec.actors.embedding_server import serving_store
     from terarec.actors.inference import model_from_checkpoint, score
     from terarec.core.checkpoints import open_checkpoint
+    from terarec.core.config import StoreConfig
 
     torch.set_num_threads(1)  # as a Serve replica with one CPU
     checkpoint = open_checkpoint(checkpoint_dir)
-    model = model_from_checkpoint(checkpoint, checkpoint.load_rows())
+    rows = checkpoint.load_rows(store=serving_store(checkpoint, StoreConfig(), rank=0))
+    model = model_from_checkpoint(checkpoint, rows).to(rows.device)
     app = FastAPI()
 
     @app.post("/predict", response_model=PredictResponse)
@@ -257,6 +261,8 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=4000, help="request budget per cell")
     parser.add_argument("--rows", type=int, default=50_000, help="synthetic rows to train on")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--cpus", type=int, default=4, help="CPUs of the local Ray")
+    parser.add_argument("--gpus", type=float, default=0, help="GPUs per replica and per server (bare: on the GPU)")
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -271,7 +277,8 @@ def main() -> None:
     figures: dict = {}
 
     port = free_port()
-    bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), checkpoint])
+    bare_env = os.environ | ({} if args.gpus else {"CUDA_VISIBLE_DEVICES": ""})  # the same device as terarec
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), checkpoint], env=bare_env)
     try:
         wait_up(f"http://127.0.0.1:{port}/docs", bare)
         figures["bare"] = run_cells("bare", f"http://127.0.0.1:{port}/predict", bodies,
@@ -280,7 +287,7 @@ def main() -> None:
         bare.terminate()
         bare.wait()
 
-    context = ray.init(num_cpus=4, include_dashboard=False, namespace="terarec")
+    context = ray.init(num_cpus=args.cpus, include_dashboard=False, namespace="terarec")
     token, port = secrets.token_hex(16), free_port()
     env = os.environ | {"TERAREC_API_TOKEN": token, "TERAREC_DB_PATH": os.path.join(workdir, "jobs.db"),
                         "RAY_ADDRESS": context.address_info["address"]}
@@ -291,7 +298,8 @@ def main() -> None:
     table_bytes = sum(os.path.getsize(path) for path in glob.glob(os.path.join(checkpoint, "shard-*")))
     try:
         wait_up(f"{base}/healthz", api)
-        deploy(base, headers, "bench", checkpoint)
+        on_gpu = {"server_gpus": args.gpus / 4, "serving": {"gpus": args.gpus / 2, "max_batch_rows": 65536}} if args.gpus else {}
+        deploy(base, headers, "bench", checkpoint, **on_gpu)
         figures["terarec"] = run_cells("terarec", f"{base}/v1/models/bench/predict", bodies, headers, args)
         figures["hops"] = hops("bench", checkpoint, dense, sparse)
         deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0})
@@ -311,7 +319,7 @@ def main() -> None:
 
     settings = {"seconds": args.seconds, "max_requests": args.max_requests, "rows": args.rows, "steps": args.steps,
                 "model": "dlrm (default sizes, embedding dim 16)", "batches": BATCHES, "concurrency": CONCURRENCY,
-                "table_bytes": table_bytes, "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+                "table_bytes": table_bytes, "ray_cpus": args.cpus, "gpus": args.gpus, "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
                 "date": time.strftime("%Y-%m-%d")}
     record("serve_load", figures, settings)
     with open(os.path.join(RESULTS, "serve_load.md"), "w") as stream:

@@ -80,10 +80,12 @@ class StoreConfig(Strict):
 class ServingConfig(Strict):
     """How one online-inference replica batches and caches (POST /v1/models `serving`, `terarec deploy`)."""
 
-    max_batch_size: int = Field(default=64, ge=1, le=4096, description="requests merged into one forward "
-                                "(@serve.batch); larger on a GPU")
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0, le=1, description="how long a forward waits for "
-                                        "more requests once one is there")
+    max_batch_rows: int = Field(default=8192, ge=4096, le=1_000_000, description="rows merged into one forward "
+                                "(@serve.batch counts rows, not requests); at least TERAREC_MAX_PREDICT_ROWS; "
+                                "larger on a GPU")
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=1, description="how long a forward waits for more "
+                                        "requests once one is there; 0 suffices under load, where requests queue "
+                                        "while the previous forward runs")
     recent_rows: int = Field(default=65536, ge=0, description="rows a replica keeps from its embedding servers' "
                              "answers (0: ask the servers every time)")
     recent_max_age_s: float = Field(default=30.0, gt=0, description="the oldest a replica's cached row may be: "

@@ -286,3 +286,16 @@ def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, checkpoi
     np.testing.assert_allclose(after, offline_scores(resumed, dense, sparse), atol=1e-5, rtol=0)
     assert np.abs(after - before).max() > 1e-3
     assert api.call("DELETE", "/v1/models/online").status_code == 204
+
+
+@pytest.mark.gpu
+def test_gpu_replica_and_servers_score_as_the_offline_model(api, checkpoints, synth_data):
+    """On a GPU cluster: the dense model on the replica's GPU, the servers' tiered stores on theirs."""
+    body = {"name": "gpu", "checkpoint": checkpoints[20], "servers": 2, "server_gpus": 0.25, "serving": {"gpus": 0.5},
+            "store": {"kind": "cached_host", "cache_bytes": 1e6}}
+    response = api.call("POST", "/v1/models", json=body)
+    assert response.status_code == 200 and response.json()["device"] == "cuda", response.text
+    dense, sparse = eval_rows(synth_data, 300)
+    scores = np.array(predict(api, dense, sparse, model="gpu").json()["scores"])
+    np.testing.assert_allclose(scores, offline_scores(checkpoints[20], dense, sparse), atol=1e-4, rtol=0)
+    assert api.call("DELETE", "/v1/models/gpu").status_code == 204
