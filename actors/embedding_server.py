@@ -59,7 +59,7 @@ class EmbeddingShard:
 
     def metrics(self) -> dict[str, float]:
         """The store's counters: rows, lookups, and for a tiered store each cache level's hits and hit rate."""
-        return {"rows": float(len(self.store)), **self.store.metrics()}
+        return self.store.metrics()
 
 
 class EmbeddingServer(EmbeddingShard):
