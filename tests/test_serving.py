@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -246,6 +247,7 @@ def with_new_ids(data: str, out) -> str:
             ids = NEW_IDS[np.arange(table.num_rows) % len(NEW_IDS)]
             table = table.set_column(table.schema.get_field_index("C1"), "C1", pa.array(ids, table.schema.field("C1").type))
             pq.write_table(table, out / split / os.path.basename(path))
+    shutil.copy(os.path.join(data, "meta.json"), out / "meta.json")
     return str(out)
 
 
