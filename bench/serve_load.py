@@ -172,8 +172,10 @@ def run_cells(name: str, url: str, bodies: dict[int, list[bytes]], headers: dict
     return figures
 
 
-def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray, repeats: int = 200) -> dict:
-    """Median ms of the pieces of one single-row request, timed from this driver (servers of `model`)."""
+def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray, bodies: dict[int, list[bytes]],
+         repeats: int = 200) -> dict:
+    """Median ms of the pieces of a request, timed from this driver (servers of `model`): parsing the JSON body (1 and
+    256 rows), the forward in-process, embedding-server calls, the Serve handle call."""
     import ray
     import torch
     from ray import serve
@@ -198,7 +200,9 @@ def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray,
     keys = torch.unique(feature_keys(torch.from_numpy(row_sparse)))
     servers = server_handles(server_names(model, checkpoint, 2))
     handle = serve.get_app_handle(model)
-    return {"forward_in_process": median_ms(lambda: score(local, torch.from_numpy(row_dense), torch.from_numpy(row_sparse))),
+    return {"json_body_1_row": median_ms(lambda: PredictRequest.model_validate_json(bodies[1][0])),
+            "json_body_256_rows": median_ms(lambda: PredictRequest.model_validate_json(bodies[256][0])),
+            "forward_in_process": median_ms(lambda: score(local, torch.from_numpy(row_dense), torch.from_numpy(row_sparse))),
             "one_server_call": median_ms(lambda: ray.get(servers[0].lookup.remote(keys))),
             "both_servers_in_flight": median_ms(lambda: ray.get([server.lookup.remote(keys) for server in servers])),
             "serve_handle_predict": median_ms(lambda: handle.predict.remote((row_dense, row_sparse)).result())}
@@ -301,7 +305,7 @@ def main() -> None:
         on_gpu = {"server_gpus": args.gpus / 4, "serving": {"gpus": args.gpus / 2, "max_batch_rows": 65536}} if args.gpus else {}
         deploy(base, headers, "bench", checkpoint, **on_gpu)
         figures["terarec"] = run_cells("terarec", f"{base}/v1/models/bench/predict", bodies, headers, args)
-        figures["hops"] = hops("bench", checkpoint, dense, sparse)
+        figures["hops"] = hops("bench", checkpoint, dense, sparse, bodies)
         deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0})
         figures["terarec_no_recent"] = run_cells("direct", f"{base}/v1/models/direct/predict", bodies, headers, args,
                                                  concurrencies=(1,))
