@@ -66,6 +66,9 @@ def test_a_tiered_server_reads_what_an_in_memory_one_reads(local_checkpoint, tmp
         assert tiered.metrics()["cache_capacity_rows"] < len(keys) / 3  # the table is 4x the cache
         for piece in torch.split(keys[torch.randperm(len(keys))], 97):
             torch.testing.assert_close(tiered.lookup(piece), in_memory.lookup(piece), rtol=0, atol=0)
+        hot = keys[:40]
+        for _ in range(3):  # the hot keys stay in the cache: hits
+            torch.testing.assert_close(tiered.lookup(hot), in_memory.lookup(hot), rtol=0, atol=0)
         unseen = torch.tensor([-12345, 2**62 + 7])
         assert torch.equal(tiered.lookup(unseen), torch.zeros(2, tiered.dim)) and tiered.rows() == len(keys)
         metrics = tiered.metrics()
