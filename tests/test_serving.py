@@ -254,12 +254,15 @@ def with_new_ids(data: str, out) -> str:
     return str(out)
 
 
-def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, checkpoints, synth_data, tmp_path):
-    """The online-learning loop: `terarec train --resume` on data with new IDs, then a rollout under traffic."""
+def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, served, checkpoints, synth_data, tmp_path):
+    """The online-learning loop: `terarec train --resume` on data with new IDs, then a rollout under traffic.
+
+    Training runs while the models are served: the cluster's 4 CPUs hold the served replicas, one job worker and
+    a rollout's extra replica, so this test rolls `ctr` rather than deploying one more model."""
     new_data = with_new_ids(synth_data, tmp_path / "new-data")
     dense, sparse = eval_rows(new_data, 6)
-    assert api.call("POST", "/v1/models", json={"name": "online", "checkpoint": checkpoints[20], "servers": 2}).status_code == 200
-    before = np.array(predict(api, dense, sparse, model="online").json()["scores"])
+    assert api.call("POST", "/v1/models", json={"name": MODEL, "checkpoint": checkpoints[20], "servers": 2}).status_code == 200
+    before = np.array(predict(api, dense, sparse).json()["scores"])
     np.testing.assert_allclose(before, offline_scores(checkpoints[20], dense, sparse), atol=1e-5, rtol=0)
 
     config = tiny_job(new_data, steps=30, checkpoint_every=10)["config"]
@@ -276,21 +279,20 @@ def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, checkpoi
 
     def traffic():
         while not stop.is_set():
-            statuses.append(predict(api, dense, sparse, model="online").status_code)
+            statuses.append(predict(api, dense, sparse).status_code)
 
     sender = threading.Thread(target=traffic)
     sender.start()
     try:
-        response = api.call("POST", "/v1/models", json={"name": "online", "checkpoint": resumed, "servers": 2})
+        response = api.call("POST", "/v1/models", json={"name": MODEL, "checkpoint": resumed, "servers": 2})
     finally:
         stop.set()
         sender.join()
     assert response.status_code == 200 and response.json()["step"] == 30, response.text
     assert len(statuses) > 3 and set(statuses) == {200}, statuses
-    after = np.array(predict(api, dense, sparse, model="online").json()["scores"])
+    after = np.array(predict(api, dense, sparse).json()["scores"])
     np.testing.assert_allclose(after, offline_scores(resumed, dense, sparse), atol=1e-5, rtol=0)
     assert np.abs(after - before).max() > 1e-3
-    assert api.call("DELETE", "/v1/models/online").status_code == 204
 
 
 @pytest.mark.gpu
