@@ -24,6 +24,12 @@ def register(subparsers) -> None:
     deploy.add_argument("--name", required=True, help="model name; an existing one is rolled out to this checkpoint")
     deploy.add_argument("--replicas", type=int, default=1, help="Serve replicas of the dense model")
     deploy.add_argument("--servers", type=int, help="embedding server actors (default: the checkpoint's world size)")
+    deploy.add_argument("--store", choices=["device", "cached_host", "cached_ssd"],
+                        help="the servers' store (default: device, every row in memory)")
+    deploy.add_argument("--cache-bytes", type=float, help="a tiered server's cache in bytes (or a fraction of free memory)")
+    deploy.add_argument("--store-path", help="directory of the servers' SSD tables (cached_ssd)")
+    deploy.add_argument("--gpus", type=float, default=0, help="GPUs per replica (the dense model runs on it)")
+    deploy.add_argument("--server-gpus", type=float, default=0, help="GPUs per embedding server (its store on it)")
     deploy.set_defaults(func=_deploy)
 
 
@@ -65,7 +71,9 @@ def _deploy(args) -> int:
 
     checkpoint = os.path.abspath(find_checkpoint(args.run_dir, args.checkpoint))
     try:
-        request = ModelRequest(name=args.name, checkpoint=checkpoint, replicas=args.replicas, servers=args.servers)
+        store = {"kind": args.store, "cache_bytes": args.cache_bytes, "path": args.store_path} if args.store else None
+        request = ModelRequest(name=args.name, checkpoint=checkpoint, replicas=args.replicas, servers=args.servers,
+                               store=store, server_gpus=args.server_gpus, serving={"gpus": args.gpus})
     except ValidationError as error:
         raise UserError(format_validation_error(error).replace("config field", "argument")) from None
     open_checkpoint(request.checkpoint)  # a wrong path fails here, before joining the cluster
@@ -75,6 +83,7 @@ def _deploy(args) -> int:
         raise UserError(str(error)) from None
     from terarec.actors.inference import deploy_model
 
-    served = deploy_model(request.name, request.checkpoint, request.replicas, request.servers)
+    served = deploy_model(request.name, request.checkpoint, request.replicas, request.servers, store=request.store,
+                          server_gpus=request.server_gpus, settings=request.serving)
     print(f"[terarec] serving: {json.dumps(served)}")
     return 0
