@@ -118,7 +118,8 @@ def end_to_end(data: str, shape: dict, precision: str, run_dir: str) -> dict:
     if result.returncode:
         raise RuntimeError(f"terarec train failed ({result.returncode}): {result.stderr[-3000:]}")
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
-    windows = [json.loads(line) for line in open(os.path.join(run_dir, "curve.jsonl"))]
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "curve.jsonl"))]
+    windows = [record for record in records if "samples_per_s" in record]  # the training windows, not the evals
     steady = windows[1:] or windows
     steps = [b["step"] - a["step"] for a, b in zip(windows, windows[1:])] or [windows[0]["step"]]
     seconds = sum(n * shape["batch_size"] / w["samples_per_s"] for n, w in zip(steps, steady))
