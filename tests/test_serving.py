@@ -1,4 +1,5 @@
-"""Online inference over REST: deploy the REST-trained checkpoint on Ray Serve, predict, roll out, clean up.
+"""Online inference over REST: the README's serving walk, then the REST-trained checkpoint deployed on Ray Serve,
+predicted, rolled out, cleaned up.
 
 Served scores must equal the offline model's (the checkpoint loaded in this process) on the same rows.
 """
@@ -6,36 +7,85 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import requests
 import torch
 
 from terarec.actors.embedding_server import NAMESPACE, server_names
 from terarec.actors.inference import model_from_checkpoint, score
 from terarec.core.checkpoints import open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
-from test_api import ApiServer, checkpoints_of, trained_job
 
 pytestmark = pytest.mark.slow
 MODEL = "ctr"
 
 
-@pytest.fixture(scope="module")
-def api(ray_cluster, tmp_path_factory):
-    server = ApiServer(ray_cluster, tmp_path_factory.mktemp("serving-api"))
-    yield server
-    server.stop()
+README_ROW = {"dense": [1, 0, 5, 0, 1382, 4, 15, 2, 181, 1, 2, 0, 2], "sparse": list(range(1, 27))}
+
+
+def test_the_readme_serving_walk(ray_cluster, synth_data, tiny_job, free_port, tmp_path):
+    """README "Serving and the REST control plane", step by step, in a user's environment: a running Ray
+    (RAY_ADDRESS), the venv's commands on PATH, TERAREC_API_TOKEN exported and nothing else of terarec's or Ray's
+    auth; then `terarec serve --port P`, POST /v1/jobs, GET until done, POST /v1/models, POST predict."""
+    token = os.urandom(16).hex()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TERAREC_", "RAY_AUTH_"))}
+    env |= {"TERAREC_API_TOKEN": token, "XDG_DATA_HOME": str(tmp_path / "data-home"),  # the user's data dir
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")}
+    port = free_port()
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "terarec"), "serve", "--port", str(port)],
+                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while not _answers(f"{url}/healthz"):
+            assert server.poll() is None and time.time() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        state = tmp_path / "data-home" / "terarec"
+        assert log_path.read_text().splitlines()[0] == (f"[terarec] serve: listening on {url}; job records in "
+                                                        f"{state / 'jobs.db'} (state directory {state})")
+
+        submitted = requests.post(f"{url}/v1/jobs", headers=headers, json=tiny_job(synth_data), timeout=60)
+        assert submitted.status_code == 201, submitted.text
+        job_id, deadline = submitted.json()["id"], time.time() + 180
+        while (job := requests.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=30).json())["status"] != "SUCCEEDED":
+            assert job["status"] in {"PENDING", "RUNNING"} and time.time() < deadline, job
+            time.sleep(1)
+
+        deployed = requests.post(f"{url}/v1/models", headers=headers, timeout=120,
+                                 json={"name": "readme", "checkpoint": job["checkpoint"], "replicas": 1})
+        assert deployed.status_code == 200, deployed.text + log_path.read_text()[-3000:]
+        predicted = requests.post(f"{url}/v1/models/readme/predict", headers=headers, json={"rows": [README_ROW]},
+                                  timeout=60)
+        assert predicted.status_code == 200, predicted.text
+        [[score]] = predicted.json()["scores"]
+        assert 0 < score < 1
+        assert requests.delete(f"{url}/v1/models/readme", headers=headers, timeout=60).status_code == 204
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.ConnectionError:
+        return False
 
 
 @pytest.fixture(scope="module")
-def checkpoints(api, synth_data) -> dict[int, str]:
-    return checkpoints_of(trained_job(api, synth_data)["done"]["run_dir"])
+def checkpoints(rest_trained_job) -> dict[int, str]:
+    return rest_trained_job["checkpoints"]
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +174,9 @@ def test_bad_predict_requests(api, served):
     nan = '{"rows": [{"dense": [NaN, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "sparse": [%s]}]}' % ", ".join(["1"] * 26)
     response = api.call("POST", f"/v1/models/{MODEL}/predict", data=nan, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and "finite" in response.json()["detail"]
+    huge = {"rows": [good | {"dense": [1e308] + [0.5] * 12}], "transformed": True}  # finite in JSON, inf as float32
+    response = api.call("POST", f"/v1/models/{MODEL}/predict", json=huge)
+    assert response.status_code == 422 and "rows.0.dense.0" in response.json()["detail"], response.text
     response = api.call("POST", f"/v1/models/{MODEL}/predict", json={"rows": [good] * 5000})
     assert response.status_code == 413 and "at most 4096" in response.json()["detail"]
     response = api.call("POST", f"/v1/models/{MODEL}/predict", json={"rows": [good] * 120_000})
