@@ -42,7 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         stopped.set()
 
-    app = FastAPI(title="terarec control plane", version="0.1.0", lifespan=reconciling, default_response_class=AsciiJSONResponse,
+    app = FastAPI(title="terarec control plane", version="0.1.0", lifespan=reconciling,
+                  default_response_class=AsciiJSONResponse,
                   description="Train recommender models on Ray (jobs) and serve them online (models). Every /v1 "
                               "route needs `Authorization: Bearer <TERAREC_API_TOKEN>`.")
     app.state.settings = settings

@@ -70,6 +70,13 @@ class RayCluster:
                                          "TERAREC_RAY_DASHBOARD_URL and the Ray auth token)") from None
             return self._client
 
+    def resources(self) -> dict[str, float]:
+        """What the cluster holds in all (ray.cluster_resources()), as a driver sees it."""
+        import ray
+
+        self.connect_driver()
+        return ray.cluster_resources()
+
     def connect_driver(self) -> None:
         """Join the cluster as a Ray driver (for Ray Serve); RAY_ADDRESS or the local cluster."""
         import ray

@@ -78,13 +78,24 @@ def test_config_files_on_the_host_are_never_read(api, tmp_path):
 @pytest.mark.parametrize("field, value", [("run_dir", "/tmp/a\x00b"), ("data", "/data/\x1b[31mred"),
                                           ("run_dir", "/tmp/\ud800x"), ("resume_from", "ckpt\n")])
 def test_path_fields_refuse_nul_control_characters_and_surrogates(api, synth_data, tiny_job, field, value):
-    body = json.dumps(tiny_job(synth_data, **{field: value}))  # json escapes the lone surrogate as \ud800
+    job = tiny_job(synth_data)
+    job["config"][field] = value
+    body = json.dumps(job)  # json escapes the lone surrogate as \ud800
     response = api.call("POST", "/v1/jobs", data=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422, response.text
     assert f"config field '{field}'" in response.json()["detail"] and "control characters" in response.json()["detail"]
     response = api.call("POST", "/v1/models", data=json.dumps({"name": "m", "checkpoint": value}),
                         headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and "body.checkpoint" in response.json()["detail"], response.text
+
+
+def test_a_job_that_can_never_fit_is_a_422(api, synth_data, tiny_job):
+    """4 CPUs in the test cluster: 64 one-CPU workers can never run; the reply says what is missing and what to change."""
+    response = api.call("POST", "/v1/jobs", json=tiny_job(synth_data, workers=64))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == ("this job can never run on this cluster: workers=64 needs 1 CPU x 64 = 64 CPUs; "
+                                         "the cluster has 4: lower workers or cpus_per_worker")
+    assert api.call("GET", "/v1/jobs").json()["jobs"] == []
 
 
 def test_oversize_body_is_a_413(api):
@@ -171,13 +182,15 @@ def test_reads_never_write_bad_records_stay_local_and_500s_say_nothing(api_serve
         assert server.call("GET", "/v1/jobs").json()["jobs"][0]["status"] == "LOST"
         assert open(server.db, "rb").read() == before
 
-        # records a list cannot show: a NUL in run_dir, a config that is not JSON
+        # bad records (written before paths were checked, or damaged): a NUL in run_dir, a config that is not JSON
         add_record(server.db, "terarec-nul", "SUCCEEDED", "/tmp/a\x00b", "{}")
         add_record(server.db, "terarec-garbled", "SUCCEEDED", str(tmp_path), "{not json")
         listed = server.call("GET", "/v1/jobs")
         assert listed.status_code == 200, listed.text
-        statuses = {job["id"]: job["status"] for job in listed.json()["jobs"]}
-        assert statuses == {"terarec-unknown": "LOST", "terarec-nul": "UNREADABLE", "terarec-garbled": "UNREADABLE"}
+        jobs = {job["id"]: job for job in listed.json()["jobs"]}
+        assert {job_id: job["status"] for job_id, job in jobs.items()} == {
+            "terarec-unknown": "LOST", "terarec-nul": "SUCCEEDED", "terarec-garbled": "UNREADABLE"}
+        assert jobs["terarec-nul"]["result"] is None  # its files cannot be opened: shown without them
 
         # an internal error: a generic 500 with a request id; the exception is in the log only
         with open(server.db, "r+b") as stream:

@@ -15,6 +15,7 @@ import time
 import uuid
 
 from terarec.core.config import ConfigError, TrainConfig, merge, read_yaml, set_dotted, validate_config
+from terarec.core.resources import unfit_reason
 
 from ..errors import NotFound, RayRefused, Unprocessable
 from ..job_records import TERMINAL, JobRecord, JobRecords, UnreadableRecord
@@ -63,6 +64,9 @@ class JobService:
         job_id = f"terarec-{uuid.uuid4().hex[:12]}"
         config = self.job_config(body, job_id)
         client = self.ray.jobs()
+        reason = unfit_reason(config, self.ray.resources())
+        if reason:  # it would wait forever
+            raise Unprocessable(f"this job can never run on this cluster: {reason}")
         record = self.records.add_job(job_id, config.run_dir, config.model_dump(mode="json"))
         try:
             submit_with_patience(client, entrypoint(self.settings.train_command, config), job_id, config.run_dir)
