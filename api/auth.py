@@ -1,18 +1,32 @@
-"""The bearer-token guard of every /v1 route (constant-time comparison, 401 with a JSON message)."""
+"""The bearer-token guard of every /v1 route: ASGI middleware, so a request without the token is refused before
+its body is read or parsed (constant-time comparison, 401 with a JSON message)."""
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends
+from fastapi.security import HTTPBearer
 
-bearer = HTTPBearer(auto_error=False, description="the control plane's API token (TERAREC_API_TOKEN)")
+from .responses import send_json
+
+# Declares the scheme in the OpenAPI page (the "Authorize" button); the check itself is TokenGuard's.
+bearer_scheme = Depends(HTTPBearer(auto_error=False, description="the control plane's API token (TERAREC_API_TOKEN)"))
+
+GUARDED_PREFIX = "/v1/"
 
 
-def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-    expected: bytes = request.app.state.api_token
-    given = credentials.credentials.encode() if credentials else b""
-    if not hmac.compare_digest(given, expected):
-        reason = "missing bearer token" if credentials is None else "wrong bearer token"
-        raise HTTPException(status_code=401, detail=f"{reason}: send 'Authorization: Bearer <TERAREC_API_TOKEN>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+class TokenGuard:
+    def __init__(self, app, token: bytes):
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not (scope["path"] + "/").startswith(GUARDED_PREFIX):
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization")
+        scheme, _, given = (header or b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+            return await self.app(scope, receive, send)
+        reason = "missing bearer token" if header is None else "wrong bearer token"
+        await send_json(send, 401, {"detail": f"{reason}: send 'Authorization: Bearer <TERAREC_API_TOKEN>'"},
+                        [(b"www-authenticate", b"Bearer")])

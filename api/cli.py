@@ -12,7 +12,8 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--token-file", help="file holding the API bearer token (default: $TERAREC_API_TOKEN)")
-    serve.add_argument("--db", help="SQLite file of job records (default: $TERAREC_DB_PATH or terarec-jobs.db)")
+    serve.add_argument("--db", help="SQLite file of job records (default: $TERAREC_DB_PATH, or jobs.db in the state "
+                                    "directory $TERAREC_HOME, ~/.local/share/terarec)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="uvicorn's log level (info logs every request)")
     serve.set_defaults(func=_serve)
@@ -50,35 +51,47 @@ def _serve(args) -> int:
     import uvicorn
 
     from .app import create_app
+    from .ray_cluster import use_token_auth
 
     settings = _settings(api_token_file=args.token_file, db_path=args.db)
+    use_token_auth(settings)
     try:
         app = create_app(settings)
-    except ValueError as error:
+    except (ValueError, OSError) as error:
         raise UserError(str(error)) from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"[terarec] serve: listening on http://{args.host}:{args.port}; job records in {settings.job_db} "
+          f"(state directory {settings.home})", flush=True)
+    # h11 bounds a request's head (httptools reads any size): a huge header without a token costs nothing.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, http="h11",
+                h11_max_incomplete_event_size=settings.max_header_bytes)
     return 0
 
 
 def _deploy(args) -> int:
     from pydantic import ValidationError
 
-    from terarec.core.checkpoints import find_checkpoint, open_checkpoint
+    from terarec.core.checkpoints import find_checkpoint
     from terarec.core.config import format_validation_error
 
-    from .ray_cluster import RayCluster, RayUnavailable
+    from .errors import Unprocessable
+    from .ray_cluster import RayCluster, RayUnavailable, use_token_auth
     from .schemas import ModelRequest
+    from .services.models import check_checkpoint
 
     checkpoint = os.path.abspath(find_checkpoint(args.run_dir, args.checkpoint))
     try:
         store = {"kind": args.store, "cache_bytes": args.cache_bytes, "path": args.store_path} if args.store else None
         request = ModelRequest(name=args.name, checkpoint=checkpoint, replicas=args.replicas, servers=args.servers,
                                store=store, server_gpus=args.server_gpus, serving={"gpus": args.gpus})
+        check_checkpoint(request.checkpoint)  # a wrong path fails here, before joining the cluster
     except ValidationError as error:
         raise UserError(format_validation_error(error).replace("config field", "argument")) from None
-    open_checkpoint(request.checkpoint)  # a wrong path fails here, before joining the cluster
+    except Unprocessable as error:
+        raise UserError(error.detail) from None
+    settings = _settings()
+    use_token_auth(settings)
     try:
-        RayCluster(_settings()).connect_driver()
+        RayCluster(settings).connect_driver()
     except RayUnavailable as error:
         raise UserError(str(error)) from None
     from terarec.actors.inference import deploy_model

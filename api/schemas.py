@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
-from terarec.core.config import ServingConfig, StoreConfig
+from terarec.core.config import PathText, ServingConfig, StoreConfig
 from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -16,31 +16,50 @@ class Body(BaseModel):
 
 
 # ---- jobs ------------------------------------------------------------------------------------------------
+MAX_CONFIG_DEPTH = 16
+
+
+def _shallow(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config tree nested at most MAX_CONFIG_DEPTH levels (counted without recursion: a deep one is an attack)."""
+    level, depth = [tree], 0
+    while level:
+        depth += 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_CONFIG_DEPTH} levels; a config is a few levels deep")
+        level = [child for node in level for child in (node.values() if isinstance(node, dict) else node)
+                 if isinstance(child, (dict, list))]
+    return tree
+
+
+ConfigTree = Annotated[dict[str, Any], AfterValidator(_shallow)]
+
+
 class JobRequest(Body):
     """A training job: the `terarec train` config (the TrainConfig fields), validated before it is submitted."""
 
-    config: dict[str, Any] | str | None = Field(
-        default=None, description="TrainConfig fields as an object, or the path of a YAML config on the control "
-                                  "plane's host; default: TERAREC_DEFAULT_CONFIG, if set")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys over the config, like "
-                                      "`terarec train --set`, e.g. {\"steps\": 200, \"embedding.dim\": 32}")
+    config: ConfigTree | None = Field(
+        default=None, description="TrainConfig fields as an object (the control plane reads no config file a "
+                                  "request names); default: TERAREC_DEFAULT_CONFIG, if the operator set one")
+    overrides: ConfigTree = Field(default_factory=dict, description="dotted keys over the config, like "
+                                  "`terarec train --set`, e.g. {\"steps\": 200, \"embedding.dim\": 32}")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"config": {"data": "/data/criteo", "steps": 1000, "batch_size": 4096, "embedding": {"dim": 16}}},
-        {"config": "/etc/terarec/train.yaml", "overrides": {"steps": 200}}]})
+        {"config": {"data": "/data/criteo"}, "overrides": {"steps": 200}}]})
 
 
 class JobView(BaseModel):
     id: str
-    status: str = Field(description="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED (Ray's), or LOST when Ray no "
-                                    "longer knows the job")
+    status: str = Field(description="PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED (Ray's), LOST when Ray no longer "
+                                    "knows the job, UNREADABLE when its record cannot be read (see the server log)")
     message: str | None = None
-    run_dir: str
-    config: dict[str, Any]
-    created_at: float
-    updated_at: float
-    ray_reachable: bool = Field(description="false when Ray could not be asked: status is the last one known")
-    dashboard_url: str
+    run_dir: str | None = None
+    config: dict[str, Any] | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    ray_reachable: bool = Field(default=False, description="false when Ray could not be asked: status is the last "
+                                                           "one recorded")
+    dashboard_url: str | None = None
     progress: dict[str, Any] | None = Field(default=None, description="the latest line of RUN_DIR/curve.jsonl")
     result: dict[str, Any] | None = Field(default=None, description="RUN_DIR/metrics.json once the job is done")
     checkpoint: str | None = Field(default=None, description="the final checkpoint: deploy it with POST /v1/models")
@@ -63,8 +82,8 @@ class JobLogs(BaseModel):
 class ModelRequest(Body):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
                       description="lowercase letters, digits and dashes; deploying an existing name rolls it out")
-    checkpoint: str = Field(min_length=1, description="a checkpoint directory (meta.json, dense.pt, shard-*.pt), "
-                                                     "or `best` / `latest` of the training job `job`")
+    checkpoint: PathText = Field(min_length=1, description="a checkpoint directory (meta.json, dense.pt, shard-*.pt), "
+                                                          "or `best` / `latest` of the training job `job`")
     job: str | None = Field(default=None, description="the training job whose `best` (keep_best) or `latest` "
                                                       "checkpoint to serve")
     replicas: int = Field(default=1, ge=1, le=256, description="Serve replicas of the dense model")

@@ -7,10 +7,11 @@ raises `ConfigError` with one line per bad field.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from terarec.models.registry import MODELS
 
@@ -19,6 +20,16 @@ from .errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the field and what is allowed."""
+
+
+def _printable_path(path: str) -> str:
+    """A path or URI fit to hand to the OS: no NUL, no control character, no lone surrogate."""
+    if any(ord(char) < 32 or ord(char) == 127 or 0xD800 <= ord(char) <= 0xDFFF for char in path):
+        raise ValueError("a path must not hold NUL, control characters or lone surrogates")
+    return path
+
+
+PathText = Annotated[str, AfterValidator(_printable_path)]
 
 
 class Strict(BaseModel):
@@ -68,7 +79,7 @@ class StoreConfig(Strict):
     policy: Literal["lru", "lfu"] = Field(default="lru", description="cache eviction: lru is CLOCK, lfu GCLOCK")
     cache_bytes: float | None = Field(default=None, gt=0, description="fast-tier size in bytes, or a fraction of free memory if < 1")
     host_bytes: float | None = Field(default=None, gt=0, description="host-tier size in bytes, or a fraction if < 1")
-    path: str | None = Field(default=None, description="directory of the SSD table (cached_ssd)")
+    path: PathText | None = Field(default=None, description="directory of the SSD table (cached_ssd)")
 
     @model_validator(mode="after")
     def _ssd_needs_path(self) -> "StoreConfig":
@@ -106,8 +117,8 @@ class TrainConfig(Strict):
     """Everything a training job needs; `terarec train`, POST /v1/jobs and the workers all read this."""
 
     model: str = "dlrm"
-    data: str = Field(description="directory with train/ and eval/ parquet (terarec data synth|convert)")
-    run_dir: str = "runs/latest"
+    data: PathText = Field(description="directory with train/ and eval/ parquet (terarec data synth|convert)")
+    run_dir: PathText = "runs/latest"
     steps: int | None = Field(default=None, gt=0, description="optimizer steps; default one epoch of train/")
     batch_size: int | None = Field(default=None, gt=0, description="global batch size, split across workers; "
                                    "default: at least 1000 steps per epoch, a power of two in [32, 4096]")
@@ -127,7 +138,7 @@ class TrainConfig(Strict):
     cpus_per_worker: float | None = Field(default=None, gt=0, description="default: the local CPUs split over max workers")
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints (0: only at the end)")
     log_every: int = Field(default=50, gt=0)
-    resume_from: str | None = Field(default=None, description="a checkpoint directory, or 'latest' in run_dir")
+    resume_from: PathText | None = Field(default=None, description="a checkpoint directory, or 'latest' in run_dir")
     ray_address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS or a local Ray")
     resource_timeout_s: float = Field(default=300, gt=0, description="give up after waiting this long for workers' resources")
     embedding: EmbeddingConfig = EmbeddingConfig()

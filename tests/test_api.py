@@ -1,133 +1,36 @@
-"""The control plane against a real uvicorn server and a real local Ray: auth, limits, errors, jobs over REST.
+"""The control plane against a real uvicorn server and a real local Ray: auth, limits, errors, state, jobs over REST.
 
-The tiny training job submitted here (its API restarted while it runs) also feeds tests/test_serving.py.
+The tiny training job (its API restarted while it runs) is conftest's `rest_trained_job`; it also feeds
+tests/test_serving.py.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import secrets
-import signal
 import socket
-import subprocess
-import sys
+import sqlite3
+import stat
+import threading
 import time
 
 import pytest
 import requests
 
 pytestmark = pytest.mark.slow
-TOKEN = secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ApiServer:
-    """`terarec serve` in a subprocess on a free loopback port; `restart()` kills it and starts another on the same DB."""
-
-    def __init__(self, ray_cluster, workdir, **env):
-        self.workdir = str(workdir)
-        self.env = os.environ | {
-            "TERAREC_API_TOKEN": TOKEN, "TERAREC_STORAGE": os.path.join(self.workdir, "runs"),
-            "TERAREC_RAY_DASHBOARD_URL": f"http://{ray_cluster.dashboard_url}",
-            "TERAREC_TRAIN_COMMAND": f"{sys.executable} -m terarec.platform.cli train"} | env
-        self.db = os.path.join(self.workdir, "jobs.db")
-        self.process = None
-        self.start()
-
-    def start(self) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(os.path.join(self.workdir, f"api-{port}.log"), "w")
-        self.process = subprocess.Popen([sys.executable, "-m", "terarec.platform.cli", "serve", "--port", str(port),
-                                         "--db", self.db], cwd=self.workdir, env=self.env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert self.process.poll() is None, open(self.log.name).read()
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=1).ok:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.2)
-        raise AssertionError(f"the API did not come up: {open(self.log.name).read()}")
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-        self.process.wait(timeout=30)
-        self.log.close()
-
-    def restart(self) -> None:
-        self.stop(signal.SIGKILL)  # a crash, not a clean shutdown
-        self.start()
-
-    def call(self, method: str, path: str, token: str | None = TOKEN, **kwargs) -> requests.Response:
-        headers = kwargs.pop("headers", {}) | ({"Authorization": f"Bearer {token}"} if token else {})
-        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 120), **kwargs)
-
-
-@pytest.fixture(scope="module")
-def api(ray_cluster, tmp_path_factory):
-    server = ApiServer(ray_cluster, tmp_path_factory.mktemp("api"))
-    yield server
-    server.stop()
-
-
-def tiny_job(data: str, **config) -> dict:
-    return {"config": {"data": data, "steps": 20, "batch_size": 256, "eval_rows": 2000, "log_every": 5,
-                       "checkpoint_every": 10, "cpus_per_worker": 1, "embedding": {"dim": 8, "num_buckets": 64},
-                       "models": {"dlrm": {"bottom_mlp": [16], "top_mlp": [16]}}} | config}
-
-
-def wait_for(api: ApiServer, job_id: str, statuses: set[str], timeout: float = 150) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = api.call("GET", f"/v1/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        assert job["status"] in {"PENDING", "RUNNING"}, job
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not {statuses} after {timeout} s: {job}\n"
-                         f"{api.call('GET', f'/v1/jobs/{job_id}/logs').json()['logs'][-3000:]}")
-
-
-_TRAINED: dict = {}
-
-
-def trained_job(api: ApiServer, data: str) -> dict:
-    """Submit the tiny job over REST, restart the API while it runs, poll it to SUCCEEDED (once per session)."""
-    if not _TRAINED:
-        submitted = api.call("POST", "/v1/jobs", json=tiny_job(data))
-        assert submitted.status_code == 201, submitted.text
-        job_id = submitted.json()["id"]
-        running = wait_for(api, job_id, {"RUNNING", "SUCCEEDED"})
-        api.restart()
-        again = api.call("GET", f"/v1/jobs/{job_id}")
-        assert again.status_code == 200, again.text
-        done = wait_for(api, job_id, {"SUCCEEDED"})
-        _TRAINED.update(running=running, after_restart=again.json(), done=done)
-    return _TRAINED
-
-
-def checkpoints_of(run_dir: str) -> dict[int, str]:
-    """step -> checkpoint directory, for every checkpoint a run kept."""
-    return {json.load(open(meta))["step"]: os.path.dirname(meta)
-            for meta in glob.glob(os.path.join(run_dir, "*", "checkpoint_*", "meta.json"))}
 
 
 # ---- auth, limits, errors ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("token", [None, "wrong", TOKEN + "x"])
+@pytest.mark.parametrize("token", [None, "wrong", "right+x"])
 def test_v1_routes_need_the_token(api, token):
+    token = api.token + "x" if token == "right+x" else token
     for method, path in [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/x"), ("DELETE", "/v1/jobs/x"),
                          ("GET", "/v1/models"), ("POST", "/v1/models/x/predict")]:
         response = api.call(method, path, token=token, json={})
         assert response.status_code == 401, (method, path, response.text)
         assert "bearer token" in response.json()["detail"]
+    # the token is checked before the body is read: malformed JSON without it is a 401, not a 422
+    response = api.call("POST", "/v1/jobs", token=token, data="{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 401, response.text
 
 
 def test_open_routes_and_docs(api):
@@ -139,7 +42,7 @@ def test_open_routes_and_docs(api):
     assert 'terarec_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
 
 
-def test_bad_config_is_a_422_naming_the_field(api, synth_data):
+def test_bad_config_is_a_422_naming_the_field(api, synth_data, tiny_job):
     response = api.call("POST", "/v1/jobs", json=tiny_job(synth_data, embedding={"dim": 0}))
     assert response.status_code == 422
     assert "config field 'embedding.dim'" in response.json()["detail"]
@@ -149,7 +52,50 @@ def test_bad_config_is_a_422_naming_the_field(api, synth_data):
     assert response.status_code == 422 and "batch_size" in response.json()["detail"]
     response = api.call("POST", "/v1/jobs", data="{not json", headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and "JSON" in response.json()["detail"]
+    deep = {"data": synth_data}
+    for _ in range(600):
+        deep = {"models": deep}
+    response = api.call("POST", "/v1/jobs", json={"config": deep})
+    assert response.status_code == 422 and "body.config" in response.json()["detail"], response.text
     assert api.call("GET", "/v1/jobs").json()["jobs"] == []  # nothing was submitted
+
+
+def test_config_files_on_the_host_are_never_read(api, tmp_path):
+    """REST takes config objects only: a path is refused unread, so nothing of the file, not even its existence, leaks."""
+    secrets = tmp_path / "secret.yaml"
+    secrets.write_text("aws_secret_access_key: hunter2-XYZZY\nprivate_token_name: 0xDEADBEEF\n")
+    replies = [api.call("POST", "/v1/jobs", json={"config": path}) for path in ("/etc/passwd", str(secrets),
+                                                                                  "/no/such/file.yaml")]
+    for reply in replies:
+        assert reply.status_code == 422 and "body.config" in reply.json()["detail"], reply.text
+        assert "hunter2" not in reply.text and "aws_secret" not in reply.text and "DEADBEEF" not in reply.text
+        for line in open("/etc/passwd").read().splitlines():
+            assert line.split(":")[0] not in reply.json()["detail"].replace("body.config", ""), line
+    assert len({reply.json()["detail"] for reply in replies}) == 1  # an existing path reads as a missing one
+    assert api.call("GET", "/v1/jobs").json()["jobs"] == []
+
+
+@pytest.mark.parametrize("field, value", [("run_dir", "/tmp/a\x00b"), ("data", "/data/\x1b[31mred"),
+                                          ("run_dir", "/tmp/\ud800x"), ("resume_from", "ckpt\n")])
+def test_path_fields_refuse_nul_control_characters_and_surrogates(api, synth_data, tiny_job, field, value):
+    job = tiny_job(synth_data)
+    job["config"][field] = value
+    body = json.dumps(job)  # json escapes the lone surrogate as \ud800
+    response = api.call("POST", "/v1/jobs", data=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert f"config field '{field}'" in response.json()["detail"] and "control characters" in response.json()["detail"]
+    response = api.call("POST", "/v1/models", data=json.dumps({"name": "m", "checkpoint": value}),
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "body.checkpoint" in response.json()["detail"], response.text
+
+
+def test_a_job_that_can_never_fit_is_a_422(api, synth_data, tiny_job):
+    """4 CPUs in the test cluster: 64 one-CPU workers can never run; the reply says what is missing and what to change."""
+    response = api.call("POST", "/v1/jobs", json=tiny_job(synth_data, workers=64))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == ("this job can never run on this cluster: workers=64 needs 1 CPU x 64 = 64 CPUs; "
+                                         "the cluster has 4: lower workers or cpus_per_worker")
+    assert api.call("GET", "/v1/jobs").json()["jobs"] == []
 
 
 def test_oversize_body_is_a_413(api):
@@ -165,10 +111,44 @@ def test_oversize_body_is_a_413(api):
     assert response.status_code == 413
 
 
+def test_a_huge_header_is_refused_unread_and_health_stays_quick(api):
+    """A 1 MB header without a token is refused as it arrives (h11's bound on a request head), not read whole."""
+    port = int(api.url.rsplit(":", 1)[1])
+    health: list[float] = []
+
+    def poll_health():
+        for _ in range(10):
+            started = time.perf_counter()
+            assert api.call("GET", "/healthz", token=None, timeout=5).ok
+            health.append(time.perf_counter() - started)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        head = b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n"
+        try:
+            sock.sendall(head)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server already answered and closed
+        reply = sock.recv(4096)
+    poller.join()
+    assert time.perf_counter() - started < 5
+    assert reply.split(b"\r\n", 1)[0] in (b"HTTP/1.1 400 Bad Request", b"HTTP/1.1 431 Request Header Fields Too Large"), reply[:200]
+    assert max(health) < 2, health
+
+
 def test_unknown_job_is_a_404(api):
     for method, path in [("GET", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/logs"), ("DELETE", "/v1/jobs/nope")]:
         response = api.call(method, path)
         assert response.status_code == 404 and "nope" in response.json()["detail"]
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_a_422(api, tmp_path):
+    (tmp_path / "meta.json").write_text(json.dumps({"secret_key": "hunter2", "step": "x"}))
+    response = api.call("POST", "/v1/models", json={"name": "fake", "checkpoint": str(tmp_path)})
+    assert response.status_code == 422 and "not a terarec checkpoint" in response.json()["detail"], response.text
+    assert "hunter2" not in response.text and "secret_key" not in response.text
 
 
 def test_ray_dashboard_needs_its_token(ray_cluster):
@@ -177,26 +157,73 @@ def test_ray_dashboard_needs_its_token(ray_cluster):
     assert response.status_code == 401
 
 
+# ---- state: where it is kept, reads never write, bad records, internal errors -----------------------------------
+def test_state_is_private_and_the_first_line_says_where(api):
+    home = api.env["TERAREC_HOME"]
+    assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(api.db).st_mode) == 0o600
+    first = open(api.log_path).readline()
+    assert first.startswith(f"[terarec] serve: listening on {api.url};") and api.db in first, first
+
+
+def add_record(db: str, job_id: str, status: str, run_dir: str, config: str) -> None:
+    with sqlite3.connect(db) as connection:
+        connection.execute("INSERT INTO jobs VALUES (?, ?, NULL, ?, ?, ?, ?)", (job_id, status, run_dir, config,
+                                                                                time.time(), time.time()))
+
+
+def test_reads_never_write_bad_records_stay_local_and_500s_say_nothing(api_server, tmp_path):
+    server = api_server(TERAREC_RECONCILE_SECONDS="3600")
+    try:
+        # a job Ray never heard of: a GET shows it LOST, but the record is left as it was
+        add_record(server.db, "terarec-unknown", "RUNNING", str(tmp_path / "run"), "{}")
+        before = open(server.db, "rb").read()
+        assert server.call("GET", "/v1/jobs/terarec-unknown").json()["status"] == "LOST"
+        assert server.call("GET", "/v1/jobs").json()["jobs"][0]["status"] == "LOST"
+        assert open(server.db, "rb").read() == before
+
+        # bad records (written before paths were checked, or damaged): a NUL in run_dir, a config that is not JSON
+        add_record(server.db, "terarec-nul", "SUCCEEDED", "/tmp/a\x00b", "{}")
+        add_record(server.db, "terarec-garbled", "SUCCEEDED", str(tmp_path), "{not json")
+        listed = server.call("GET", "/v1/jobs")
+        assert listed.status_code == 200, listed.text
+        jobs = {job["id"]: job for job in listed.json()["jobs"]}
+        assert {job_id: job["status"] for job_id, job in jobs.items()} == {
+            "terarec-unknown": "LOST", "terarec-nul": "SUCCEEDED", "terarec-garbled": "UNREADABLE"}
+        assert jobs["terarec-nul"]["result"] is None  # its files cannot be opened: shown without them
+
+        # an internal error: a generic 500 with a request id; the exception is in the log only
+        with open(server.db, "r+b") as stream:
+            stream.write(b"this is no SQLite file" * 100)
+        response = server.call("GET", "/v1/jobs")
+        assert response.status_code == 500
+        request_id = response.json()["request_id"]
+        assert response.json()["detail"] == f"internal error (request id {request_id}; the control plane's log has it)"
+        assert "database" not in response.text.lower()
+    finally:
+        server.stop()
+    log = open(server.log_path).read()
+    assert f"request {request_id}" in log and "DatabaseError" in log
+
+
 # ---- jobs ------------------------------------------------------------------------------------------------------
-def test_job_runs_to_success_across_an_api_restart(api, synth_data):
-    trained = trained_job(api, synth_data)
-    running, after, done = trained["running"], trained["after_restart"], trained["done"]
+def test_job_runs_to_success_across_an_api_restart(rest_trained_job):
+    running, after, done = rest_trained_job["running"], rest_trained_job["after_restart"], rest_trained_job["done"]
     assert after["id"] == running["id"] and after["status"] in {"RUNNING", "SUCCEEDED"}
     assert done["result"]["steps"] == 20 and 0.5 < done["result"]["auc"] <= 1
     assert done["progress"]["step"] == 20 and done["progress"]["loss"] > 0
     assert done["checkpoint"] and os.path.isfile(os.path.join(done["checkpoint"], "meta.json"))
-    assert sorted(checkpoints_of(done["run_dir"])) == [10, 20]
+    assert sorted(rest_trained_job["checkpoints"]) == [10, 20]
     assert done["dashboard_url"].endswith(f"/#/jobs/{done['id']}")
-    assert done["run_dir"].startswith(api.env["TERAREC_STORAGE"])
-    listed = api.call("GET", "/v1/jobs").json()["jobs"]
-    assert [job["id"] for job in listed] == [done["id"]]
-    logs = api.call("GET", f"/v1/jobs/{done['id']}/logs").json()["logs"]
-    assert "[terarec] done:" in logs
+    assert done["run_dir"].startswith(rest_trained_job["storage"])
+    assert [job["id"] for job in rest_trained_job["listed"]] == [done["id"]]
+    assert "[terarec] done:" in rest_trained_job["logs"]
+    assert rest_trained_job["recorded_status"] == "SUCCEEDED"  # written by the background reconciler, not a GET
 
 
-def test_stop_a_job(api, synth_data):
+def test_stop_a_job(api, synth_data, tiny_job):
     submitted = api.call("POST", "/v1/jobs", json=tiny_job(synth_data, steps=100_000))
     assert submitted.status_code == 201, submitted.text
     job_id = submitted.json()["id"]
     assert api.call("DELETE", f"/v1/jobs/{job_id}").status_code == 200
-    assert wait_for(api, job_id, {"STOPPED"}, timeout=60)["status"] == "STOPPED"
+    assert api.wait_for(job_id, {"STOPPED"}, timeout=60)["status"] == "STOPPED"

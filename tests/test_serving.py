@@ -1,5 +1,6 @@
 """Online inference: embedding servers on the store's tiers and the replica's recent-rows cache (plain classes, no
-Ray); then over REST: deploy the REST-trained checkpoint on Ray Serve, predict, roll out, clean up.
+Ray); then over REST: the README's serving walk, then the REST-trained checkpoint deployed on Ray Serve, predicted,
+rolled out, cleaned up, and the online-learning loop (resume on new IDs, roll out).
 
 Served scores must equal the offline model's (the checkpoint loaded in this process) on the same rows.
 """
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import requests
 import torch
 
 from terarec.actors.embedding_server import NAMESPACE, EmbeddingShard, RecentRows, server_names
@@ -26,17 +28,63 @@ from terarec.actors.inference import model_from_checkpoint, score
 from terarec.core.checkpoints import open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
 from terarec.store import feature_keys
-from test_api import ApiServer, checkpoints_of, tiny_job, trained_job
 
 pytestmark = pytest.mark.slow
 MODEL = "ctr"
 
 
-@pytest.fixture(scope="module")
-def api(ray_cluster, tmp_path_factory):
-    server = ApiServer(ray_cluster, tmp_path_factory.mktemp("serving-api"))
-    yield server
-    server.stop()
+README_ROW = {"dense": [1, 0, 5, 0, 1382, 4, 15, 2, 181, 1, 2, 0, 2], "sparse": list(range(1, 27))}
+
+
+def test_the_readme_serving_walk(ray_cluster, synth_data, tiny_job, free_port, tmp_path):
+    """README "Serving and the REST control plane", step by step, in a user's environment: a running Ray
+    (RAY_ADDRESS), the venv's commands on PATH, TERAREC_API_TOKEN exported and nothing else of terarec's or Ray's
+    auth; then `terarec serve --port P`, POST /v1/jobs, GET until done, POST /v1/models, POST predict."""
+    token = os.urandom(16).hex()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("TERAREC_", "RAY_AUTH_"))}
+    env |= {"TERAREC_API_TOKEN": token, "XDG_DATA_HOME": str(tmp_path / "data-home"),  # the user's data dir
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")}
+    port = free_port()
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "terarec"), "serve", "--port", str(port)],
+                                  cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while not _answers(f"{url}/healthz"):
+            assert server.poll() is None and time.time() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        state = tmp_path / "data-home" / "terarec"
+        assert log_path.read_text().splitlines()[0] == (f"[terarec] serve: listening on {url}; job records in "
+                                                        f"{state / 'jobs.db'} (state directory {state})")
+
+        submitted = requests.post(f"{url}/v1/jobs", headers=headers, json=tiny_job(synth_data), timeout=60)
+        assert submitted.status_code == 201, submitted.text
+        job_id, deadline = submitted.json()["id"], time.time() + 180
+        while (job := requests.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=30).json())["status"] != "SUCCEEDED":
+            assert job["status"] in {"PENDING", "RUNNING"} and time.time() < deadline, job
+            time.sleep(1)
+
+        deployed = requests.post(f"{url}/v1/models", headers=headers, timeout=120,
+                                 json={"name": "readme", "checkpoint": job["checkpoint"], "replicas": 1})
+        assert deployed.status_code == 200, deployed.text + log_path.read_text()[-3000:]
+        predicted = requests.post(f"{url}/v1/models/readme/predict", headers=headers, json={"rows": [README_ROW]},
+                                  timeout=60)
+        assert predicted.status_code == 200, predicted.text
+        [[score]] = predicted.json()["scores"]
+        assert 0 < score < 1
+        assert requests.delete(f"{url}/v1/models/readme", headers=headers, timeout=60).status_code == 204
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.ConnectionError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +136,8 @@ def test_recent_rows_answer_what_they_hold_until_full_or_too_old():
     assert recent.find(torch.tensor([7, 8]))[0].numel() == 0  # older than max_age_s: asked again
 
 
-@pytest.fixture(scope="module")
-def checkpoints(api, synth_data) -> dict[int, str]:
-    return checkpoints_of(trained_job(api, synth_data)["done"]["run_dir"])
+def checkpoints(rest_trained_job) -> dict[int, str]:
+    return rest_trained_job["checkpoints"]
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +226,9 @@ def test_bad_predict_requests(api, served):
     nan = '{"rows": [{"dense": [NaN, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "sparse": [%s]}]}' % ", ".join(["1"] * 26)
     response = api.call("POST", f"/v1/models/{MODEL}/predict", data=nan, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and "finite" in response.json()["detail"]
+    huge = {"rows": [good | {"dense": [1e308] + [0.5] * 12}], "transformed": True}  # finite in JSON, inf as float32
+    response = api.call("POST", f"/v1/models/{MODEL}/predict", json=huge)
+    assert response.status_code == 422 and "rows.0.dense.0" in response.json()["detail"], response.text
     response = api.call("POST", f"/v1/models/{MODEL}/predict", json={"rows": [good] * 5000})
     assert response.status_code == 413 and "at most 4096" in response.json()["detail"]
     response = api.call("POST", f"/v1/models/{MODEL}/predict", json={"rows": [good] * 120_000})
@@ -254,7 +304,8 @@ def with_new_ids(data: str, out) -> str:
     return str(out)
 
 
-def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, served, checkpoints, synth_data, tmp_path):
+def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, served, checkpoints, synth_data, tiny_job,
+                                                                   tmp_path):
     """The online-learning loop: `terarec train --resume` on data with new IDs, then a rollout under traffic.
 
     Training runs while the models are served: the cluster's 4 CPUs hold the served replicas, one job worker and
@@ -270,7 +321,8 @@ def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, served, 
                               "--run-dir", str(tmp_path / "resumed"), "--resume", checkpoints[20]],
                              capture_output=True, text=True, env=api.env, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    resumed = checkpoints_of(str(tmp_path / "resumed"))[30]
+    resumed = {json.load(open(meta))["step"]: os.path.dirname(meta)
+               for meta in glob.glob(str(tmp_path / "resumed" / "*" / "checkpoint_*" / "meta.json"))}[30]
     new_keys = feature_keys(torch.from_numpy(sparse))[:, 0].unique()  # C1 is feature 0
     assert open_checkpoint(checkpoints[20]).load_rows().encoder.find(new_keys).eq(-1).all()  # served as zero rows
     assert open_checkpoint(resumed).load_rows().encoder.find(new_keys).ge(0).all()  # trained rows now

@@ -1,4 +1,8 @@
-"""Job records in SQLite: the control plane's jobs survive its restarts (models live in Ray Serve itself)."""
+"""Job records in SQLite: the control plane's jobs survive its restarts (models live in Ray Serve itself).
+
+The file is the control plane's state: its directory is made with mode 0700 and the file with 0600
+(SQLite gives its journal the database file's mode).
+"""
 from __future__ import annotations
 
 import json
@@ -34,13 +38,15 @@ class JobRecord:
     updated_at: float
 
 
-class Records:
+class JobRecords:
     """One SQLite file; every call opens its own short transaction (safe from FastAPI's thread pool)."""
 
     def __init__(self, path: str):
-        self.path = path
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
+        self.path = os.path.abspath(path)
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700)
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._lock = threading.Lock()
         with self._connect() as db:
             db.executescript(SCHEMA)
@@ -69,10 +75,23 @@ class Records:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row) if row else None
 
-    def jobs(self, limit: int = 100) -> list[JobRecord]:
+    def jobs(self, limit: int = 100) -> list[JobRecord | UnreadableRecord]:
+        """Newest first; a row that cannot be decoded comes back as an UnreadableRecord, not an error for the list."""
         with self._connect() as db:
             rows = db.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
-        return [_job(row) for row in rows]
+        records = []
+        for row in rows:
+            try:
+                records.append(_job(row))
+            except (TypeError, ValueError):
+                records.append(UnreadableRecord(str(row["id"])))
+        return records
+
+
+@dataclass
+class UnreadableRecord:
+    id: str
+    status: str = "UNREADABLE"
 
 
 def _job(row: sqlite3.Row) -> JobRecord:

@@ -1,0 +1,136 @@
+"""Served models: checkpoints deployed on Ray Serve through `actors/inference.py`, one handle kept per model."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from terarec.core.data.schema import transform_dense
+
+from ..errors import NotFound, TooLarge, Unprocessable
+from ..job_records import JobRecords
+from ..ray_cluster import RayCluster
+from ..schemas import ModelRequest, ModelView, PredictRequest
+from ..settings import Settings
+from ..telemetry import Telemetry
+
+log = logging.getLogger("terarec.api")
+
+
+class ServedModels:
+    def __init__(self, settings: Settings, ray: RayCluster, telemetry: Telemetry, records: JobRecords):
+        self.settings, self.ray, self.telemetry, self.records = settings, ray, telemetry, records
+        self._handles: dict = {}
+        self._lock = threading.Lock()
+
+    def serve(self):
+        self.ray.connect_driver()
+        from terarec.actors import inference
+
+        return inference
+
+    def deploy(self, body: ModelRequest) -> ModelView:
+        body = self.job_checkpoint(body)
+        check_checkpoint(body.checkpoint)
+        self.serve().deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
+                                  server_gpus=body.server_gpus, settings=body.serving)
+        with self._lock:
+            self._handles.pop(body.name, None)
+        return self.view(body.name, self.status()[body.name])
+
+    def job_checkpoint(self, body: ModelRequest) -> ModelRequest:
+        """`best` / `latest` name a checkpoint of the training job `job`; a directory stays as it is."""
+        from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
+
+        if body.checkpoint not in ("best", "latest"):
+            return body
+        if body.job is None:
+            raise Unprocessable(f"checkpoint {body.checkpoint!r} needs `job`: the id of the training job whose "
+                                "checkpoint to serve")
+        record = self.records.job(body.job)
+        if record is None:
+            raise NotFound(f"no job {body.job!r}")
+        try:
+            return body.model_copy(update={"checkpoint": find_checkpoint(record.run_dir, body.checkpoint)})
+        except CheckpointNotFound as error:
+            raise Unprocessable(f"job {body.job}: {error}") from None
+
+    def status(self) -> dict[str, dict]:
+        return self.serve().served_models()
+
+    def list(self) -> list[ModelView]:
+        return [self.view(name, status) for name, status in sorted(self.status().items())]
+
+    def get(self, name: str) -> ModelView:
+        status = self.status().get(name)
+        if status is None:
+            raise NotFound(f"no model {name!r} is deployed")
+        return self.view(name, status)
+
+    def view(self, name: str, status: dict) -> ModelView:
+        info = {}
+        if status["replicas"]:
+            info = self.handle(name).describe.remote().result(timeout_s=30)
+        return ModelView(name=name, **status, **info)
+
+    def known_handle(self, name: str):
+        """The app's handle if this process has it already: predict then skips a thread hop."""
+        with self._lock:
+            return self._handles.get(name)
+
+    def handle(self, name: str):
+        """The app's handle; NotFound when Serve runs no such model."""
+        with self._lock:
+            handle = self._handles.get(name)
+        if handle is None:
+            if name not in self.status():
+                raise NotFound(f"no model {name!r} is deployed (POST /v1/models deploys one)")
+            from ray import serve
+
+            handle = serve.get_app_handle(name)
+            with self._lock:
+                self._handles[name] = handle
+        return handle
+
+    def delete(self, name: str) -> None:
+        self.handle(name)
+        self.serve().delete_model(name)
+        with self._lock:
+            self._handles.pop(name, None)
+
+    def model_inputs(self, body: PredictRequest) -> tuple[np.ndarray, np.ndarray]:
+        """dense [n, 13] float32 (transformed as in training) and sparse [n, 26] int64; every dense value finite."""
+        if len(body.rows) > self.settings.max_predict_rows:
+            raise TooLarge(f"{len(body.rows)} rows in one request; at most {self.settings.max_predict_rows} "
+                           "(TERAREC_MAX_PREDICT_ROWS)")
+        dense = np.asarray([row.dense for row in body.rows], dtype=np.float64)
+        with np.errstate(over="ignore"):
+            dense = dense.astype(np.float32) if body.transformed else transform_dense(dense)
+        bad = np.argwhere(~np.isfinite(dense))
+        if len(bad):
+            row, column = bad[0]
+            raise Unprocessable(f"rows.{row}.dense.{column}: not finite as float32 (transformed values must stay "
+                                "within ±3.4e38)")
+        return dense, np.asarray([row.sparse for row in body.rows], dtype=np.int64)
+
+    async def predict(self, name: str, body: PredictRequest) -> list[list[float]]:
+        from starlette.concurrency import run_in_threadpool
+
+        dense, sparse = self.model_inputs(body)
+        handle = self.known_handle(name) or await run_in_threadpool(self.handle, name)
+        scores = await handle.predict.remote((dense, sparse))
+        self.telemetry.predicted_rows.labels(name).inc(len(body.rows))
+        return scores.tolist()
+
+
+def check_checkpoint(directory: str) -> None:
+    """Unprocessable unless `directory` opens as a terarec checkpoint; the reply never quotes what the files hold."""
+    from terarec.core.checkpoints import open_checkpoint
+
+    try:
+        open_checkpoint(directory)
+    except Exception:
+        log.info("checkpoint %r does not open", directory, exc_info=True)
+        raise Unprocessable(f"checkpoint {directory!r} is not a terarec checkpoint: its meta.json or dense.pt is "
+                            "missing or not one that terarec wrote") from None
