@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from terarec.actors.train_worker import TrainWorker
-from terarec.api.routes.jobs import evaluations as job_evaluations
+from terarec.api.services.jobs import evaluations as job_evaluations
 from terarec.core.checkpoints import read_meta
 from terarec.core.config import ConfigError, load_config
 from terarec.core.steering import default_batch_size, fit_to_data, lr_factor, plan_notes
