@@ -17,10 +17,9 @@ import torch
 from ray import serve
 from torch import nn
 
-from terarec.models import Batch, Embedding, build_model
-from terarec.models.registry import store_width
+from terarec.models import Batch
+from terarec.core.build import model_from_config, store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
-from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
 from .embedding_server import ServerRows, server_handles, start_servers, stop_servers
 
@@ -28,15 +27,9 @@ from .embedding_server import ServerRows, server_handles, start_servers, stop_se
 
 def model_from_checkpoint(checkpoint: CheckpointContents, backend) -> nn.Module:
     """The checkpoint's dense model (eval mode) around an Embedding front reading `backend`; built as training builds it."""
-    config = checkpoint.config
-    model = build_model(config.model, Embedding(backend), NUM_DENSE, NUM_SPARSE, config.model_section(),
-                        num_tasks=len(checkpoint.meta["label_columns"]))
+    model = model_from_config(checkpoint.config, backend, num_tasks=len(checkpoint.meta["label_columns"]))
     model.load_state_dict(checkpoint.dense_state["model"])
     return model.eval()
-
-
-def embedding_dim(checkpoint: CheckpointContents) -> int:
-    return checkpoint.meta.get("embedding_dim") or store_width(checkpoint.config.model, checkpoint.config.embedding.dim)
 
 
 @torch.inference_mode()
@@ -53,7 +46,7 @@ class InferenceModel:
 
     def __init__(self, checkpoint_dir: str, servers: list[str]):
         checkpoint = open_checkpoint(checkpoint_dir)
-        backend = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], embedding_dim(checkpoint))
+        backend = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], store_width(checkpoint.config))
         self.model = model_from_checkpoint(checkpoint, backend)
         self.info = {"checkpoint": checkpoint_dir, "step": checkpoint.step, "model": checkpoint.config.model,
                      "tasks": list(checkpoint.meta["label_columns"]), "servers": len(servers)}

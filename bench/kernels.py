@@ -250,14 +250,14 @@ def bench_gather(table: Table, batch: int, use_compile: bool):
 
 def dlrm_at_criteo_shapes(batch: int):
     """DLRM 13-512-256-128 / 480-1024-1024-512-256-1 over a DeviceStore (26 features x 128), SGD, and 4 batches."""
-    from terarec.models import DLRM, Batch, DLRMConfig, Embedding
+    from terarec.models import DLRM, Batch, DLRMConfig, Embedding, SparseDenseOptimizer
     from terarec.store import DeviceStore, SparseSGD
 
     torch.manual_seed(0)
     embedding = Embedding(DeviceStore(dim=128, optimizer=SparseSGD(lr=0.01), device=DEVICE,
                                       initial_capacity=1 << 21))
     model = DLRM(embedding, 13, 26, DLRMConfig(bottom_mlp=[512, 256], top_mlp=[1024, 1024, 512, 256])).to(DEVICE)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = SparseDenseOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01))
     vocab = 40_000
     batches = [Batch(torch.randn(batch, 13, device=DEVICE), torch.randint(0, vocab, (batch, 26), device=DEVICE),
                      torch.randint(0, 2, (batch, 1), device=DEVICE).float()) for _ in range(4)]
@@ -274,7 +274,6 @@ def median_step_ms(model, optimizer, batches, steps: int, precision: str = "fp32
             with autocast(precision, device):
                 logits = model(b).float()
             F.binary_cross_entropy_with_logits(logits, b.labels).backward()
-            model.embedding.apply_gradients()
             optimizer.step()
 
     for b in batches:

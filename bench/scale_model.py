@@ -123,8 +123,7 @@ def measure_device(worker: TrainWorker, batches: list, precisions: list[str], re
     def lookup_update(rows):
         def run():
             k = next(key_cycle)
-            rows.lookup(k)
-            rows.update(k, grads[: k.numel()])
+            rows.update(rows.lookup_for_update(k), grads[: k.numel()])
         return run
     store_ms = 1e3 * timed(lookup_update(worker.store), device, repeats)
     sharded_ms = 1e3 * timed(lookup_update(worker.rows), device, repeats)  # ShardedRows over a world of one
@@ -213,8 +212,7 @@ def wire_rank(rank: int, world: int, port: int, settings: dict, out) -> None:
             rows = ShardedRows(DeviceStore(settings["dim"], SparseSGD()), comm, 4096, wire, wire)
             comm.to_self = comm.to_peers = 0
             keys = torch.unique(feature_keys(ids.batch(batch).sparse))
-            rows.lookup(keys)
-            rows.update(keys, torch.randn(keys.numel(), settings["dim"]))
+            rows.update(rows.lookup_for_update(keys), torch.randn(keys.numel(), settings["dim"]))
             cell = {"batch": batch, "zipf": exponent, "wire": wire, "unique_keys": keys.numel(),
                     "bytes_sent": rows.stats.bytes_sent, "to_self": comm.to_self, "to_peers": comm.to_peers}
             cell["global_unique"] = torch.unique(torch.cat(comm.all_gather(keys))).numel()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from results import record
-from terarec.models import DLRM, Batch, DLRMConfig, Embedding
+from terarec.models import DLRM, Batch, DLRMConfig, Embedding, SparseDenseOptimizer
 from terarec.store import DeviceStore, SparseAdagrad, SparseSGD, feature_keys, make_store
 from terarec.store.cache import METADATA_BYTES_PER_SLOT
 
@@ -174,8 +174,7 @@ def store_throughput(store, device: torch.device, universe: int, batch: int, ste
         store.lookup(keys[start:start + batch])
     batches = [keys[torch.randperm(universe, device=device)[:batch]] for _ in range(steps + 2)]
     for b in batches[:2]:  # steady state
-        store.lookup(b)
-        store.update(b, grads)
+        store.update(store.lookup_for_update(b), grads)
     if cold_path is not None:
         store.flush()
         for chunk in cold_path.glob("chunk-*"):
@@ -184,8 +183,7 @@ def store_throughput(store, device: torch.device, universe: int, batch: int, ste
     sync(device)
     start = time.perf_counter()
     for b in batches[2:]:
-        store.lookup(b)
-        store.update(b, grads)
+        store.update(store.lookup_for_update(b), grads)
     sync(device)
     seconds = (time.perf_counter() - start) / steps
     after = store.metrics()
@@ -262,8 +260,7 @@ def compile_variants(store, keys: torch.Tensor) -> None:
     specialization of the store's kernels (integer sizes divisible by 16 or not) compiles before timing."""
     size = (keys.numel() - 1) // 16 * 16
     for part in (keys[:size], keys[: size + 1]):
-        store.lookup(part)
-        store.update(part, torch.zeros(part.numel(), store.dim, device=part.device))
+        store.update(store.lookup_for_update(part), torch.zeros(part.numel(), store.dim, device=part.device))
 
 
 def dlrm_run(store, device: torch.device, ids, batch: int, warm_batches: int, steps: int,
@@ -274,15 +271,14 @@ def dlrm_run(store, device: torch.device, ids, batch: int, warm_batches: int, st
     The model is bench/kernels.py's DLRM (STEP_MODEL). Each step is timed by CUDA events where there is a
     GPU: `step_ms` is the median (what the step bench reports), `samples_s` counts the whole timed span."""
     model = DLRM(Embedding(store), num_dense=13, num_sparse=26, config=STEP_MODEL).to(device)
-    dense_opt = dense_optimizer(model.parameters(), lr=dense_lr)
+    optimizer = SparseDenseOptimizer(model, dense_optimizer(model.parameters(), lr=dense_lr))
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step(b: Batch) -> torch.Tensor:
-        dense_opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(b), b.labels)
         loss.backward()
-        dense_opt.step()
-        model.embedding.apply_gradients()
+        optimizer.step()
         return loss
 
     for start in range(0, warm_batches, 8):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from typing import Callable
 
 import pyarrow.fs as pafs
@@ -10,6 +11,16 @@ import torch
 from .base import EmbeddingStore
 
 FORMAT_VERSION = 1
+_CRC_BLOCK = 64 << 20
+
+
+def file_crc32(path) -> int:
+    """CRC-32 of a local file, read in blocks (files of many GB never sit in memory whole)."""
+    crc = 0
+    with open(path, "rb") as stream:
+        while block := stream.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -4,8 +4,6 @@ The tiny training job submitted here (its API restarted while it runs) also feed
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import secrets
 import signal
@@ -16,6 +14,8 @@ import time
 
 import pytest
 import requests
+
+from terarec.core.checkpoints import find_checkpoints
 
 pytestmark = pytest.mark.slow
 TOKEN = secrets.token_hex(16)
@@ -114,12 +114,6 @@ def trained_job(api: ApiServer, data: str) -> dict:
     return _TRAINED
 
 
-def checkpoints_of(run_dir: str) -> dict[int, str]:
-    """step -> checkpoint directory, for every checkpoint a run kept."""
-    return {json.load(open(meta))["step"]: os.path.dirname(meta)
-            for meta in glob.glob(os.path.join(run_dir, "*", "checkpoint_*", "meta.json"))}
-
-
 # ---- auth, limits, errors ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("token", [None, "wrong", TOKEN + "x"])
 def test_v1_routes_need_the_token(api, token):
@@ -185,7 +179,7 @@ def test_job_runs_to_success_across_an_api_restart(api, synth_data):
     assert done["result"]["steps"] == 20 and 0.5 < done["result"]["auc"] <= 1
     assert done["progress"]["step"] == 20 and done["progress"]["loss"] > 0
     assert done["checkpoint"] and os.path.isfile(os.path.join(done["checkpoint"], "meta.json"))
-    assert sorted(checkpoints_of(done["run_dir"])) == [10, 20]
+    assert sorted(find_checkpoints(done["run_dir"])) == [10, 20]
     assert done["dashboard_url"].endswith(f"/#/jobs/{done['id']}")
     assert done["run_dir"].startswith(api.env["TERAREC_STORAGE"])
     listed = api.call("GET", "/v1/jobs").json()["jobs"]

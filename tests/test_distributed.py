@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from terarec.core.checkpoints import open_checkpoint
+from terarec.core.checkpoints import find_checkpoints, open_checkpoint
 from terarec.core.config import load_config
 from terarec.core.resources import unfit_reason
 from terarec.platform.runner import run_training
@@ -56,10 +56,9 @@ def assert_same_training(a, b):
 
 
 def checkpoint_at(run_dir, step):
-    for root, _dirs, files in os.walk(run_dir):
-        if "meta.json" in files and open_checkpoint(root).step == step:
-            return root
-    raise AssertionError(f"no checkpoint at step {step} under {run_dir}")
+    checkpoints = find_checkpoints(str(run_dir))
+    assert step in checkpoints, f"no checkpoint at step {step} under {run_dir}: {sorted(checkpoints)}"
+    return checkpoints[step]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +104,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, t
     killed = None
     deadline = time.time() + 240
     while time.time() < deadline and killed is None:
-        if any(open_checkpoint(root).step >= 60 for root, _d, files in os.walk(run_dir) if "meta.json" in files):
+        if any(step >= 60 for step in find_checkpoints(str(run_dir))):
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 killed = workers[-1].pid

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from terarec.kernels import gather as kernels_gather  # noqa: E402
 from terarec.kernels.triton_hash import EMPTY_KEY, probe  # noqa: E402
 from terarec.kernels.triton_sparse_update import sparse_update_  # noqa: E402
-from terarec.models.embedding import Embedding  # noqa: E402
+from terarec.models import Embedding, SparseDenseOptimizer  # noqa: E402
 from terarec.store import DeviceStore, IdEncoder, SparseAdagrad, SparseAdam, SparseSGD  # noqa: E402
 from terarec.store import encoder as store_encoder, keys as store_keys  # noqa: E402
 from terarec.store import optim as store_optim  # noqa: E402
@@ -141,11 +141,12 @@ def test_device_store_and_embedding_match_reference(optimizer, monkeypatch):
 
     def train(device):
         emb = Embedding(DeviceStore(dim=8, optimizer=optimizer, initial_capacity=16, device=device))
+        sparse_step = SparseDenseOptimizer(emb, None)
         outs = []
         for ids, grad in steps:
             out = emb(ids.to(device))
             out.backward(grad.to(device))
-            emb.apply_gradients()
+            sparse_step.step()
             outs.append(out.detach().cpu())
         return emb, outs
 

@@ -18,9 +18,9 @@ import torch
 
 from terarec.actors.embedding_server import NAMESPACE, server_names
 from terarec.actors.inference import model_from_checkpoint, score
-from terarec.core.checkpoints import open_checkpoint
+from terarec.core.checkpoints import find_checkpoints, open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
-from test_api import ApiServer, checkpoints_of, trained_job
+from test_api import ApiServer, trained_job
 
 pytestmark = pytest.mark.slow
 MODEL = "ctr"
@@ -35,7 +35,7 @@ def api(ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoints(api, synth_data) -> dict[int, str]:
-    return checkpoints_of(trained_job(api, synth_data)["done"]["run_dir"])
+    return find_checkpoints(trained_job(api, synth_data)["done"]["run_dir"])
 
 
 @pytest.fixture(scope="module")
