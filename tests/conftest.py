@@ -20,6 +20,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 os.environ["RAY_AUTH_MODE"] = "token"  # before anything imports ray: it reads the mode once, at import
 
 
+def pytest_configure(config):
+    """Without CUDA, Triton kernels run in Triton's interpreter, for the whole session: Triton reads
+    TRITON_INTERPRET when a kernel is defined, so it must be set before any test module imports one
+    (set once here, the results do not depend on which test file is collected first)."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -86,6 +94,16 @@ def ray_cluster():
             head.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster, tmp_path_factory):
+    """`terarec serve` against the session's Ray, on a free loopback port, for one test module."""
+    from helpers import ApiServer
+
+    server = ApiServer(ray_cluster, tmp_path_factory.mktemp("api"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,14 @@
 """Fused kernels against their torch references, forward and backward, fp32 and bf16.
 
 Without CUDA the Triton launchers run on CPU tensors through Triton's
-interpreter (TRITON_INTERPRET=1, set here before any Triton kernel is defined);
+interpreter (TRITON_INTERPRET=1, set by conftest.py for the session);
 with CUDA they run compiled on the GPU. Inputs are fresh random draws; the
 reference runs in float64; tolerances are relative norms fit to the dtype.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 

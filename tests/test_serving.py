@@ -20,17 +20,10 @@ from terarec.actors.embedding_server import NAMESPACE, server_names
 from terarec.actors.inference import model_from_checkpoint, score
 from terarec.core.checkpoints import find_checkpoints, open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
-from test_api import ApiServer, trained_job
+from helpers import trained_job
 
 pytestmark = pytest.mark.slow
 MODEL = "ctr"
-
-
-@pytest.fixture(scope="module")
-def api(ray_cluster, tmp_path_factory):
-    server = ApiServer(ray_cluster, tmp_path_factory.mktemp("serving-api"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
