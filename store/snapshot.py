@@ -23,13 +23,18 @@ def file_crc32(path) -> int:
     return crc
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or any pyarrow.fs URI (s3://, gs://, file://) -> (filesystem, path)."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+def is_uri(location: str) -> bool:
+    """True for a pyarrow.fs URI (s3://, gs://, file://...), False for a local path."""
+    return "://" in location
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or any pyarrow.fs URI -> (filesystem, path)."""
+    return pafs.FileSystem.from_uri(uri) if is_uri(uri) else (pafs.LocalFileSystem(), uri)
 
 
 def _open_output(uri: str):
-    filesystem, path = _resolve(uri)
+    filesystem, path = resolve_uri(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         filesystem.create_dir(parent, recursive=True)
@@ -37,7 +42,7 @@ def _open_output(uri: str):
 
 
 def _read_bytes(uri: str) -> bytes:
-    filesystem, path = _resolve(uri)
+    filesystem, path = resolve_uri(uri)
     try:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()

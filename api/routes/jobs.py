@@ -11,6 +11,7 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from terarec.core.config import ConfigError, TrainConfig, merge, read_yaml, set_dotted, validate_config
+from terarec.store.snapshot import is_uri
 
 from ..auth import require_token
 from ..ray_cluster import RayUnavailable
@@ -32,7 +33,7 @@ def job_config(body: JobRequest, default_config: str | None, storage: str, job_i
         set_dotted(tree, key, value)
     tree = merge({"run_dir": os.path.join(storage, job_id)}, tree)
     for key in ("run_dir", "data"):
-        if isinstance(tree.get(key), str) and "://" not in tree[key]:
+        if isinstance(tree.get(key), str) and not is_uri(tree[key]):
             tree[key] = os.path.abspath(tree[key])
     return validate_config(tree)
 
