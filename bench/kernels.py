@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
+import timing  # bench/timing.py
 import torch
 import torch.nn.functional as F
 
@@ -43,16 +43,11 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 def median_ms(fn) -> float:
+    """A kernel's time: triton's do_bench on CUDA (L2 flushed between runs), else three host-timed runs."""
     if CUDA:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return timing.median_ms(fn, iters=3)
 
 
 def training_pass(fn, inputs, backward: bool):
@@ -278,20 +273,8 @@ def median_step_ms(model, optimizer, batches, steps: int, precision: str = "fp32
 
     for b in batches:
         step(b)
-    times = []
-    for i in range(steps):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(batches[i % len(batches)])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            step(batches[i % len(batches)])
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    upcoming = itertools.cycle(batches)
+    return timing.median_ms(lambda: step(next(upcoming)), iters=steps, warmup=0)
 
 
 def bench_dlrm_step(batch: int, steps: int) -> dict:
