@@ -1,5 +1,6 @@
-"""Helpers several test files share (not a test file: pytest collects nothing here): a free port, and the
-control plane run as `terarec serve` in a subprocess with the tiny training job it runs once per session."""
+"""Helpers several test files share (not a test file: pytest collects nothing here): a free port, the small
+sharded training job of the Ray tests, and the control plane run as `terarec serve` in a subprocess with the
+tiny training job it runs once per session."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,11 @@ import time
 
 import requests
 
+from terarec.core.config import TrainConfig, load_config
+from terarec.core.resources import unfit_reason
+
 TOKEN = secrets.token_hex(16)
+JOB_STEPS = 6
 
 
 def free_port() -> int:
@@ -20,6 +25,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def job_overrides(workers, **extra) -> list[str]:
+    """--set key=value settings of the small job (also passed to the CLI)."""
+    settings = {"workers": workers, "cpus_per_worker": 0.5, "embedding.dim": 8, "dlrm.bottom_mlp": "[16]",
+                "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam", "embedding.lr": 0.02,
+                "eval_rows": 2000, "log_every": 2, "steps": JOB_STEPS, "batch_size": 240, "seed": 5} | extra
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def job(data, run_dir, workers, **extra) -> TrainConfig:
+    """The small DLRM job of the Ray tests at `workers` (N or "[min,max]"), with `extra` settings; the test
+    skips where this machine can never hold it (2 GPU workers on one GPU)."""
+    import pytest
+    import ray
+
+    config = load_config(overrides=job_overrides(workers, **extra), flags={"data": data, "run_dir": str(run_dir)})
+    reason = unfit_reason(config, ray.cluster_resources())
+    if reason:
+        pytest.skip(f"this machine cannot hold the job: {reason}")
+    return config
 
 
 class ApiServer:

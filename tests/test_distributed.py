@@ -10,32 +10,13 @@ import time
 
 import pytest
 import torch
+from helpers import JOB_STEPS, job, job_overrides
 
 from terarec.core.checkpoints import find_checkpoints, open_checkpoint
-from terarec.core.config import load_config
-from terarec.core.resources import unfit_reason
 from terarec.platform.runner import run_training
 
 pytestmark = pytest.mark.slow
-STEPS, HALF = 6, 3
-
-
-def job_overrides(workers, **extra):
-    settings = {"workers": workers, "cpus_per_worker": 0.5, "embedding.dim": 8, "dlrm.bottom_mlp": "[16]",
-                "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam", "embedding.lr": 0.02,
-                "eval_rows": 2000, "log_every": 2, "steps": STEPS, "batch_size": 240, "seed": 5} | extra
-    return [f"{key}={value}" for key, value in settings.items()]
-
-
-def job(data, run_dir, workers, **extra):
-    """The job's config; the test skips where this machine can never hold it (2 GPU workers on one GPU)."""
-    import ray
-
-    config = load_config(overrides=job_overrides(workers, **extra), flags={"data": data, "run_dir": str(run_dir)})
-    reason = unfit_reason(config, ray.cluster_resources())
-    if reason:
-        pytest.skip(f"this machine cannot hold the job: {reason}")
-    return config
+STEPS, HALF = JOB_STEPS, JOB_STEPS // 2
 
 
 def final_state(metrics):

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("triton")
 
-from helpers import free_port  # noqa: E402
+from helpers import free_port, job  # noqa: E402
 
 from terarec.kernels.comm import GlooCommunicator  # noqa: E402
 from terarec.kernels.quant import (TINY, decode_rows, dequantize_int8_reference, encode_rows,  # noqa: E402
@@ -160,8 +160,6 @@ def test_int8_exchange_equals_fp32_exchange_within_the_bound(world=3):
 
 @pytest.mark.slow
 def test_int8_exchange_trains_like_fp32(ray_cluster, synth_data, tmp_path):
-    from test_distributed import job
-
     from terarec.platform.runner import run_training
 
     fp32 = run_training(job(synth_data, tmp_path / "fp32", 2, steps=40))
