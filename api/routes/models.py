@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
 from terarec.core.data.schema import transform_dense
+from terarec.core.errors import CheckpointError
 
 from ..auth import require_token
 from ..schemas import ModelList, ModelRequest, ModelView, PredictRequest, PredictResponse
@@ -33,7 +34,7 @@ class ServedModels:
     def deploy(self, body: ModelRequest) -> None:
         try:
             self.serve().deploy_model(body.name, body.checkpoint, body.replicas, body.servers)
-        except FileNotFoundError as error:
+        except (CheckpointError, FileNotFoundError) as error:
             raise HTTPException(status_code=422, detail=f"checkpoint {body.checkpoint!r}: {error}") from None
         with self._lock:
             self._handles.pop(body.name, None)
