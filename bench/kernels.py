@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 import timing  # bench/timing.py
+from results import commit  # bench/results.py
 import torch
 import torch.nn.functional as F
 
@@ -334,7 +335,7 @@ def plot(rows: list[dict], path: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    parser.add_argument("--commit", default=commit(), help="default: the checkout's (or TERAREC_COMMIT)")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--steps", type=int, default=20, help="timed DLRM training steps")
