@@ -66,7 +66,8 @@ class ServerRows:
     def lookup_for_update(self, keys: torch.Tensor):
         raise ValueError("serving embeddings are read-only: a serving model runs in eval mode")
 
-    update = lookup_for_update
+    def update(self, lookup, grads: torch.Tensor) -> None:
+        raise ValueError("serving embeddings are read-only")
 
 
 def checkpoint_tag(checkpoint: CheckpointContents) -> str:
