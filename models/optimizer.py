@@ -14,7 +14,16 @@ from .embedding import Embedding
 
 
 class SparseDenseOptimizer:
-    """>>> optimizer = SparseDenseOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3))"""
+    """The dense optimizer, plus the sparse updates of every Embedding in `model`.
+
+    >>> from terarec.models import DLRM, Batch, Embedding
+    >>> from terarec.store import DeviceStore, SparseAdagrad
+    >>> model = DLRM(Embedding(DeviceStore(dim=16, optimizer=SparseAdagrad(lr=0.1))), num_dense=13, num_sparse=26)
+    >>> optimizer = SparseDenseOptimizer(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    >>> batch = Batch(torch.rand(4, 13), torch.randint(0, 100, (4, 26)), torch.ones(4, 1))
+    >>> torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch.labels).backward()
+    >>> optimizer.step()  # the store's rows, then the dense parameters
+    """
 
     def __init__(self, model: nn.Module, dense: torch.optim.Optimizer | None):
         self.embeddings = [module for module in model.modules() if isinstance(module, Embedding)]
