@@ -35,6 +35,11 @@ class SparseDenseOptimizer:
         if self.dense is not None:
             self.dense.step()
 
+    @property
+    def param_groups(self) -> list[dict]:
+        """The dense optimizer's groups (an lr schedule sets their lr)."""
+        return self.dense.param_groups
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.dense is not None:
             self.dense.zero_grad(set_to_none=set_to_none)
