@@ -274,8 +274,7 @@ KILLED = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, sys.argv[3])
     from test_store_tiered import OPTIMIZERS, row_bytes, train
-    from terarec.store.base import Lookup
-from terarec.store import make_store
+    from terarec.store import make_store
     steps = torch.load(sys.argv[2])
     optimizer = OPTIMIZERS["adam"]
     store = make_store("cached_ssd", 8, optimizer, seed=3, cache_bytes=60 * row_bytes(optimizer),
@@ -314,8 +313,7 @@ def test_killed_during_asynchronous_write_back_reopens_at_its_last_snapshot(tmp_
 
 REOPEN = textwrap.dedent("""
     import sys, torch
-    from terarec.store.base import Lookup
-from terarec.store import SparseAdam, make_store
+    from terarec.store import SparseAdam, make_store
     store = make_store("cached_ssd", {dim}, SparseAdam(lr=0.01), seed=3, cache_bytes=4000, path=sys.argv[1])
     keys, values = store.export()
     torch.save({{"keys": keys, "values": values, "step": store.step, "snapshot": store.snapshot_id}}, sys.argv[2])
