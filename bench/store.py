@@ -55,21 +55,21 @@ def ceilings(device: torch.device, rows: int, gather: int) -> dict:
     out = {}
     table = torch.randn(rows, WIDTH, device=device)
     index = torch.randint(0, rows, (gather,), device=device)
-    seconds = median_ms(lambda: table.index_select(0, index), iters=10) / 1e3
+    seconds = median_ms(lambda: table.index_select(0, index), iters=10, device=device) / 1e3
     out["gather_GBps"] = 2 * gather * ROW_BYTES / seconds / 1e9  # read + write
     out["gather_Mrows_s"] = gather / seconds / 1e6
     del table
     if device.type == "cuda":
         host = torch.empty(rows, WIDTH, pin_memory=True).normal_()
         chunk = host[: min(rows, (256 << 20) // ROW_BYTES)]
-        seconds = median_ms(lambda: chunk.to(device, non_blocking=True), iters=10) / 1e3
+        seconds = median_ms(lambda: chunk.to(device, non_blocking=True), iters=10, device=device) / 1e3
         out["h2d_GBps"] = chunk.numel() * 4 / seconds / 1e9
         try:
             from terarec.store.host import HostTable
             mapped = HostTable(WIDTH, device=device, mode="uva")
             mapped.reserve(rows)
             mapped.values.copy_(host)
-            seconds = median_ms(lambda: mapped.read(index), iters=10) / 1e3
+            seconds = median_ms(lambda: mapped.read(index), iters=10, device=device) / 1e3
             out["uva_gather_GBps"] = gather * ROW_BYTES / seconds / 1e9
             out["uva_gather_Mrows_s"] = gather / seconds / 1e6
             assert torch.equal(mapped.read(index[:1000]).cpu(), host[index[:1000].cpu()])

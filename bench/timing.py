@@ -1,6 +1,7 @@
 """The benches' one way to time a call: the median over a fixed number of runs after warm-up runs, in ms.
 
-On CUDA each run is bracketed by CUDA events (device time of the queued work); elsewhere by the host clock.
+On a CUDA device (the default where there is one) each run is bracketed by CUDA events (device time of the
+queued work); on the CPU by the host clock.
 A fixed count (not a time budget) keeps ranks that time collectives in step with each other.
 """
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Callable
 import torch
 
 
-def median_ms(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
+def median_ms(fn: Callable[[], object], iters: int, warmup: int = 1, device: torch.device | str | None = None) -> float:
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        if torch.cuda.is_available():
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
