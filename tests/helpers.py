@@ -1,5 +1,5 @@
 """Helpers several test files share (not a test file: pytest collects nothing here): a free port, the small
-sharded training job of the Ray tests, and the control plane run as `terarec serve` in a subprocess with the
+sharded training job of the Ray tests and how to compare two runs' final states, and the control plane run as `terarec serve` in a subprocess with the
 tiny training job it runs once per session."""
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import sys
 import time
 
 import requests
+import torch
 
+from terarec.core.checkpoints import find_checkpoints, open_checkpoint
 from terarec.core.config import TrainConfig, load_config
 from terarec.core.resources import unfit_reason
 
@@ -46,6 +48,29 @@ def job(data, run_dir, workers, **extra) -> TrainConfig:
     if reason:
         pytest.skip(f"this machine cannot hold the job: {reason}")
     return config
+
+
+def final_state(metrics):
+    """(dense params, keys sorted, values sorted) of the run's final checkpoint."""
+    checkpoint = open_checkpoint(metrics["checkpoint"])
+    keys, values = checkpoint.load_rows().export()
+    return checkpoint.dense_state["model"], keys, values
+
+
+def assert_same_training(a, b):
+    dense_a, keys_a, values_a = a
+    dense_b, keys_b, values_b = b
+    assert dense_a.keys() == dense_b.keys()
+    for name in dense_a:
+        torch.testing.assert_close(dense_a[name], dense_b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert torch.equal(keys_a, keys_b)
+    torch.testing.assert_close(values_a, values_b, rtol=1e-4, atol=1e-5)
+
+
+def checkpoint_at(run_dir, step):
+    checkpoints = find_checkpoints(str(run_dir))
+    assert step in checkpoints, f"no checkpoint at step {step} under {run_dir}: {sorted(checkpoints)}"
+    return checkpoints[step]
 
 
 class ApiServer:

@@ -9,37 +9,13 @@ import threading
 import time
 
 import pytest
-import torch
-from helpers import JOB_STEPS, job, job_overrides
+from helpers import JOB_STEPS, assert_same_training, checkpoint_at, final_state, job, job_overrides
 
-from terarec.core.checkpoints import find_checkpoints, open_checkpoint
+from terarec.core.checkpoints import find_checkpoints
 from terarec.platform.runner import run_training
 
 pytestmark = pytest.mark.slow
 STEPS, HALF = JOB_STEPS, JOB_STEPS // 2
-
-
-def final_state(metrics):
-    """(dense params, keys sorted, values sorted) of the run's final checkpoint."""
-    checkpoint = open_checkpoint(metrics["checkpoint"])
-    keys, values = checkpoint.load_rows().export()
-    return checkpoint.dense_state["model"], keys, values
-
-
-def assert_same_training(a, b):
-    dense_a, keys_a, values_a = a
-    dense_b, keys_b, values_b = b
-    assert dense_a.keys() == dense_b.keys()
-    for name in dense_a:
-        torch.testing.assert_close(dense_a[name], dense_b[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert torch.equal(keys_a, keys_b)
-    torch.testing.assert_close(values_a, values_b, rtol=1e-4, atol=1e-5)
-
-
-def checkpoint_at(run_dir, step):
-    checkpoints = find_checkpoints(str(run_dir))
-    assert step in checkpoints, f"no checkpoint at step {step} under {run_dir}: {sorted(checkpoints)}"
-    return checkpoints[step]
 
 
 @pytest.fixture(scope="module")
