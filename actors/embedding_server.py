@@ -123,7 +123,7 @@ class RecentRows:
 class ServerRows:
     """Row backend over the embedding servers: splits keys by owner, asks each server, reassembles.
 
-    Read-only: `lookup` never inserts (a serving model must not grow its tables) and `update` refuses.
+    Read-only: `lookup` never inserts (a serving model must not grow its tables); there is no training lookup.
     """
 
     def __init__(self, servers: list, num_buckets: int, dim: int, recent: RecentRows | None = None):
@@ -163,7 +163,10 @@ class ServerRows:
             rows[mask] = answer
         return rows
 
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+    def lookup_for_update(self, keys: torch.Tensor):
+        raise ValueError("serving embeddings are read-only: a serving model runs in eval mode")
+
+    def update(self, lookup, grads: torch.Tensor) -> None:
         raise ValueError("serving embeddings are read-only")
 
 

@@ -18,8 +18,8 @@ import torch
 from ray import serve
 from torch import nn
 
-from terarec.models import Batch, Embedding, build_model
-from terarec.models.registry import store_width
+from terarec.models import Batch
+from terarec.core.build import model_from_config, store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.core.config import ServingConfig, StoreConfig
 from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
@@ -29,15 +29,9 @@ from .embedding_server import RecentRows, ServerRows, server_handles, start_serv
 
 def model_from_checkpoint(checkpoint: CheckpointContents, backend) -> nn.Module:
     """The checkpoint's dense model (eval mode) around an Embedding front reading `backend`; built as training builds it."""
-    config = checkpoint.config
-    model = build_model(config.model, Embedding(backend), NUM_DENSE, NUM_SPARSE, config.model_section(),
-                        num_tasks=len(checkpoint.meta["label_columns"]))
+    model = model_from_config(checkpoint.config, backend, num_tasks=len(checkpoint.meta["label_columns"]))
     model.load_state_dict(checkpoint.dense_state["model"])
     return model.eval()
-
-
-def embedding_dim(checkpoint: CheckpointContents) -> int:
-    return checkpoint.meta.get("embedding_dim") or store_width(checkpoint.config.model, checkpoint.config.embedding.dim)
 
 
 @torch.inference_mode()
@@ -62,7 +56,7 @@ class InferenceModel:
     def __init__(self, checkpoint_dir: str, servers: list[str], settings: dict | None = None):
         settings = ServingConfig.model_validate(settings or {})
         checkpoint = open_checkpoint(checkpoint_dir)
-        dim = embedding_dim(checkpoint)
+        dim = store_width(checkpoint.config)
         recent = RecentRows(dim, settings.recent_rows, settings.recent_max_age_s) if settings.recent_rows else None
         self.rows = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], dim, recent)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a replica a GPU only if it asked for one

@@ -20,17 +20,17 @@ import torch.nn.functional as F
 
 from terarec.kernels.comm import Communicator, LocalCommunicator
 from terarec.kernels.precision import autocast, matmul_precision
-from terarec.models import Batch, Embedding, build_model
-from terarec.models.registry import is_multi_task, store_width
-from terarec.core.checkpoints import DENSE_FILE, META_FILE, open_checkpoint, shard_file
+from terarec.models import Batch, SparseDenseOptimizer
+from terarec.core.build import label_columns_for, model_from_config, store_from_config
+from terarec.core.checkpoints import open_checkpoint, save_checkpoint
 from terarec.core.config import TrainConfig
 from terarec.core.data.parquet import open_parquet
+from terarec.core.errors import CheckpointError
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
-from terarec.core.data.schema import DENSE_TRANSFORM, NUM_DENSE, NUM_SPARSE, label_columns_of
+from terarec.core.data.schema import label_columns_of
 from terarec.core.metrics import calibration, log_loss, roc_auc
 from terarec.core.steering import BestTracker, fit_to_data, lr_factor
-from terarec.store import feature_keys, make_sparse_optimizer, save_store
-from terarec.store.factory import make_store
+from terarec.store import feature_keys
 from terarec.store.sharded import BucketMap, ShardedRows
 
 
@@ -66,27 +66,19 @@ class TrainWorker:
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
         self.config = config = fit_to_data(config, count_rows(self.train_files))
-        label_columns = label_columns_of(open_parquet(self.train_files[0]).schema_arrow)
-        # single-task models learn the first label (click); multi-task ones every label column
-        self.label_columns = label_columns if is_multi_task(config.model) else label_columns[:1]
+        self.label_columns = label_columns_for(config, label_columns_of(open_parquet(self.train_files[0]).schema_arrow))
         self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)
 
         torch.manual_seed(config.seed)  # identical dense replicas on every rank
-        dim = store_width(config.model, config.embedding.dim)
-        store_cfg = config.store
-        self.store = make_store(store_cfg.kind, dim, make_sparse_optimizer(config.embedding.optimizer, config.sparse_lr),
-                                seed=config.seed, init_scale=config.embedding.init_scale, device=device,
-                                policy=store_cfg.policy, cache_bytes=store_cfg.cache_bytes,
-                                host_bytes=store_cfg.host_bytes,
-                                path=os.path.join(store_cfg.path, f"rank-{self.rank}") if store_cfg.path else None)
+        self.store = store_from_config(config, device, self.rank)
         self.rows = ShardedRows(self.store, comm, config.embedding.num_buckets,
                                 config.embedding.comm_dtype, config.embedding.grad_comm_dtype)
         backend = self.rows if self.world_size > 1 else self.store
-        self.model = build_model(config.model, Embedding(backend), NUM_DENSE, NUM_SPARSE,
-                                 config.model_section(), num_tasks=len(self.label_columns)).to(device)
+        self.model = model_from_config(config, backend, num_tasks=len(self.label_columns)).to(device)
         self.dense_params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
-        self.optimizer = optimizer_cls[config.dense_optimizer.name](self.dense_params, lr=config.dense_optimizer.lr)
+        self.optimizer = SparseDenseOptimizer(
+            self.model, optimizer_cls[config.dense_optimizer.name](self.dense_params, lr=config.dense_optimizer.lr))
         self.step = 0
         self.last_log = StepLog(0, math.nan, 0.0, 0.0, 0.0)  # the latest log window
         stopping = config.early_stopping
@@ -118,8 +110,7 @@ class TrainWorker:
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
         self._all_reduce_dense_grads()
-        self.model.embedding.apply_gradients()
-        self.optimizer.step()
+        self.optimizer.step()  # the embeddings' sparse updates, then the dense step
         self.step += 1
         return loss.detach()
 
@@ -259,17 +250,8 @@ class TrainWorker:
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self, directory: str) -> None:
         """This rank's shard; rank 0 adds the dense model, the optimizer and the position in the data."""
-        self.store.flush()
-        save_store(self.store, os.path.join(directory, shard_file(self.rank, self.world_size)))
-        if self.rank == 0:
-            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
-                       os.path.join(directory, DENSE_FILE))
-            with open(os.path.join(directory, META_FILE), "w") as stream:
-                json.dump({"step": self.step, "world_size": self.world_size, "model": self.config.model,
-                           "embedding_dim": self.store.dim,
-                           "num_buckets": self.config.embedding.num_buckets,
-                           "label_columns": self.label_columns, "dense_transform": DENSE_TRANSFORM,
-                           "config": self.config.model_dump(mode="json")}, stream, indent=1)
+        save_checkpoint(directory, self.comm, self.device, self.store, self.step, self.config, self.label_columns,
+                        {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     @property
     def best_dir(self) -> str:
@@ -296,7 +278,7 @@ class TrainWorker:
         """Load a checkpoint written by any world size: this rank keeps the keys of the buckets it owns now."""
         checkpoint = open_checkpoint(directory)
         if checkpoint.meta["num_buckets"] != self.config.embedding.num_buckets:
-            raise ValueError(f"checkpoint {directory} has {checkpoint.meta['num_buckets']} buckets; the job has "
+            raise CheckpointError(f"checkpoint {directory} has {checkpoint.meta['num_buckets']} buckets; the job has "
                              f"embedding.num_buckets={self.config.embedding.num_buckets}")
         self.model.load_state_dict(checkpoint.dense_state["model"])
         self.optimizer.load_state_dict(checkpoint.dense_state["optimizer"])

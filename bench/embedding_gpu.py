@@ -23,7 +23,7 @@ import torch
 from kernels import bench_dlrm_step, median_ms  # bench/kernels.py
 from results import RESULTS, device_name, record  # bench/results.py
 from terarec.kernels import gather as kernels_gather
-from terarec.models import Embedding
+from terarec.models import Embedding, SparseDenseOptimizer
 from terarec.store import DeviceStore, IdEncoder, SparseAdagrad, SparseAdam, SparseSGD, feature_keys
 from terarec.store import encoder as store_encoder, optim as store_optim
 
@@ -90,13 +90,14 @@ def main():
     for optimizer in (SparseSGD(lr=0.01), SparseAdagrad(lr=0.01), SparseAdam(lr=0.001)):
         def warm_store():
             store = DeviceStore(DIM, optimizer, device=device, initial_capacity=1 << 21)
-            store.lookup(unique)
-            return lambda: store.update(unique, grads)
+            lookup = store.lookup_for_update(unique)
+            return lambda: store.update(lookup, grads)
         both(f"store.update ({type(optimizer).__name__}), encode included", warm_store, rows, rows_updated=unique.numel())
 
     def warm_embedding(train: bool):
         def make():
             embedding = Embedding(DeviceStore(DIM, SparseSGD(lr=0.01), device=device, initial_capacity=1 << 21))
+            sparse_step = SparseDenseOptimizer(embedding, None)
             for batch in ids:
                 embedding(batch)
             out_grad = torch.randn(args.batch, FEATURES, DIM, device=device)
@@ -106,7 +107,7 @@ def main():
                     with torch.no_grad():
                         return embedding(ids[0])
                 embedding(ids[0]).backward(out_grad)
-                embedding.apply_gradients()
+                sparse_step.step()
             return step
         return make
     both("Embedding forward (no grad)", warm_embedding(False), rows)

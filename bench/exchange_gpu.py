@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 
 import torch
 import torch.distributed as dist
@@ -31,23 +30,10 @@ from terarec.kernels.quant import decode_rows, encode_rows
 from terarec.kernels.triton_quant import dequantize_rows, quantize_rows
 
 from results import record  # bench/results.py
+from timing import median_ms  # bench/timing.py
 
 FEATURES, DIM = 26, 128
 WIRES = ["fp32", "bf16", "int8"]
-
-
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def slowest(ms: float) -> float:
@@ -73,13 +59,13 @@ def run_rank(rank: int, world: int, port: int, args, out) -> None:
             figures = {"samples": samples, "rows": n, "wire": wire, "world": world,
                        "payload_mb": payload.numel() * payload.element_size() / 1e6}
             if wire == "int8":
-                q_ms = slowest(median_ms(lambda: quantize_rows(rows), args.iters))
-                d_ms = slowest(median_ms(lambda: dequantize_rows(payload, DIM), args.iters))
+                q_ms = slowest(median_ms(lambda: quantize_rows(rows), args.iters, warmup=3))
+                d_ms = slowest(median_ms(lambda: dequantize_rows(payload, DIM), args.iters, warmup=3))
                 figures |= {"quantize_ms": q_ms, "quantize_gbs": (rows.numel() * 4 + payload.numel()) / q_ms / 1e6,
                             "dequantize_ms": d_ms, "dequantize_gbs": (rows.numel() * 4 + payload.numel()) / d_ms / 1e6}
-            a2a_ms = slowest(median_ms(lambda: comm.all_to_all(payload, counts), args.iters))
+            a2a_ms = slowest(median_ms(lambda: comm.all_to_all(payload, counts), args.iters, warmup=3))
             exchange_ms = slowest(median_ms(lambda: decode_rows(comm.all_to_all(encode_rows(rows, wire), counts)[0],
-                                                                wire, DIM), args.iters))
+                                                                wire, DIM), args.iters, warmup=3))
             wire_bytes = figures["payload_mb"] * 1e6 * (world - 1) / world
             algbw = figures["payload_mb"] * 1e6 / a2a_ms / 1e6
             figures |= {"wire_mb_per_gpu": wire_bytes / 1e6, "all_to_all_ms": a2a_ms, "algbw_gbs": algbw,

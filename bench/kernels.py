@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
+import timing  # bench/timing.py
+from results import commit  # bench/results.py
 import torch
 import torch.nn.functional as F
 
@@ -43,16 +44,11 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 
 def median_ms(fn) -> float:
+    """A kernel's time: triton's do_bench on CUDA (L2 flushed between runs), else three host-timed runs."""
     if CUDA:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return timing.median_ms(fn, iters=3)
 
 
 def training_pass(fn, inputs, backward: bool):
@@ -250,14 +246,14 @@ def bench_gather(table: Table, batch: int, use_compile: bool):
 
 def dlrm_at_criteo_shapes(batch: int):
     """DLRM 13-512-256-128 / 480-1024-1024-512-256-1 over a DeviceStore (26 features x 128), SGD, and 4 batches."""
-    from terarec.models import DLRM, Batch, DLRMConfig, Embedding
+    from terarec.models import DLRM, Batch, DLRMConfig, Embedding, SparseDenseOptimizer
     from terarec.store import DeviceStore, SparseSGD
 
     torch.manual_seed(0)
     embedding = Embedding(DeviceStore(dim=128, optimizer=SparseSGD(lr=0.01), device=DEVICE,
                                       initial_capacity=1 << 21))
     model = DLRM(embedding, 13, 26, DLRMConfig(bottom_mlp=[512, 256], top_mlp=[1024, 1024, 512, 256])).to(DEVICE)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer = SparseDenseOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.01))
     vocab = 40_000
     batches = [Batch(torch.randn(batch, 13, device=DEVICE), torch.randint(0, vocab, (batch, 26), device=DEVICE),
                      torch.randint(0, 2, (batch, 1), device=DEVICE).float()) for _ in range(4)]
@@ -274,25 +270,12 @@ def median_step_ms(model, optimizer, batches, steps: int, precision: str = "fp32
             with autocast(precision, device):
                 logits = model(b).float()
             F.binary_cross_entropy_with_logits(logits, b.labels).backward()
-            model.embedding.apply_gradients()
             optimizer.step()
 
     for b in batches:
         step(b)
-    times = []
-    for i in range(steps):
-        if CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(batches[i % len(batches)])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            step(batches[i % len(batches)])
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    upcoming = itertools.cycle(batches)
+    return timing.median_ms(lambda: step(next(upcoming)), iters=steps, warmup=0)
 
 
 def bench_dlrm_step(batch: int, steps: int) -> dict:
@@ -352,7 +335,7 @@ def plot(rows: list[dict], path: Path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--commit", default=os.environ.get("GIT_COMMIT", "unknown"))
+    parser.add_argument("--commit", default=commit(), help="default: the checkout's (or TERAREC_COMMIT)")
     parser.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--steps", type=int, default=20, help="timed DLRM training steps")

@@ -32,7 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from results import RESULTS, device_name, record  # bench/results.py
-from store import ZipfIds, timed  # bench/store.py
+from store import ZipfIds  # bench/store.py
+from timing import median_ms  # bench/timing.py
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config
 from terarec.core.cost_model import (LINK_EFFICIENCY, WIRES, DeviceCosts, Fabric, KeyDistribution, Link,
@@ -113,7 +114,7 @@ def measure_device(worker: TrainWorker, batches: list, precisions: list[str], re
         try:
             for backend, out in ((worker.store, step), (served, dense)):
                 with row_backend(worker, backend):
-                    out[precision] = 1e3 * timed(cycle_steps(worker, batches, precision), device, repeats)
+                    out[precision] = median_ms(cycle_steps(worker, batches, precision), iters=repeats, device=device)
         except Exception as error:  # noqa: BLE001 (a kernel without bf16 must not cost the fp32 figures)
             failed[precision] = f"{type(error).__name__}: {error}"[:500]
             dense.pop(precision, None)
@@ -123,13 +124,13 @@ def measure_device(worker: TrainWorker, batches: list, precisions: list[str], re
     def lookup_update(rows):
         def run():
             k = next(key_cycle)
-            rows.lookup(k)
-            rows.update(k, grads[: k.numel()])
+            rows.update(rows.lookup_for_update(k), grads[: k.numel()])
         return run
-    store_ms = 1e3 * timed(lookup_update(worker.store), device, repeats)
-    sharded_ms = 1e3 * timed(lookup_update(worker.rows), device, repeats)  # ShardedRows over a world of one
+    store_ms = median_ms(lookup_update(worker.store), iters=repeats, device=device)
+    sharded_ms = median_ms(lookup_update(worker.rows), iters=repeats, device=device)  # ShardedRows over a world of one
     rows = torch.randn(unique, worker.store.dim, device=device)
-    codec = {wire: 2e3 * timed(lambda: decode_rows(encode_rows(rows, wire), wire, rows.shape[1]), device, repeats)
+    codec = {wire: 2 * median_ms(lambda: decode_rows(encode_rows(rows, wire), wire, rows.shape[1]), iters=repeats,
+                                   device=device)
              for wire in WIRES}  # rows out and gradients back
     codec = {wire: ms - codec["fp32"] for wire, ms in codec.items()}  # fp32 is the store's own format
     costs = DeviceCosts(device_name(), batches[0].dense.shape[0], worker.store.dim, unique,
@@ -213,8 +214,7 @@ def wire_rank(rank: int, world: int, port: int, settings: dict, out) -> None:
             rows = ShardedRows(DeviceStore(settings["dim"], SparseSGD()), comm, 4096, wire, wire)
             comm.to_self = comm.to_peers = 0
             keys = torch.unique(feature_keys(ids.batch(batch).sparse))
-            rows.lookup(keys)
-            rows.update(keys, torch.randn(keys.numel(), settings["dim"]))
+            rows.update(rows.lookup_for_update(keys), torch.randn(keys.numel(), settings["dim"]))
             cell = {"batch": batch, "zipf": exponent, "wire": wire, "unique_keys": keys.numel(),
                     "bytes_sent": rows.stats.bytes_sent, "to_self": comm.to_self, "to_peers": comm.to_peers}
             cell["global_unique"] = torch.unique(torch.cat(comm.all_gather(keys))).numel()
@@ -271,7 +271,7 @@ def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[
     for nbytes in sizes:
         payload = torch.zeros(nbytes // 4 // world * world)
         counts = [payload.numel() // world] * world
-        seconds = timed(lambda: comm.all_to_all(payload, counts), torch.device("cpu"), repeats)
+        seconds = median_ms(lambda: comm.all_to_all(payload, counts), iters=repeats, device="cpu") / 1e3
         slowest = torch.tensor([seconds])
         comm.all_reduce(slowest)  # the sum; the mean over workers is what one all-to-all takes
         points.append((payload.numel() * 4 * (world - 1) / world, slowest.item() / world))
@@ -301,8 +301,8 @@ def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, o
         dist.barrier()
         latency, bandwidth = all_to_all_fit(comm.inner, settings["link_sizes"], repeats)
         worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers, comm.waited = 0, 0.0, 0, 0.0
-        step_s = timed(step, torch.device("cpu"), repeats)
-        steps = repeats + 1  # timed() warms up once
+        step_s = median_ms(step, iters=repeats, device="cpu") / 1e3
+        steps = repeats + 1  # median_ms warms up once
         rounds.append({"costs": measured["costs"], "alone_step_ms": measured["step_ms"]["fp32"],
                        "latency_s": latency, "bytes_per_s": bandwidth, "step_ms": 1e3 * step_s,
                        "exchange_ms": 1e3 * (worker.rows.stats.seconds - comm.waited) / steps,

@@ -27,7 +27,7 @@ from terarec.core.data.schema import SPARSE_COLUMNS
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
 from terarec.kernels.comm import LocalCommunicator
-from terarec.models.registry import MODELS, is_multi_task
+from terarec.models.registry import MODELS
 
 from results import RESULTS, record  # bench/results.py
 from zoo_cpu import DeepCTR, configs, load  # bench/zoo_cpu.py: the peer harness
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
-    parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not is_multi_task(name)])
+    parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not MODELS[name].multi_task])
     parser.add_argument("--peers", nargs="*", default=list(PEER_MODELS), choices=PEER_MODELS)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()

@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from results import record
-from terarec.models import DLRM, Batch, DLRMConfig, Embedding
+from results import commit, record
+from timing import median_ms
+from terarec.models import DLRM, Batch, DLRMConfig, Embedding, SparseDenseOptimizer
 from terarec.store import DeviceStore, SparseAdagrad, SparseSGD, feature_keys, make_store
 from terarec.store.cache import METADATA_BYTES_PER_SLOT
 
@@ -49,40 +49,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeat: int) -> float:
-    """Median seconds of fn() over `repeat` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 # -- ceilings -------------------------------------------------------------------------------------------
 
 def ceilings(device: torch.device, rows: int, gather: int) -> dict:
     out = {}
     table = torch.randn(rows, WIDTH, device=device)
     index = torch.randint(0, rows, (gather,), device=device)
-    seconds = timed(lambda: table.index_select(0, index), device, 10)
+    seconds = median_ms(lambda: table.index_select(0, index), iters=10, device=device) / 1e3
     out["gather_GBps"] = 2 * gather * ROW_BYTES / seconds / 1e9  # read + write
     out["gather_Mrows_s"] = gather / seconds / 1e6
     del table
     if device.type == "cuda":
         host = torch.empty(rows, WIDTH, pin_memory=True).normal_()
         chunk = host[: min(rows, (256 << 20) // ROW_BYTES)]
-        seconds = timed(lambda: chunk.to(device, non_blocking=True), device, 10)
+        seconds = median_ms(lambda: chunk.to(device, non_blocking=True), iters=10, device=device) / 1e3
         out["h2d_GBps"] = chunk.numel() * 4 / seconds / 1e9
         try:
             from terarec.store.host import HostTable
             mapped = HostTable(WIDTH, device=device, mode="uva")
             mapped.reserve(rows)
             mapped.values.copy_(host)
-            seconds = timed(lambda: mapped.read(index), device, 10)
+            seconds = median_ms(lambda: mapped.read(index), iters=10, device=device) / 1e3
             out["uva_gather_GBps"] = gather * ROW_BYTES / seconds / 1e9
             out["uva_gather_Mrows_s"] = gather / seconds / 1e6
             assert torch.equal(mapped.read(index[:1000]).cpu(), host[index[:1000].cpu()])
@@ -174,8 +161,7 @@ def store_throughput(store, device: torch.device, universe: int, batch: int, ste
         store.lookup(keys[start:start + batch])
     batches = [keys[torch.randperm(universe, device=device)[:batch]] for _ in range(steps + 2)]
     for b in batches[:2]:  # steady state
-        store.lookup(b)
-        store.update(b, grads)
+        store.update(store.lookup_for_update(b), grads)
     if cold_path is not None:
         store.flush()
         for chunk in cold_path.glob("chunk-*"):
@@ -184,8 +170,7 @@ def store_throughput(store, device: torch.device, universe: int, batch: int, ste
     sync(device)
     start = time.perf_counter()
     for b in batches[2:]:
-        store.lookup(b)
-        store.update(b, grads)
+        store.update(store.lookup_for_update(b), grads)
     sync(device)
     seconds = (time.perf_counter() - start) / steps
     after = store.metrics()
@@ -262,8 +247,7 @@ def compile_variants(store, keys: torch.Tensor) -> None:
     specialization of the store's kernels (integer sizes divisible by 16 or not) compiles before timing."""
     size = (keys.numel() - 1) // 16 * 16
     for part in (keys[:size], keys[: size + 1]):
-        store.lookup(part)
-        store.update(part, torch.zeros(part.numel(), store.dim, device=part.device))
+        store.update(store.lookup_for_update(part), torch.zeros(part.numel(), store.dim, device=part.device))
 
 
 def dlrm_run(store, device: torch.device, ids, batch: int, warm_batches: int, steps: int,
@@ -274,15 +258,14 @@ def dlrm_run(store, device: torch.device, ids, batch: int, warm_batches: int, st
     The model is bench/kernels.py's DLRM (STEP_MODEL). Each step is timed by CUDA events where there is a
     GPU: `step_ms` is the median (what the step bench reports), `samples_s` counts the whole timed span."""
     model = DLRM(Embedding(store), num_dense=13, num_sparse=26, config=STEP_MODEL).to(device)
-    dense_opt = dense_optimizer(model.parameters(), lr=dense_lr)
+    optimizer = SparseDenseOptimizer(model, dense_optimizer(model.parameters(), lr=dense_lr))
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step(b: Batch) -> torch.Tensor:
-        dense_opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(b), b.labels)
         loss.backward()
-        dense_opt.step()
-        model.embedding.apply_gradients()
+        optimizer.step()
         return loss
 
     for start in range(0, warm_batches, 8):
@@ -370,7 +353,7 @@ def main() -> None:
     batch = 1 << (11 if q else 17)
     steps = 4 if q else 12
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or _git_commit(),
+    result = {"device": name, "date": datetime.date.today().isoformat(), "commit": args.commit or commit(),
               "torch": torch.__version__, "dim": DIM, "optimizer": "adagrad", "row_bytes": ROW_BYTES,
               "cache_rows": cache_rows, "batch_unique_keys": batch}
     t0 = time.perf_counter()
@@ -459,13 +442,6 @@ def dlrm_table(m: dict) -> list[str]:
                      + (f"{r['host_cache_hit_rate']:.1%}" if "host_cache_hit_rate" in r else "-")
                      + f" | {r.get('index_bytes_per_row', 0.0):.0f} |")
     return lines
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _fmt(row: dict) -> str:

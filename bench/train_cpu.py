@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from terarec.models import DLRM, DLRMConfig, Embedding
+from terarec.models import DLRM, DLRMConfig, Embedding, SparseDenseOptimizer
 from terarec.models.dlrm import INTERACTION_PAD_TO
 from terarec.kernels.interaction import dot_interaction_reference, interaction_output_dim
 from terarec.core.data.reader import BatchReader, list_split_files
@@ -98,13 +98,12 @@ def main() -> None:
 
     store = DeviceStore(args.dim, SparseAdagrad(lr=0.05))
     ours = DLRM(Embedding(store), 13, 26, config)
-    ours_opt = torch.optim.Adam(ours.parameters(), lr=1e-3)
+    ours_opt = SparseDenseOptimizer(ours, torch.optim.Adam(ours.parameters(), lr=1e-3))
 
     def ours_step(batch):
         loss = loss_fn(ours(batch), batch.labels)
         ours_opt.zero_grad()
         loss.backward()
-        ours.embedding.apply_gradients()
         ours_opt.step()
 
     distinct = int(max(torch.unique(b.sparse[:, f]).numel() for f in range(26) for b in batches[:1]))

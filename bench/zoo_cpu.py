@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from terarec.models import (Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, PNNConfig, XDeepFMConfig,
-                            build_model, model_spec)
+from terarec.models import (Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, PNNConfig,
+                            SparseDenseOptimizer, XDeepFMConfig, build_model, model_spec)
 from terarec.core.data.reader import BatchReader, list_split_files
-from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
 from terarec.store import DeviceStore, SparseAdagrad
@@ -74,17 +74,15 @@ class Terarec:
     """A zoo model over a DeviceStore: Adagrad on the store's rows, Adam on the dense parameters."""
 
     def __init__(self, name, config, dim: int, sparse_lr: float, dense_lr: float):
-        width = getattr(model_spec(name).cls, "embedding_width", lambda d: d)(dim)
-        self.store = DeviceStore(width, SparseAdagrad(lr=sparse_lr))
-        self.model = build_model(name, Embedding(self.store), len(DENSE_COLUMNS), len(SPARSE_COLUMNS), config)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=dense_lr)
+        self.store = DeviceStore(model_spec(name).store_width(dim), SparseAdagrad(lr=sparse_lr))
+        self.model = build_model(name, Embedding(self.store), NUM_DENSE, NUM_SPARSE, config)
+        self.optimizer = SparseDenseOptimizer(self.model, torch.optim.Adam(self.model.parameters(), lr=dense_lr))
 
     def step(self, batch: Batch) -> None:
         self.model.train()
         loss = F.binary_cross_entropy_with_logits(self.model(batch), batch.labels)
         self.optimizer.zero_grad()
         loss.backward()
-        self.model.embedding.apply_gradients()
         self.optimizer.step()
 
     def scores(self, batch: Batch) -> torch.Tensor:

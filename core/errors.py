@@ -4,3 +4,7 @@ plane answers it with a 4xx; a Ray worker that raises it has its message carried
 
 class UserError(Exception):
     """Anything the user can fix: the message says what was wrong and what to change."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, or has a file that fails its checksum."""

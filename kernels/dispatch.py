@@ -1,14 +1,17 @@
 """When to run a fused GPU kernel instead of the torch reference, and in which precision.
 
-Under `torch.autocast` every op here computes in the autocast dtype, fused or
-not: `autocast_inputs` casts its floating inputs first, as autocast casts a
-matmul's operands. The casts are autograd ops, so fp32 master weights get fp32
-gradients, and each fused kernel sees one dtype in its forward and backward.
+Fused kernels run on CUDA tensors by default, or as a `fused_kernels(...)` block says (tests run them on CPU
+tensors that way, in Triton's interpreter). Under `torch.autocast` every op here computes in the autocast
+dtype, fused or not: `autocast_inputs` casts its floating inputs first, as autocast casts a matmul's operands.
+The casts are autograd ops, so fp32 master weights get fp32 gradients, and each fused kernel sees one dtype in
+its forward and backward.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import torch
 
@@ -22,8 +25,26 @@ def triton_available() -> bool:
     return True
 
 
+_forced: bool | None = None  # set inside a fused_kernels block
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block every dispatcher takes the fused kernels (for CPU tensors too) or, with False, the
+    torch references, whatever the device and TERAREC_FUSED say."""
+    global _forced
+    previous, _forced = _forced, enabled
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def use_fused(tensor: torch.Tensor) -> bool:
-    """Fused kernels run on CUDA tensors when Triton is installed, unless TERAREC_FUSED=0."""
+    """Fused kernels run on CUDA tensors when Triton is installed, unless TERAREC_FUSED=0 or a
+    `fused_kernels` block decides."""
+    if _forced is not None:
+        return _forced and triton_available()
     return tensor.is_cuda and triton_available() and os.environ.get("TERAREC_FUSED", "1") != "0"
 
 

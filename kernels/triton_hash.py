@@ -24,16 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-EMPTY_KEY = -(2**63)  # the free-cell marker; the same as terarec.store.keys.EMPTY_KEY
+from .hashing import EMPTY_KEY, GOLDEN, MIX1, MIX2
+
 BLOCK = 256
+_GOLDEN, _MIX1, _MIX2 = tl.constexpr(GOLDEN), tl.constexpr(MIX1), tl.constexpr(MIX2)
 
 
 @triton.jit
 def _splitmix64(x):
-    """terarec.store.keys.splitmix64 on int64 keys, in uint64 arithmetic."""
-    z = x.to(tl.uint64, bitcast=True) + 0x9E3779B97F4A7C15
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    """terarec.kernels.hashing.splitmix64 on int64 keys, in uint64 arithmetic."""
+    z = x.to(tl.uint64, bitcast=True) + _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
     return (z ^ (z >> 31)).to(tl.int64, bitcast=True)
 
 

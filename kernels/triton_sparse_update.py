@@ -10,14 +10,12 @@ root are rounded like torch's.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 BLOCK_M = 32
-KINDS = {"SparseSGD": 0, "SparseAdagrad": 1, "SparseAdam": 2}
+KINDS = {"sgd": 0, "adagrad": 1, "adam": 2}
 
 
 @triton.jit(do_not_specialize=["n"])  # varies per call: no variant per size % 16
@@ -49,23 +47,19 @@ def _sparse_update(values_ptr, slots_ptr, grads_ptr, n, stride, lr, eps, keep1, 
     tl.store(row_ptrs, weights, mask=mask)
 
 
-def sparse_update_(values: torch.Tensor, slots: torch.Tensor, grads: torch.Tensor, optimizer, step: int) -> None:
+def sparse_update_(values: torch.Tensor, slots: torch.Tensor, grads: torch.Tensor, kind: str, lr: float,
+                   eps: float = 0.0, keep1: float = 0.0, keep2: float = 0.0) -> None:
     """Launcher: values [capacity, value_width] fp32 (updated in place), slots [N] unique, grads [N, dim] fp32.
 
-    `optimizer` is one of terarec.store.optim's dataclasses (read by its class name and fields); `step` is the
-    store's global step count (Adam's bias correction).
+    kind: "sgd", "adagrad" or "adam"; for Adam, `lr` is the bias-corrected step size and keep1, keep2 are
+    1 - beta1, 1 - beta2 (what terarec.store.optim's `fused_args(step)` gives).
     """
-    kind = KINDS.get(type(optimizer).__name__)
-    if kind is None:
-        raise TypeError(f"no fused update for {type(optimizer).__name__}; use one of {sorted(KINDS)}")
+    if kind not in KINDS:
+        raise ValueError(f"no fused update for optimizer kind {kind!r}; use one of {sorted(KINDS)}")
     n, dim = grads.shape
     if n == 0:
         return
-    lr, eps, keep1, keep2 = optimizer.lr, getattr(optimizer, "eps", 0.0), 0.0, 0.0
-    if kind == 2:
-        lr = optimizer.lr * math.sqrt(1 - optimizer.beta2**step) / (1 - optimizer.beta1**step)
-        keep1, keep2 = 1 - optimizer.beta1, 1 - optimizer.beta2
     assert values.stride(1) == 1 and values.dtype == torch.float32
     _sparse_update[(triton.cdiv(n, BLOCK_M),)](values, slots.contiguous(), grads.contiguous(), n, values.stride(0),
-                                               lr, eps, keep1, keep2, dim, kind, BLOCK_M=BLOCK_M,
+                                               lr, eps, keep1, keep2, dim, KINDS[kind], BLOCK_M=BLOCK_M,
                                                BLOCK_D=triton.next_power_of_2(dim))

@@ -23,16 +23,11 @@ class FirstOrderRows(nn.Module):
     (with the global bias): [B, 1].
     """
 
-    @classmethod
-    def embedding_width(cls, dim: int) -> int:
-        """Store row width for embedding vectors of `dim`: one more for the first-order weight."""
-        return dim + 1
-
     def __init__(self, embedding: Embedding, num_dense: int):
         super().__init__()
         if embedding.dim < 2:
-            raise ValueError(f"{type(self).__name__} stores [weight | vector] rows, so the store dim must be "
-                             f"embedding_width(dim) = dim + 1 >= 2, got {embedding.dim}")
+            raise ValueError(f"{type(self).__name__} stores [weight | vector] rows, so the store row width must be "
+                             f"embedding.dim + 1 >= 2, got {embedding.dim}")
         self.embedding = embedding
         self.dim = embedding.dim - 1
         self.dense_linear = nn.Linear(num_dense, 1)

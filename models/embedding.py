@@ -1,9 +1,10 @@
 """The Embedding front: raw sparse IDs in, `[B, F, D]` rows out, gradients back to the store.
 
 The rows live outside torch's parameters (in a store, or spread over workers);
-the forward reads the unique keys' rows into a leaf tensor, and
-`apply_gradients` hands that tensor's gradient (already summed per unique key
-by autograd) to the store's sparse optimizer. On CUDA the rows are spread to
+a training forward reads the unique keys' rows into a leaf tensor and keeps the
+backend's `Lookup` handle; `SparseDenseOptimizer.step` (models/optimizer.py)
+hands that tensor's gradient (already summed per unique key by autograd) with
+the handle to the store's sparse optimizer. On CUDA the rows are spread to
 `[B, F, D]` by the 16-byte-load gather kernel, whose backward is the per-key
 gradient reduction. Under autocast the gather emits rows in its dtype (bf16 for
 the dense part) while the rows and their gradients stay fp32.
@@ -17,6 +18,7 @@ from torch import nn
 
 from terarec.kernels.dispatch import autocast_dtype
 from terarec.kernels.gather import gather_rows
+from terarec.store.base import Lookup
 from terarec.store.keys import feature_keys
 
 
@@ -27,7 +29,9 @@ class RowBackend(Protocol):
 
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor: ...
 
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None: ...
+    def lookup_for_update(self, keys: torch.Tensor) -> Lookup: ...
+
+    def update(self, lookup: Lookup, grads: torch.Tensor) -> None: ...
 
 
 class Embedding(nn.Module):
@@ -43,22 +47,24 @@ class Embedding(nn.Module):
         super().__init__()
         self.backend = backend
         self.dim = backend.dim
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[Lookup, torch.Tensor]] = []  # (handle, leaf rows) of each training forward
 
     def forward(self, sparse_ids: torch.Tensor) -> torch.Tensor:
         keys = feature_keys(sparse_ids)
         unique_keys, inverse = torch.unique(keys, return_inverse=True)
-        rows = self.backend.lookup(unique_keys, insert=self.training).detach()
         if self.training and torch.is_grad_enabled():
-            rows.requires_grad_(True)
-            self._pending.append((unique_keys, rows))
+            lookup = self.backend.lookup_for_update(unique_keys)
+            rows = lookup.rows.detach().requires_grad_(True)
+            self._pending.append((lookup, rows))
+        else:
+            rows = self.backend.lookup(unique_keys, insert=self.training)
         return gather_rows(rows, inverse, autocast_dtype(rows))
 
     def apply_gradients(self) -> None:
-        """Send the gradients of every forward since the last call to the store's optimizer."""
-        for unique_keys, rows in self._pending:
-            grads = rows.grad if rows.grad is not None else torch.zeros_like(rows)
-            self.backend.update(unique_keys, grads)
+        """Send the gradients of every training forward since the last call to the store's optimizer, in
+        forward order (sharded rows: collectives). `SparseDenseOptimizer.step` calls it."""
+        for lookup, rows in self._pending:
+            self.backend.update(lookup, rows.grad if rows.grad is not None else torch.zeros_like(rows))
         self._pending.clear()
 
     def extra_repr(self) -> str:

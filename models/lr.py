@@ -16,8 +16,6 @@ class LRConfig(BaseModel):
 class LogisticRegression(nn.Module):
     """logit = w . dense + sum_f weight(feature f, id) + b; the sparse weights are dim-1 store rows."""
 
-    embedding_dim = 1
-
     def __init__(self, embedding: Embedding, num_dense: int, num_sparse: int, config: LRConfig = LRConfig()):
         super().__init__()
         if embedding.dim != 1:

@@ -30,8 +30,6 @@ class MMoE(nn.Module):
     task t: g_t = softmax(W_t x) [B, E], y_t = tower_t(sum_i g_t,i e_i(x)) [B, 1].
     """
 
-    multi_task = True
-
     def __init__(self, embedding: Embedding, num_dense: int, num_sparse: int, config: MMoEConfig = MMoEConfig(),
                  num_tasks: int = 1):
         super().__init__()

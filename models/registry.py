@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from pydantic import BaseModel
 from torch import nn
@@ -16,23 +17,43 @@ from .pnn import PNN, PNNConfig
 from .xdeepfm import XDeepFM, XDeepFMConfig
 
 
+def same_width(dim: int) -> int:
+    return dim
+
+
+def first_order_width(dim: int) -> int:
+    """[w_i | v_i] rows: one more column for the first-order weight (see `FirstOrderRows`)."""
+    return dim + 1
+
+
 @dataclass(frozen=True)
 class ModelSpec:
+    """Everything the rest of terarec knows about one zoo model."""
+
     cls: type[nn.Module]
     config: type[BaseModel]
-    embedding_dim: int | None = None  # fixed by the model (LR: 1); None means the job's embedding.dim
     sparse_lr: float = 0.05  # the default embedding.lr for this model
+    store_width: Callable[[int], int] = same_width  # store row width for the job's embedding.dim
+    multi_task: bool = False  # learns every label column (one logit each); else the first (click)
+
+    def build(self, embedding: Embedding, num_dense: int, num_sparse: int, config: BaseModel | None = None,
+              num_tasks: int = 1) -> nn.Module:
+        """The model around an Embedding front; `num_tasks` reaches multi-task models only."""
+        config = config if config is not None else self.config()
+        if self.multi_task:
+            return self.cls(embedding, num_dense, num_sparse, config, num_tasks=num_tasks)
+        return self.cls(embedding, num_dense, num_sparse, config)
 
 
 MODELS: dict[str, ModelSpec] = {
     "dlrm": ModelSpec(DLRM, DLRMConfig, sparse_lr=0.2),
-    "lr": ModelSpec(LogisticRegression, LRConfig, embedding_dim=1, sparse_lr=0.1),
-    "deepfm": ModelSpec(DeepFM, DeepFMConfig),
-    "xdeepfm": ModelSpec(XDeepFM, XDeepFMConfig),
+    "lr": ModelSpec(LogisticRegression, LRConfig, sparse_lr=0.1, store_width=lambda dim: 1),
+    "deepfm": ModelSpec(DeepFM, DeepFMConfig, store_width=first_order_width),
+    "xdeepfm": ModelSpec(XDeepFM, XDeepFMConfig, store_width=first_order_width),
     "dcn": ModelSpec(DCN, DCNConfig),
     "dcnv2": ModelSpec(DCN, DCNv2Config),
     "pnn": ModelSpec(PNN, PNNConfig),
-    "mmoe": ModelSpec(MMoE, MMoEConfig, sparse_lr=0.03),
+    "mmoe": ModelSpec(MMoE, MMoEConfig, sparse_lr=0.03, multi_task=True),
 }
 
 
@@ -42,25 +63,7 @@ def model_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def store_width(name: str, dim: int) -> int:
-    """Row width the store must hold for model `name` at embedding.dim = dim: fixed (LR: 1),
-    the model's own `embedding_width(dim)` (DeepFM: dim + 1 for the first-order weight), or dim."""
-    spec = model_spec(name)
-    if spec.embedding_dim is not None:
-        return spec.embedding_dim
-    width = getattr(spec.cls, "embedding_width", None)
-    return width(dim) if width else dim
-
-
-def is_multi_task(name: str) -> bool:
-    return bool(getattr(model_spec(name).cls, "multi_task", False))
-
-
 def build_model(name: str, embedding: Embedding, num_dense: int, num_sparse: int,
                 config: BaseModel | None = None, num_tasks: int = 1) -> nn.Module:
-    """A zoo model around an Embedding front. Multi-task models take `num_tasks`."""
-    spec = model_spec(name)
-    config = config if config is not None else spec.config()
-    if is_multi_task(name):
-        return spec.cls(embedding, num_dense, num_sparse, config, num_tasks=num_tasks)
-    return spec.cls(embedding, num_dense, num_sparse, config)
+    """A zoo model by name around an Embedding front. Multi-task models take `num_tasks`."""
+    return model_spec(name).build(embedding, num_dense, num_sparse, config, num_tasks)

@@ -22,7 +22,8 @@ from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE
 from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for
 from terarec.core.errors import UserError
 from terarec.models import Embedding
-from terarec.models.registry import build_model, store_width
+from terarec.core.build import store_width
+from terarec.models.registry import build_model
 from terarec.store import DeviceStore, feature_keys, make_sparse_optimizer
 
 DEFAULT_INPUTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "scale_model.json"
@@ -102,7 +103,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if not rows or rows < 1:
         raise UserError(f"how many rows? {config.data}/meta.json has no cardinalities: give --rows (e.g. --rows 1e9)")
     measured, source = read_costs(args.inputs)
-    dim = store_width(config.model, config.embedding.dim)
+    dim = store_width(config)
     optimizer = make_sparse_optimizer(config.embedding.optimizer, config.sparse_lr)
     model = build_model(config.model, Embedding(DeviceStore(dim, optimizer)), NUM_DENSE, NUM_SPARSE, config.model_section())
     dense_params = sum(p.numel() for p in model.parameters())

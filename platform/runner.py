@@ -16,6 +16,7 @@ from terarec.core.data.reader import count_rows, list_split_files
 from terarec.core.errors import UserError
 from terarec.core.resources import ResourceError, unfit_reason, unreachable_reason, uses_gpu, worker_resources
 from terarec.core.steering import fit_to_data, plan_notes
+from terarec.store.snapshot import is_uri
 from .plots import plot_curve
 
 RAY_LOG, ERROR_LOG = "ray.log", "error.log"  # in RUN_DIR: Ray's log of the job's processes; a failure's traceback
@@ -123,7 +124,7 @@ def run_training(config: TrainConfig) -> dict:
     except OSError as error:
         raise ConfigError(f"run_dir {run_dir}: cannot create it ({error.strerror}); give a writable directory") from None
     config = config.model_copy(update={"run_dir": run_dir,
-                                       "data": config.data if "://" in config.data else os.path.abspath(config.data)})
+                                       "data": config.data if is_uri(config.data) else os.path.abspath(config.data)})
     loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(), "launched_at": launched_at,
                    "resume_dir": resume_checkpoint(run_dir, config.resume_from) if config.resume_from else None}
 
@@ -132,7 +133,7 @@ def run_training(config: TrainConfig) -> dict:
         dashboard = connect_ray(config.ray_address)
         copies.result()
     if dashboard:
-        print(f"[terarec] Ray dashboard: {dashboard if '://' in dashboard else 'http://' + dashboard}")
+        print(f"[terarec] Ray dashboard: {dashboard if is_uri(dashboard) else 'http://' + dashboard}")
     per_worker, use_gpu = worker_request(config)
     workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
     trainer = TorchTrainer(
@@ -165,7 +166,7 @@ def run_training(config: TrainConfig) -> dict:
 def _prepare_column_copies(files: list[str]) -> None:
     from terarec.core.data.columns import open_all_columns
 
-    if not any("://" in path for path in files):  # URIs are read as parquet
+    if not any(is_uri(path) for path in files):  # URIs are read as parquet
         for column_file in open_all_columns(files, os.cpu_count() or 1):
             column_file.close()
 

@@ -1,17 +1,29 @@
 """The interface of one shard's embedding store, shared by every storage option.
 
 A store maps 64-bit keys to rows of `dim` floats with their optimizer state.
-`lookup` inserts unseen keys with rows that depend only on (seed, key);
-`update` applies the sparse optimizer to the rows of the given keys.
+`lookup` reads rows, inserting unseen keys with rows that depend only on (seed, key);
+`lookup_for_update` reads them for training and returns a `Lookup`, the handle
+its `update` takes to apply the sparse optimizer to those same rows.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .keys import initial_rows
 from .optim import SparseOptimizer, initial_state
+
+
+@dataclass
+class Lookup:
+    """A training lookup's rows and what its update needs to find them again."""
+
+    keys: torch.Tensor  # [N] unique keys
+    rows: torch.Tensor  # [N, dim]
+    where: Any = None   # the backend's own record of where the rows are (a DeviceStore's slots, a sharded route)
 
 
 class EmbeddingStore(ABC):
@@ -39,9 +51,13 @@ class EmbeddingStore(ABC):
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
         """[N] unique keys -> [N, dim] rows. Unseen keys are inserted, or read as zeros with insert=False."""
 
+    def lookup_for_update(self, keys: torch.Tensor) -> Lookup:
+        """lookup(keys, insert=True), with the handle `update` takes."""
+        return Lookup(keys, self.lookup(keys))
+
     @abstractmethod
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
-        """Apply one optimizer step to the rows of [N] unique keys with grads [N, dim] (summed per key)."""
+    def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
+        """Apply one optimizer step to the rows of a `lookup_for_update` with grads [N, dim] (summed per key)."""
 
     @abstractmethod
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 
 from terarec.kernels.gather import gather_rows
 
-from .base import EmbeddingStore
+from .base import EmbeddingStore, Lookup
 from .encoder import IdEncoder
 from .optim import SparseOptimizer, apply_in_place
 
@@ -32,19 +32,12 @@ class DeviceStore(EmbeddingStore):
         self.values = torch.empty((initial_capacity, self.value_width), device=self.device)
         self.lookups = 0
         self.inserts = 0
-        self._last_slots: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.encoder)
 
     def _slots(self, keys: torch.Tensor) -> torch.Tensor:
-        """Find or insert; fresh slots get their initial values.
-
-        The Embedding front updates exactly the keys tensor it looked up, so the last
-        lookup's slots are kept and reused for it (slots never move, even when tables grow).
-        """
-        if self._last_slots is not None and self._last_slots[0] is keys:
-            return self._last_slots[1]
+        """Find or insert; fresh slots get their initial values. Slots never move, even when tables grow."""
         before = len(self.encoder)
         slots = self.encoder.find_or_insert(keys)
         if len(self.encoder) > before:
@@ -52,7 +45,6 @@ class DeviceStore(EmbeddingStore):
             fresh = slots >= before
             self.values[slots[fresh]] = self.initial_values(keys.to(self.device)[fresh])
             self.inserts += int(fresh.sum())
-        self._last_slots = (keys, slots)
         return slots
 
     def _reserve(self, rows: int) -> None:
@@ -66,19 +58,24 @@ class DeviceStore(EmbeddingStore):
         self.values = grown
 
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
-        self.lookups += keys.numel()
         if insert:
-            slots = self._slots(keys)  # may grow self.values: index it only afterwards
-            return gather_rows(self.values[:, : self.dim], slots)
+            return self.lookup_for_update(keys).rows
+        self.lookups += keys.numel()
         slots = self.encoder.find(keys)
         rows = gather_rows(self.values[:, : self.dim], slots.clamp(min=0))
         return rows.masked_fill((slots < 0).unsqueeze(1), 0.0)
 
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+    def lookup_for_update(self, keys: torch.Tensor) -> Lookup:
+        """The rows and their slots: the update writes where the lookup read, probing no key again."""
+        self.lookups += keys.numel()
+        slots = self._slots(keys)  # may grow self.values: index it only afterwards
+        return Lookup(keys, gather_rows(self.values[:, : self.dim], slots), where=slots)
+
+    def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
         self.step += 1
-        if keys.numel() == 0:
+        if lookup.keys.numel() == 0:
             return
-        slots = self._slots(keys)
+        slots = lookup.where if lookup.where is not None else self._slots(lookup.keys)  # a handle of keys alone
         apply_in_place(self.values, slots, grads.to(self.device, torch.float32), self.optimizer, self.step)
 
     def export(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,9 @@
 
 Every worker holds one `EmbeddingStore` with the rows of the buckets it owns.
 `ShardedRows` is the row backend of the Embedding front on each worker; every
-worker must call `lookup` and `update` in the same order (they are collectives).
+worker must call `lookup`, `lookup_for_update` and `update` in the same order
+(they are collectives). A training lookup's `Lookup` carries its route, so its
+update sends the gradients back the way the keys came.
 """
 from __future__ import annotations
 
@@ -12,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from terarec.kernels.comm import Communicator
+from terarec.kernels.gather import reduce_by_key
 from terarec.kernels.quant import WireFormat, decode_rows, encode_rows
 
-from .base import EmbeddingStore
+from .base import EmbeddingStore, Lookup
 from .keys import bucket_of
 
 
@@ -46,8 +49,8 @@ class _Route:
     order: torch.Tensor          # sorts the caller's keys by owner
     send_counts: list[int]
     recv_counts: list[int]
-    owned_keys: torch.Tensor     # unique keys this worker serves for the lookup
-    owned_inverse: torch.Tensor  # received position -> index in owned_keys
+    owned: Lookup                # the unique keys this worker serves, as its own store looked them up
+    owned_inverse: torch.Tensor  # received position -> index in owned.keys
 
 
 @dataclass
@@ -68,7 +71,6 @@ class ShardedRows:
         self.rows_format = rows_format
         self.grads_format = grads_format
         self.stats = ExchangeStats()
-        self._routes: dict[int, _Route] = {}
 
     def _exchange(self, send: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[int]]:
         started = time.perf_counter()
@@ -97,19 +99,24 @@ class ShardedRows:
         self.store.prefetch(torch.unique(received_keys))
 
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        return self._lookup(keys, insert, for_update=False).rows
+
+    def lookup_for_update(self, keys: torch.Tensor) -> Lookup:
+        return self._lookup(keys, insert=True, for_update=True)
+
+    def _lookup(self, keys: torch.Tensor, insert: bool, for_update: bool) -> Lookup:
         order, send_counts, received_keys, recv_counts = self._send_keys(keys)
         owned_keys, owned_inverse = torch.unique(received_keys, return_inverse=True)
-        owned_rows = self.store.lookup(owned_keys, insert=insert)
-        rows_sorted = self._exchange_rows(owned_rows[owned_inverse], recv_counts, self.rows_format)
+        owned = (self.store.lookup_for_update(owned_keys) if for_update
+                 else Lookup(owned_keys, self.store.lookup(owned_keys, insert=insert)))
+        rows_sorted = self._exchange_rows(owned.rows[owned_inverse], recv_counts, self.rows_format)
         rows = torch.empty_like(rows_sorted)
         rows[order] = rows_sorted
-        if insert:  # training lookups: their gradients come back through `update`
-            self._routes[id(keys)] = _Route(order, send_counts, recv_counts, owned_keys, owned_inverse)
-        return rows
+        route = _Route(order, send_counts, recv_counts, owned, owned_inverse) if for_update else None
+        return Lookup(keys, rows, where=route)
 
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
-        route = self._routes.pop(id(keys))
+    def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
+        route = lookup.where
         received = self._exchange_rows(grads[route.order], route.send_counts, self.grads_format)
-        summed = torch.zeros((route.owned_keys.numel(), self.dim), dtype=torch.float32, device=received.device)
-        summed.index_add_(0, route.owned_inverse.to(received.device), received.float())
-        self.store.update(route.owned_keys, summed)
+        summed = reduce_by_key(received.float(), route.owned_inverse.to(received.device), route.owned.keys.numel())
+        self.store.update(route.owned, summed)

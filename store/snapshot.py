@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 from typing import Callable
 
 import pyarrow.fs as pafs
@@ -10,15 +11,30 @@ import torch
 from .base import EmbeddingStore
 
 FORMAT_VERSION = 1
+_CRC_BLOCK = 64 << 20
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or any pyarrow.fs URI (s3://, gs://, file://) -> (filesystem, path)."""
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+def file_crc32(path) -> int:
+    """CRC-32 of a local file, read in blocks (files of many GB never sit in memory whole)."""
+    crc = 0
+    with open(path, "rb") as stream:
+        while block := stream.read(_CRC_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def is_uri(location: str) -> bool:
+    """True for a pyarrow.fs URI (s3://, gs://, file://...), False for a local path."""
+    return "://" in location
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or any pyarrow.fs URI -> (filesystem, path)."""
+    return pafs.FileSystem.from_uri(uri) if is_uri(uri) else (pafs.LocalFileSystem(), uri)
 
 
 def _open_output(uri: str):
-    filesystem, path = _resolve(uri)
+    filesystem, path = resolve_uri(uri)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         filesystem.create_dir(parent, recursive=True)
@@ -26,7 +42,7 @@ def _open_output(uri: str):
 
 
 def _read_bytes(uri: str) -> bytes:
-    filesystem, path = _resolve(uri)
+    filesystem, path = resolve_uri(uri)
     try:
         with filesystem.open_input_stream(path) as stream:
             return stream.read()

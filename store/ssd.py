@@ -36,23 +36,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .snapshot import file_crc32
+
 FORMAT = "terarec-ssd-table"
 VERSION = 1
-_CRC_BLOCK = 64 << 20
 MAX_QUEUED_WRITES = 4  # a write waits for the oldest queued one beyond this, bounding the memory they hold
 READERS = min(16, os.cpu_count() or 1)  # threads reading chunks at once: SSDs serve parallel reads far faster
 
 
 class DamagedTableError(ValueError):
     """A file of an SSD table is missing, truncated or fails its checksum."""
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(_CRC_BLOCK):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -121,7 +114,7 @@ class SsdTable:
         if actual != size:
             raise DamagedTableError(f"SSD table file {path} is truncated or damaged: {actual} bytes, {manifest} "
                                     f"says {size}; restore the directory from a backup or start a new table elsewhere")
-        if verify and _crc32(path) != crc:
+        if verify and file_crc32(path) != crc:
             raise DamagedTableError(f"SSD table file {path} is damaged: its CRC-32 does not match {manifest}; "
                                     f"restore the directory from a backup or start a new table elsewhere")
 
@@ -253,7 +246,7 @@ class SsdTable:
             path = self._chunk_path(chunk, self.chunk_gens[chunk])
             if self.chunk_crcs[chunk] is None:
                 mapped.flush()
-                self.chunk_crcs[chunk] = _crc32(path)
+                self.chunk_crcs[chunk] = file_crc32(path)
             entries.append({"file": path.name, "gen": self.chunk_gens[chunk], "crc32": self.chunk_crcs[chunk]})
         keys_bytes = keys.cpu().numpy().astype(np.int64).tobytes()
         keys_name = f"keys-{snapshot:06d}.bin"

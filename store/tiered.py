@@ -29,7 +29,7 @@ import torch
 
 from terarec.kernels.gather import gather_rows
 
-from .base import EmbeddingStore
+from .base import EmbeddingStore, Lookup
 from .cache import CacheLevel, pieces
 from .encoder import IdEncoder
 from .optim import SparseOptimizer, apply_in_place
@@ -131,9 +131,9 @@ class TieredStore(EmbeddingStore):
             rows[held[piece]] = gather_rows(self.cache.values[:, : self.dim], cache_slots)
         return rows
 
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+    def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
         self.step += 1
-        keys = keys.to(self.device)
+        keys = lookup.keys.to(self.device)
         grads = grads.to(self.device, torch.float32)
         slots, fresh = self._slots(keys)
         if self._job is not None and self.cache.missing(slots).numel():

@@ -23,6 +23,14 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
 os.environ["RAY_AUTH_MODE"] = "token"  # before anything imports ray: it reads the mode once, at import
 
 
+def pytest_configure(config):
+    """Without CUDA, Triton kernels run in Triton's interpreter, for the whole session: Triton reads
+    TRITON_INTERPRET when a kernel is defined, so it must be set before any test module imports one
+    (set once here, the results do not depend on which test file is collected first)."""
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

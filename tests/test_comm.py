@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import sys
 import threading
 import types
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from terarec.kernels.comm import GlooCommunicator, default_communicator
 from terarec.kernels.nccl import NcclCommunicator
@@ -141,12 +141,6 @@ def test_nccl_grouped_send_recv_moves_every_row_to_its_peer(fake_nccl):
 
 
 # ---- real processes ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def start_gloo(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

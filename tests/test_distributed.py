@@ -9,57 +9,13 @@ import threading
 import time
 
 import pytest
-import torch
+from helpers import JOB_STEPS, assert_same_training, checkpoint_at, final_state, job, job_overrides
 
-from terarec.core.checkpoints import open_checkpoint
-from terarec.core.config import load_config
-from terarec.core.resources import unfit_reason
+from terarec.core.checkpoints import find_checkpoints
 from terarec.platform.runner import run_training
 
 pytestmark = pytest.mark.slow
-STEPS, HALF = 6, 3
-
-
-def job_overrides(workers, **extra):
-    settings = {"workers": workers, "cpus_per_worker": 0.5, "embedding.dim": 8, "dlrm.bottom_mlp": "[16]",
-                "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam", "embedding.lr": 0.02,
-                "eval_rows": 2000, "log_every": 2, "steps": STEPS, "batch_size": 240, "seed": 5} | extra
-    return [f"{key}={value}" for key, value in settings.items()]
-
-
-def job(data, run_dir, workers, **extra):
-    """The job's config; the test skips where this machine can never hold it (2 GPU workers on one GPU)."""
-    import ray
-
-    config = load_config(overrides=job_overrides(workers, **extra), flags={"data": data, "run_dir": str(run_dir)})
-    reason = unfit_reason(config, ray.cluster_resources())
-    if reason:
-        pytest.skip(f"this machine cannot hold the job: {reason}")
-    return config
-
-
-def final_state(metrics):
-    """(dense params, keys sorted, values sorted) of the run's final checkpoint."""
-    checkpoint = open_checkpoint(metrics["checkpoint"])
-    keys, values = checkpoint.load_rows().export()
-    return checkpoint.dense_state["model"], keys, values
-
-
-def assert_same_training(a, b):
-    dense_a, keys_a, values_a = a
-    dense_b, keys_b, values_b = b
-    assert dense_a.keys() == dense_b.keys()
-    for name in dense_a:
-        torch.testing.assert_close(dense_a[name], dense_b[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert torch.equal(keys_a, keys_b)
-    torch.testing.assert_close(values_a, values_b, rtol=1e-4, atol=1e-5)
-
-
-def checkpoint_at(run_dir, step):
-    for root, _dirs, files in os.walk(run_dir):
-        if "meta.json" in files and open_checkpoint(root).step == step:
-            return root
-    raise AssertionError(f"no checkpoint at step {step} under {run_dir}")
+STEPS, HALF = JOB_STEPS, JOB_STEPS // 2
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +61,7 @@ def test_a_killed_worker_restarts_from_the_checkpoint(ray_cluster, synth_data, t
     killed = None
     deadline = time.time() + 240
     while time.time() < deadline and killed is None:
-        if any(open_checkpoint(root).step >= 60 for root, _d, files in os.walk(run_dir) if "meta.json" in files):
+        if any(step >= 60 for step in find_checkpoints(str(run_dir))):
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if workers:
                 killed = workers[-1].pid

@@ -2,31 +2,25 @@
 sparse-optimizer update, and the store and Embedding front running on them.
 
 Without CUDA the Triton kernels run on CPU tensors through Triton's interpreter
-(TRITON_INTERPRET=1, set before Triton is imported; its atomics run lane by
-lane, so `atomic_cas` claims are exact there) and the `fused` fixture switches
+(TRITON_INTERPRET=1, set by conftest.py for the session; its atomics run lane by
+lane, so `atomic_cas` claims are exact there) and `fused_kernels(True)` switches
 the dispatch on for CPU tensors; with CUDA they run compiled. Slot numbers may
 differ from the reference's: the tests check the mapping (same key, same slot,
 across calls; distinct keys, distinct slots; slots dense; absent keys -1).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 pytest.importorskip("triton")
 
-from terarec.kernels import gather as kernels_gather  # noqa: E402
+from terarec.kernels.dispatch import fused_kernels  # noqa: E402
 from terarec.kernels.triton_hash import EMPTY_KEY, probe  # noqa: E402
 from terarec.kernels.triton_sparse_update import sparse_update_  # noqa: E402
-from terarec.models.embedding import Embedding  # noqa: E402
+from terarec.models import Embedding, SparseDenseOptimizer  # noqa: E402
 from terarec.store import DeviceStore, IdEncoder, SparseAdagrad, SparseAdam, SparseSGD  # noqa: E402
-from terarec.store import encoder as store_encoder, keys as store_keys  # noqa: E402
-from terarec.store import optim as store_optim  # noqa: E402
+from terarec.store import keys as store_keys  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -34,10 +28,11 @@ OPTIMIZERS = [SparseSGD(lr=0.1), SparseAdagrad(lr=0.1), SparseAdam(lr=0.01)]
 gpu = pytest.mark.gpu
 
 
-def use_kernels(monkeypatch):
-    """From here on, dispatch to the Triton kernels for CPU tensors too (interpreter); CUDA tensors use them anyway."""
-    for module in (store_encoder, store_optim, kernels_gather):
-        monkeypatch.setattr(module, "use_fused", lambda tensor: True)
+@pytest.fixture
+def kernels_on():
+    """Dispatch to the Triton kernels for CPU tensors too (interpreter); CUDA tensors use them anyway."""
+    with fused_kernels(True):
+        yield
 
 
 def random_keys(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -69,9 +64,8 @@ def test_kernel_reads_and_extends_a_reference_table():
     assert torch.equal(reference._probe(keys[:1500], insert=False), torch.cat([old, slots[500:]]))
 
 
-def test_encoder_mapping(monkeypatch):
+def test_encoder_mapping(kernels_on):
     """find_or_insert / find / growth / items / from_items on the kernel keep the reference's mapping semantics."""
-    use_kernels(monkeypatch)
     gen = torch.Generator().manual_seed(2)
     encoder = IdEncoder(capacity=16, device=DEVICE)
     seen: dict[int, int] = {}
@@ -126,7 +120,7 @@ def test_sparse_update_matches_apply(optimizer):
     for step in (1, 7):
         expected = values.clone()
         expected[slots] = optimizer.apply(values[slots], grads, step)
-        sparse_update_(values, slots, grads, optimizer, step)
+        sparse_update_(values, slots, grads, optimizer.kind, **optimizer.fused_args(step))
         untouched = torch.ones(capacity, dtype=torch.bool, device=DEVICE)
         untouched[slots] = False
         assert torch.equal(values[untouched], expected[untouched])
@@ -134,30 +128,31 @@ def test_sparse_update_matches_apply(optimizer):
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: type(o).__name__)
-def test_device_store_and_embedding_match_reference(optimizer, monkeypatch):
+def test_device_store_and_embedding_match_reference(optimizer):
     """Training steps through Embedding + DeviceStore on the kernels == the torch path on CPU (rows by key)."""
     gen = torch.Generator().manual_seed(4)
     steps = [(torch.randint(0, 50, (40, 5), generator=gen), torch.randn(40, 5, 8, generator=gen)) for _ in range(3)]
 
     def train(device):
         emb = Embedding(DeviceStore(dim=8, optimizer=optimizer, initial_capacity=16, device=device))
+        sparse_step = SparseDenseOptimizer(emb, None)
         outs = []
         for ids, grad in steps:
             out = emb(ids.to(device))
             out.backward(grad.to(device))
-            emb.apply_gradients()
+            sparse_step.step()
             outs.append(out.detach().cpu())
         return emb, outs
 
     reference, expected = train("cpu")
-    use_kernels(monkeypatch)
-    kernel, actual = train(DEVICE)
+    with fused_kernels(True):
+        kernel, actual = train(DEVICE)
+        (keys, values), (ref_keys, ref_values) = kernel.backend.export(), reference.backend.export()
+        missing = kernel.backend.lookup(torch.tensor([123456789], device=DEVICE), insert=False)
     for out, ref in zip(actual, expected):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    (keys, values), (ref_keys, ref_values) = kernel.backend.export(), reference.backend.export()
     assert torch.equal(keys, ref_keys)
     torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-6)
-    missing = kernel.backend.lookup(torch.tensor([123456789], device=DEVICE), insert=False)
     assert missing.abs().sum() == 0
 
 

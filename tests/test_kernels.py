@@ -1,19 +1,14 @@
 """Fused kernels against their torch references, forward and backward, fp32 and bf16.
 
 Without CUDA the Triton launchers run on CPU tensors through Triton's
-interpreter (TRITON_INTERPRET=1, set here before any Triton kernel is defined);
+interpreter (TRITON_INTERPRET=1, set by conftest.py for the session);
 with CUDA they run compiled on the GPU. Inputs are fresh random draws; the
 reference runs in float64; tolerances are relative norms fit to the dtype.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
@@ -24,6 +19,7 @@ from terarec.kernels.gather import (gather_rows_reference, gather_sum_reference,
 from terarec.kernels.interaction import dot_interaction_reference  # noqa: E402
 from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference  # noqa: E402
 from terarec.kernels import triton_cross  # noqa: E402
+from terarec.kernels.dispatch import fused_kernels  # noqa: E402
 from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2  # noqa: E402
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward, unpack_bits  # noqa: E402
 from terarec.kernels.triton_gather import GatherRows, GatherSum, reduce_by_key_forward  # noqa: E402
@@ -247,8 +243,8 @@ def test_dispatchers_use_references_on_cpu():
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_dispatchers_run_fused_on_cuda(monkeypatch):
-    """The public ops take the fused path on CUDA and agree with TERAREC_FUSED=0."""
+def test_dispatchers_run_fused_on_cuda():
+    """The public ops take the fused path on CUDA and agree with the references (`fused_kernels(False)`)."""
     dense = torch.randn(64, 128, device="cuda", requires_grad=True)
     sparse = torch.randn(64, 26, 128, device="cuda", requires_grad=True)
     weights = [torch.randn(64, 479, device="cuda") * 0.05, torch.randn(1, 64, device="cuda") * 0.1]
@@ -259,8 +255,8 @@ def test_dispatchers_run_fused_on_cuda(monkeypatch):
         return out, dot_interaction(dense, sparse).grad_fn
 
     fused_out, fused_node = step()
-    monkeypatch.setenv("TERAREC_FUSED", "0")
-    eager_out, eager_node = step()
+    with fused_kernels(False):
+        eager_out, eager_node = step()
     assert type(fused_node).__name__.startswith("FusedDotInteraction")
     assert not type(eager_node or object()).__name__.startswith("FusedDotInteraction")
     assert_close(fused_out, eager_out.double(), torch.float32, "DLRM-shaped forward")

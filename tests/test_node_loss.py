@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from test_distributed import assert_same_training, checkpoint_at, final_state, job_overrides
+from helpers import assert_same_training, checkpoint_at, final_state, job_overrides
 
 from terarec.core.checkpoints import open_checkpoint
 

@@ -1,20 +1,15 @@
 """Mixed precision: every op under bf16 autocast (fused and reference) against float64, the zoo's forward and
 backward under CPU autocast, and DLRM trained in bf16 on CPU against fp32 and logistic regression.
 
-Without CUDA the fused ops run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set before
-Triton is imported) with the `fused` fixture switching their dispatch on; with CUDA they run compiled.
+Without CUDA the fused ops run on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py for the session) inside `fused_kernels(True)` blocks; with CUDA they run compiled.
 `pytest -m gpu tests/test_precision.py tests/test_kernels.py` is the GPU check.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
@@ -23,22 +18,16 @@ from terarec.core.config import ConfigError, load_config  # noqa: E402
 from terarec.core.data.synth import write_synthetic  # noqa: E402
 from terarec.kernels import cross, gather, interaction, mlp  # noqa: E402
 from terarec.kernels.comm import LocalCommunicator  # noqa: E402
-from terarec.kernels.dispatch import autocast_dtype  # noqa: E402
+from terarec.kernels.dispatch import autocast_dtype, fused_kernels  # noqa: E402
 from terarec.kernels.precision import matmul_precision  # noqa: E402
-from terarec.models import MODELS, Batch, Embedding, build_model  # noqa: E402
-from terarec.models.registry import store_width  # noqa: E402
+from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE  # noqa: E402
+from terarec.models import MODELS, Batch, Embedding, SparseDenseOptimizer, build_model, model_spec  # noqa: E402
 from terarec.store import DeviceStore, SparseAdagrad  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BF16_TOLERANCE = 2e-2        # relative norm error of one bf16 op (8 mantissa bits, fp32 accumulation)
 gpu = pytest.mark.gpu
-
-
-def switch_dispatch(monkeypatch, fused: bool):
-    """Every op of kernels/ to its fused kernel (CPU tensors through the interpreter) or to its torch reference."""
-    for module in (mlp, interaction, cross, gather):
-        monkeypatch.setattr(module, "use_fused", lambda tensor: fused)
 
 
 def relative_error(actual, expected):
@@ -78,7 +67,7 @@ OPS = {
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_ops_under_autocast(name, monkeypatch):
+def test_ops_under_autocast(name):
     """Under bf16 autocast each op, fused or reference, computes in bf16 from fp32 (or mixed) inputs, and each
     input's gradient comes back in its own dtype; both paths are within bf16 rounding of float64."""
     torch.manual_seed(0)
@@ -88,8 +77,8 @@ def test_ops_under_autocast(name, monkeypatch):
     exact = outputs_and_grads(op, exact_inputs, grad, autocast=False)
     errors = {}
     for fused in (False, True):
-        switch_dispatch(monkeypatch, fused)
-        results = outputs_and_grads(op, inputs, grad, autocast=True)
+        with fused_kernels(fused):
+            results = outputs_and_grads(op, inputs, grad, autocast=True)
         out = results[0]
         assert out.dtype == torch.bfloat16, f"{name} fused={fused}: output {out.dtype}"
         floats = [x for x in inputs if x.is_floating_point()]
@@ -102,14 +91,14 @@ def test_ops_under_autocast(name, monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_bf16_rows_sum_their_gradients_in_fp32(fused, monkeypatch):
+def test_bf16_rows_sum_their_gradients_in_fp32(fused):
     """Rows handed out in bf16 still get fp32 gradients, summed in fp32: 4096 equal bf16 gradients of one row
     add up exactly, where a bf16 sum would stall at 256 (its 8 mantissa bits)."""
-    switch_dispatch(monkeypatch, fused)
     table = torch.zeros(3, 16, device=DEVICE, requires_grad=True)
-    rows = gather.gather_rows(table, torch.ones(4096, dtype=torch.long, device=DEVICE), torch.bfloat16)
-    assert rows.dtype == torch.bfloat16
-    rows.backward(torch.ones_like(rows))
+    with fused_kernels(fused):
+        rows = gather.gather_rows(table, torch.ones(4096, dtype=torch.long, device=DEVICE), torch.bfloat16)
+        assert rows.dtype == torch.bfloat16
+        rows.backward(torch.ones_like(rows))
     assert table.grad.dtype == torch.float32
     assert torch.equal(table.grad[1], torch.full((16,), 4096.0, device=DEVICE))
     assert not table.grad[[0, 2]].any()
@@ -135,8 +124,8 @@ def test_precision_is_checked_by_name():
 
 def small_model(name, seed=0):
     torch.manual_seed(seed)
-    store = DeviceStore(store_width(name, 8), SparseAdagrad(lr=0.05), seed=seed, device=torch.device(DEVICE))
-    return build_model(name, Embedding(store), 13, 26, None, num_tasks=2).to(DEVICE)
+    store = DeviceStore(model_spec(name).store_width(8), SparseAdagrad(lr=0.05), seed=seed, device=torch.device(DEVICE))
+    return build_model(name, Embedding(store), NUM_DENSE, NUM_SPARSE, None, num_tasks=2).to(DEVICE)
 
 
 def random_batch(rows=32):
@@ -167,18 +156,18 @@ def test_zoo_runs_under_bf16_autocast(name):
         assert relative_error(param.grad, ref_param.grad) < 0.1, f"{name}: gradient of {param_name}"
     pending = model.embedding._pending
     assert pending and all(rows.dtype == rows.grad.dtype == torch.float32 for _, rows in pending)
-    model.embedding.apply_gradients()
+    SparseDenseOptimizer(model, None).step()  # the fp32 row gradients reach the store
 
 
-def test_dlrm_fused_kernels_under_autocast(monkeypatch):
+def test_dlrm_fused_kernels_under_autocast():
     """The failure this setting fixes: DLRM's fused path under bf16 autocast ('expected mat1 and mat2 to have
     the same dtype'); now forward and backward run and agree with the reference path under autocast."""
     batch = random_batch(rows=64)
     results = {}
     for fused in (False, True):
-        switch_dispatch(monkeypatch, fused)
-        model = small_model("dlrm")
-        results[fused] = model, forward_backward(model, batch, autocast=True)
+        with fused_kernels(fused):
+            model = small_model("dlrm")
+            results[fused] = model, forward_backward(model, batch, autocast=True)
     assert results[True][1].dtype == torch.bfloat16
     assert relative_error(results[True][1], results[False][1]) < BF16_TOLERANCE
     for (param_name, param), ref_param in zip(results[True][0].named_parameters(), results[False][0].parameters()):

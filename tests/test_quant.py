@@ -3,7 +3,7 @@
 The bound: |x - decode(encode(x))| <= s / 2 per element, s = max(absmax / 127, tiny),
 plus the float32 rounding of q * s and of x / s (under 2^-16 s: |q| <= 127 < 2^7)
 and `tiny` itself for subnormal inputs, which GPUs may flush to zero. Without CUDA the Triton kernels run in Triton's interpreter
-(TRITON_INTERPRET=1, set before Triton is imported); with CUDA, compiled.
+(TRITON_INTERPRET=1, set by conftest.py for the session); with CUDA, compiled.
 Inputs are fresh random draws on every run.
 """
 from __future__ import annotations
@@ -15,12 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 pytest.importorskip("triton")
 
-from test_comm import free_port  # noqa: E402
+from helpers import free_port, job  # noqa: E402
 
 from terarec.kernels.comm import GlooCommunicator  # noqa: E402
 from terarec.kernels.quant import (TINY, decode_rows, dequantize_int8_reference, encode_rows,  # noqa: E402
@@ -163,8 +160,6 @@ def test_int8_exchange_equals_fp32_exchange_within_the_bound(world=3):
 
 @pytest.mark.slow
 def test_int8_exchange_trains_like_fp32(ray_cluster, synth_data, tmp_path):
-    from test_distributed import job
-
     from terarec.platform.runner import run_training
 
     fp32 = run_training(job(synth_data, tmp_path / "fp32", 2, steps=40))

@@ -88,9 +88,10 @@ def test_store_matches_dense_embedding_update_for_update(make_sparse, make_torch
         optimizer.step()
         # store: lookup the unique keys, sum gradients per key, update
         unique_index, inverse = torch.unique(index, return_inverse=True)
-        rows = store.lookup(keys[unique_index]).requires_grad_(True)
+        lookup = store.lookup_for_update(keys[unique_index])
+        rows = lookup.rows.requires_grad_(True)
         ((rows[inverse] - target) ** 2).sum().backward()
-        store.update(keys[unique_index], rows.grad)
+        store.update(lookup, rows.grad)
         seen = torch.unique(index)
         torch.testing.assert_close(store.lookup(keys[seen]), reference.weight[seen].detach(), rtol=1e-5, atol=1e-6)
 
@@ -114,8 +115,7 @@ def test_store_grows_past_its_initial_capacity():
 def test_snapshot_roundtrip_and_bucket_filter(tmp_path):
     store = DeviceStore(4, SparseAdam(lr=0.1), seed=2)
     keys = torch.arange(200)
-    store.lookup(keys)
-    store.update(keys, torch.randn(200, 4))
+    store.update(store.lookup_for_update(keys), torch.randn(200, 4))
     path = str(tmp_path / "shard.pt")
     save_store(store, path)
     whole = DeviceStore(4, SparseAdam(lr=0.1), seed=2)

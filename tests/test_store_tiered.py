@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from terarec.store.base import Lookup
 from terarec.store import DamagedTableError, DeviceStore, SparseAdagrad, SparseAdam, SparseSGD, make_store
 from terarec.store.cache import MAX_COUNT, METADATA_BYTES_PER_SLOT
 
@@ -41,10 +42,11 @@ def train(store, keys_per_step: list[torch.Tensor], first_step: int = 0) -> list
     grads (fixed by the step's number); returns the rows each lookup gave."""
     seen = []
     for step, keys in enumerate(keys_per_step, start=first_step):
-        seen.append(store.lookup(keys).cpu())
+        lookup = store.lookup_for_update(keys)
+        seen.append(lookup.rows.cpu())
         if step - first_step + 1 < len(keys_per_step):
             store.prefetch(keys_per_step[step - first_step + 1])
-        store.update(keys, grads_of(step, keys.numel()))
+        store.update(lookup, grads_of(step, keys.numel()))
     return seen
 
 
@@ -167,14 +169,14 @@ def test_prefetch_reads_the_next_batch_ahead_and_keeps_this_one(tmp_path):
     reference = DeviceStore(DIM, SparseSGD(lr=0.1), seed=3)
     for step, keys in enumerate(steps):
         before = store.metrics()
-        store.lookup(keys)
+        lookup = store.lookup_for_update(keys)
         after = store.metrics()
         # every row this lookup brought in from below was read ahead by the prefetch: none synchronously
         assert after["cache_fills"] - before["cache_fills"] == after["cache_prefetched"] - before["cache_prefetched"]
         if step + 1 < len(steps):
             store.prefetch(steps[step + 1])
         evictions = store.metrics()["cache_evictions"]
-        store.update(keys, grads_of(step, keys.numel()))
+        store.update(lookup, grads_of(step, keys.numel()))
         assert store.metrics()["cache_evictions"] == evictions  # this batch stayed resident until its update
         train(reference, [keys], first_step=step)
     assert store.metrics()["cache_prefetched"] > 100
@@ -216,13 +218,12 @@ def test_row_evicted_with_its_write_back_in_flight_reads_back_written(kind, host
     reference = DeviceStore(DIM, optimizer, seed=3)
     first, second = torch.tensor([1, 2, 3, 4]), torch.arange(5, 21)
     for model in (store, reference):
-        model.lookup(first)
-        model.update(first, grads_of(0, 4))
+        model.update(model.lookup_for_update(first), grads_of(0, 4))
         model.lookup(second)  # evicts `first`, dirty
     assert store.cache.deferred  # their write-back has not happened yet
     store.prefetch(first)  # the job: write back, then read the same rows
     for model in (store, reference):
-        model.update(second, grads_of(1, 16))
+        model.update(Lookup(second, None), grads_of(1, 16))  # its lookup was the one before the prefetch
     assert torch.equal(store.lookup(first), reference.lookup(first))
     assert store.metrics()["cache_prefetched"] == 4
     assert_same_store(store, reference)
@@ -240,7 +241,7 @@ def test_key_prefetched_then_updated_is_not_read_stale(kind, host_rows, tmp_path
         train(model, [early, late])
     store.prefetch(early)
     for model in (store, reference):
-        model.update(early, grads_of(7, 6))  # without a lookup: the rows come in for the update
+        model.update(Lookup(early, None), grads_of(7, 6))  # without a lookup: the rows come in for the update
     assert torch.equal(store.lookup(early), reference.lookup(early))
     assert store.metrics()["cache_prefetched"] == 0
     assert_same_store(store, reference)
@@ -254,9 +255,9 @@ def test_snapshot_taken_mid_pipeline_holds_the_state_of_its_step(tmp_path):
     store = tiered("cached_ssd", optimizer, tmp_path, cache_rows=80, host_rows=40)
     reference = DeviceStore(DIM, optimizer, seed=3)
     train(store, steps[:8])
-    store.lookup(steps[8])
+    lookup = store.lookup_for_update(steps[8])
     store.prefetch(steps[9])
-    store.update(steps[8], grads_of(8, steps[8].numel()))
+    store.update(lookup, grads_of(8, steps[8].numel()))
     snapshot = store.snapshot()
     train(reference, steps[:9])
     assert_same_store(store, reference)
@@ -429,10 +430,10 @@ def sharded_worker(rank: int, world: int, directory: str, steps: list[torch.Tens
     rows = ShardedRows(store, GlooCommunicator(), num_buckets=16)
     mine = [keys[rank::world] for keys in steps]
     for step, keys in enumerate(mine):
-        rows.lookup(keys)
+        lookup = rows.lookup_for_update(keys)
         if step + 1 < len(mine):
             rows.prefetch(mine[step + 1])
-        rows.update(keys, exact_grads(step, steps[step])[rank::world])
+        rows.update(lookup, exact_grads(step, steps[step])[rank::world])
     torch.save(store.export(), f"{directory}/export-{rank}.pt")
     dist.destroy_process_group()
 
@@ -450,8 +451,7 @@ def test_sharded_pipeline_equals_the_device_store(world, tmp_path):
     mp.spawn(sharded_worker, args=(world, str(tmp_path), steps), nprocs=world)
     reference = DeviceStore(DIM, OPTIMIZERS["adagrad"], seed=3)
     for step, keys in enumerate(steps):
-        reference.lookup(keys)
-        reference.update(keys, exact_grads(step, keys))
+        reference.update(reference.lookup_for_update(keys), exact_grads(step, keys))
     shards = [torch.load(tmp_path / f"export-{rank}.pt") for rank in range(world)]
     keys = torch.cat([k for k, _ in shards])
     values = torch.cat([v for _, v in shards])

@@ -7,16 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from terarec.models import (CIN, MODELS, Batch, DCNConfig, DCNv2Config, DeepFMConfig, DLRMConfig, Embedding,
-                            FMInteraction, MMoEConfig, PNNConfig, XDeepFMConfig, build_model)
+from terarec.models import (CIN, Batch, DCNConfig, DCNv2Config, DeepFMConfig, DLRMConfig, Embedding, FMInteraction,
+                            MMoEConfig, PNNConfig, SparseDenseOptimizer, XDeepFMConfig, build_model, model_spec)
 from terarec.core.data.reader import BatchReader, list_split_files
+from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
 from terarec.store import DeviceStore, SparseAdagrad, load_store, save_store
 from terarec.store.keys import feature_keys
-from terarec.models.registry import store_width
 
-NUM_DENSE, NUM_SPARSE, DIM, TASKS = 13, 26, 8, 2
+DIM, TASKS = 8, 2
 ZOO = ["deepfm", "xdeepfm", "dcn", "dcnv2", "pnn", "mmoe"]
 SMALL = {
     "deepfm": DeepFMConfig(deep_mlp=[64, 32]),
@@ -47,7 +47,7 @@ def one_thread():
 
 def make_model(name, config=None, dim=DIM, num_tasks=TASKS, sparse_lr=0.05, seed=0):
     torch.manual_seed(seed)
-    store = DeviceStore(store_width(name, dim), SparseAdagrad(lr=sparse_lr), seed=seed)
+    store = DeviceStore(model_spec(name).store_width(dim), SparseAdagrad(lr=sparse_lr), seed=seed)
     return build_model(name, Embedding(store), NUM_DENSE, NUM_SPARSE, config, num_tasks=num_tasks), store
 
 
@@ -58,7 +58,7 @@ def random_batch(rows=32, seed=0):
 
 
 def num_tasks_of(name: str) -> int:
-    return TASKS if getattr(MODELS[name].cls, "multi_task", False) else 1
+    return TASKS if model_spec(name).multi_task else 1
 
 
 # ---- the papers' parameter counts ---------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_every_zoo_name_builds_with_its_defaults():
 def test_first_order_models_split_their_store_rows():
     model, store = make_model("deepfm", SMALL["deepfm"])
     assert store.dim == DIM + 1 and model.dim == DIM
-    with pytest.raises(ValueError, match="embedding_width"):
+    with pytest.raises(ValueError, match=r"embedding.dim \+ 1"):
         build_model("deepfm", Embedding(DeviceStore(1, SparseAdagrad())), NUM_DENSE, NUM_SPARSE)
 
 
@@ -163,7 +163,7 @@ def test_gradients_reach_every_parameter_and_the_store(name, config):
     F.binary_cross_entropy_with_logits(logits, batch.labels[:, :logits.shape[1]]).backward()
     for param_name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, f"{name}: no gradient reaches {param_name}"
-    model.embedding.apply_gradients()
+    SparseDenseOptimizer(model, None).step()
     moved = (store.lookup(keys, insert=False) != before).any(dim=0)
     assert moved.all(), f"{name}: store columns {torch.nonzero(~moved).flatten().tolist()} never changed"
 
@@ -194,14 +194,13 @@ def train_and_eval(name, config, data, dense_lr=3e-3):
     train, evaluation = data
     model, _ = make_model(name, config, sparse_lr=SPARSE_LR.get(name, 0.05))
     tasks = num_tasks_of(name)
-    optimizer = torch.optim.Adam(model.parameters(), lr=dense_lr)
+    optimizer = SparseDenseOptimizer(model, torch.optim.Adam(model.parameters(), lr=dense_lr))
     model.train()
     for _ in range(EPOCHS):
         for batch in train:
             loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels[:, :tasks])
             optimizer.zero_grad()
             loss.backward()
-            model.embedding.apply_gradients()
             optimizer.step()
     model.eval()
     with torch.no_grad():
@@ -237,11 +236,10 @@ def test_training_beats_logistic_regression(name, zoo_data, lr_auc):
 def test_save_and_load_give_identical_predictions(name, zoo_data, tmp_path):
     train, evaluation = zoo_data
     model, store = make_model(name, SMALL[name])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = SparseDenseOptimizer(model, torch.optim.Adam(model.parameters(), lr=3e-3))
     for batch in train[:20]:
         logits = model(batch)
         F.binary_cross_entropy_with_logits(logits, batch.labels[:, :logits.shape[1]]).backward()
-        model.embedding.apply_gradients()
         optimizer.step()
         optimizer.zero_grad()
     torch.save(model.state_dict(), tmp_path / "dense.pt")

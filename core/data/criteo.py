@@ -37,8 +37,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from terarec.core.data.errors import DataArgumentError, DataError, DataNotFoundError, MalformedInputError
-from terarec.core.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, split_writers, splitmix64,
-                                     transform_dense, write_meta)
+from terarec.core.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, split_writers, transform_dense,
+                                     write_meta)
+from terarec.kernels.hashing import splitmix64_uint64 as splitmix64
 
 NUM_FIELDS = 1 + len(DENSE_COLUMNS) + len(SPARSE_COLUMNS)
 FIELD_WIDTH = 21  # bytes kept per field; any longer field is malformed anyway

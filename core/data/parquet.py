@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from terarec.core.data.errors import BadDataError, DataNotFoundError
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+from terarec.store.snapshot import is_uri, resolve_uri
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
     """A local path or a pyarrow.fs URI, opened; a missing or unreadable file is a DataError naming it."""
     try:
-        if "://" in path:
-            fs, inner = pafs.FileSystem.from_uri(path)
+        if is_uri(path):
+            fs, inner = resolve_uri(path)
             return pq.ParquetFile(fs.open_input_file(inner))
         return pq.ParquetFile(path)
     except FileNotFoundError:

@@ -33,13 +33,14 @@ from terarec.core.data.columns import ColumnFile, open_all_columns
 from terarec.core.data.errors import DataArgumentError, DataNotFoundError, SchemaMismatchError
 from terarec.core.data.parquet import decode_row_group, open_parquet
 from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, check_schema, label_columns_of
+from terarec.store.snapshot import is_uri
 
 Piece = tuple[int, int, int]  # (row group, first row, end row) within the group
 
 
 def list_split_files(data_dir: str, split: str) -> list[str]:
     """The parquet files of `data_dir/split`, sorted; `data_dir` is a local path or a pyarrow.fs URI."""
-    if "://" in data_dir:
+    if is_uri(data_dir):
         scheme = data_dir[:data_dir.index("://") + 3]
         try:
             fs, root = pafs.FileSystem.from_uri(data_dir)
@@ -110,7 +111,7 @@ class BatchReader:
         if not files:
             raise DataNotFoundError("BatchReader got no files; list them with list_split_files(data_dir, split)")
         self.files = list(files)
-        local = not any("://" in path for path in self.files)
+        local = not any(is_uri(path) for path in self.files)
         if columns and not local:
             raise DataArgumentError("column copies are made of local files only; read URIs with columns=False")
         self.columns = local if columns is None else columns

@@ -9,8 +9,8 @@ the columns
   integer count (the TSV converter applies the transform; synthetic data is written transformed);
 - `C1..C26` (int64): categorical features as raw 64-bit IDs (any value, negative ones included).
 
-Raw IDs from hex strings and eval-split decisions use `splitmix64`, a fixed bijective 64-bit mix,
-so they are the same on every run and machine.
+Raw IDs from hex strings and eval-split decisions use `splitmix64` (terarec.kernels.hashing), a fixed
+bijective 64-bit mix, so they are the same on every run and machine.
 """
 from __future__ import annotations
 
@@ -67,15 +67,6 @@ def check_schema(schema: pa.Schema, where: str) -> None:
         if actual != field.type:
             raise SchemaMismatchError(f"{where}: column {field.name!r} is {actual}, expected {field.type}; "
                                       f"rewrite the file with `terarec data convert`")
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer on uint64 values (a bijection; wraps modulo 2**64)."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def transform_dense(raw: np.ndarray) -> np.ndarray:

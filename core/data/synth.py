@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from terarec.core.data.errors import DataArgumentError
 from terarec.core.data.schema import (DENSE_COLUMNS, SPARSE_COLUMNS, arrow_schema, label_column, split_writers,
-                                          splitmix64, transform_dense, write_meta)
+                                          transform_dense, write_meta)
+from terarec.kernels.hashing import splitmix64_uint64 as splitmix64
 
 # Distinct values of C1..C26 in Criteo Kaggle (the counts DLRM reports for the 7-day set).
 KAGGLE_CARDINALITIES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27,
