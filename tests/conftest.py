@@ -1,13 +1,10 @@
 """Shared fixtures: one real local Ray for the session, small synthetic datasets on disk, the REST control plane."""
 from __future__ import annotations
 
-import glob
-import json
 import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +14,9 @@ import types
 
 import pytest
 import torch
+from helpers import free_port as _free_port
+
+from terarec.core.checkpoints import find_checkpoints
 
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
@@ -38,12 +38,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -244,8 +238,7 @@ def rest_trained_job(ray_cluster, synth_data, tmp_path_factory) -> dict:
             time.sleep(0.25)
     finally:
         server.stop()
-    checkpoints = {json.load(open(meta))["step"]: os.path.dirname(meta)
-                   for meta in glob.glob(os.path.join(done["run_dir"], "*", "checkpoint_*", "meta.json"))}
+    checkpoints = find_checkpoints(done["run_dir"])
     return {"running": running, "after_restart": again.json(), "done": done, "listed": listed, "logs": logs,
             "recorded_status": recorded,
             "storage": server.env["TERAREC_STORAGE"], "checkpoints": checkpoints}

@@ -25,7 +25,7 @@ import torch
 
 from terarec.actors.embedding_server import NAMESPACE, EmbeddingShard, RecentRows, server_names
 from terarec.actors.inference import model_from_checkpoint, score
-from terarec.core.checkpoints import open_checkpoint
+from terarec.core.checkpoints import find_checkpoints, open_checkpoint
 from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
 from terarec.store import feature_keys
 
@@ -321,8 +321,7 @@ def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, served, 
                               "--run-dir", str(tmp_path / "resumed"), "--resume", checkpoints[20]],
                              capture_output=True, text=True, env=api.env, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    resumed = {json.load(open(meta))["step"]: os.path.dirname(meta)
-               for meta in glob.glob(str(tmp_path / "resumed" / "*" / "checkpoint_*" / "meta.json"))}[30]
+    resumed = find_checkpoints(str(tmp_path / "resumed"))[30]
     new_keys = feature_keys(torch.from_numpy(sparse))[:, 0].unique()  # C1 is feature 0
     assert open_checkpoint(checkpoints[20]).load_rows().encoder.find(new_keys).eq(-1).all()  # served as zero rows
     assert open_checkpoint(resumed).load_rows().encoder.find(new_keys).ge(0).all()  # trained rows now
