@@ -247,8 +247,8 @@ def test_unknown_model_is_a_404(api, served):
     assert response.status_code == 422 and "body.name" in response.json()["detail"]
 
 
-def test_rollout_to_another_checkpoint_fails_no_request(api, served, checkpoints, synth_data):
-    dense, sparse = eval_rows(synth_data, 8)
+def roll_out_under_traffic(api, checkpoint: str, dense, sparse):
+    """Roll MODEL out to `checkpoint` while a client keeps predicting: (the deploy reply, every predict status)."""
     statuses, stop = [], threading.Event()
 
     def traffic():
@@ -258,10 +258,16 @@ def test_rollout_to_another_checkpoint_fails_no_request(api, served, checkpoints
     sender = threading.Thread(target=traffic)
     sender.start()
     try:
-        response = api.call("POST", "/v1/models", json={"name": MODEL, "checkpoint": checkpoints[10], "servers": 2})
+        response = api.call("POST", "/v1/models", json={"name": MODEL, "checkpoint": checkpoint, "servers": 2})
     finally:
         stop.set()
         sender.join()
+    return response, statuses
+
+
+def test_rollout_to_another_checkpoint_fails_no_request(api, served, checkpoints, synth_data):
+    dense, sparse = eval_rows(synth_data, 8)
+    response, statuses = roll_out_under_traffic(api, checkpoints[10], dense, sparse)
     assert response.status_code == 200, response.text
     assert response.json()["step"] == 10
     assert len(statuses) > 5 and set(statuses) == {200}, statuses
@@ -326,19 +332,7 @@ def test_resume_on_new_ids_then_redeploy_serves_their_trained_rows(api, served, 
     assert open_checkpoint(checkpoints[20]).load_rows().encoder.find(new_keys).eq(-1).all()  # served as zero rows
     assert open_checkpoint(resumed).load_rows().encoder.find(new_keys).ge(0).all()  # trained rows now
 
-    statuses, stop = [], threading.Event()
-
-    def traffic():
-        while not stop.is_set():
-            statuses.append(predict(api, dense, sparse).status_code)
-
-    sender = threading.Thread(target=traffic)
-    sender.start()
-    try:
-        response = api.call("POST", "/v1/models", json={"name": MODEL, "checkpoint": resumed, "servers": 2})
-    finally:
-        stop.set()
-        sender.join()
+    response, statuses = roll_out_under_traffic(api, resumed, dense, sparse)
     assert response.status_code == 200 and response.json()["step"] == 30, response.text
     assert len(statuses) > 3 and set(statuses) == {200}, statuses
     after = np.array(predict(api, dense, sparse).json()["scores"])
