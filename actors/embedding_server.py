@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from terarec.core.build import store_from_config
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.core.config import StoreConfig
-from terarec.store import make_sparse_optimizer, make_store
 from terarec.store.encoder import IdEncoder
 from terarec.store.sharded import BucketMap
 
@@ -30,13 +30,10 @@ SERVER_PREFIX = "terarec-embedding"
 def serving_store(checkpoint: CheckpointContents, store: StoreConfig, rank: int):
     """An empty store for one server's rows: the checkpoint's row width and optimizer, `store`'s tiers, on the
     GPU when this process sees one (a Ray actor sees one only when it asked for `num_gpus`)."""
-    config = checkpoint.config
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return make_store(store.kind, checkpoint.meta.get("embedding_dim") or config.embedding.dim,
-                      make_sparse_optimizer(config.embedding.optimizer, config.sparse_lr), seed=config.seed,
-                      init_scale=config.embedding.init_scale, device=device, policy=store.policy,
-                      cache_bytes=store.cache_bytes, host_bytes=store.host_bytes,
-                      path=os.path.join(store.path, f"{checkpoint_tag(checkpoint)}-rank-{rank}") if store.path else None)
+    # a cached_ssd table lives under a folder of its checkpoint's own: an old table is never reopened for a new one
+    path = os.path.join(store.path, checkpoint_tag(checkpoint)) if store.path else None
+    config = checkpoint.config.model_copy(update={"store": store.model_copy(update={"path": path})})
+    return store_from_config(config, "cuda" if torch.cuda.is_available() else "cpu", rank)
 
 
 class EmbeddingShard:

@@ -22,7 +22,6 @@ from terarec.models import Batch
 from terarec.core.build import model_from_config, store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.core.config import ServingConfig, StoreConfig
-from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
 from .embedding_server import RecentRows, ServerRows, server_handles, start_servers, stop_servers
 
