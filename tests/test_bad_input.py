@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def test_a_waiting_job_says_pending_then_gives_up(capsys, ray_cluster, tiny, tmp
                                "--set", "cpus_per_worker=1", "--set", "resource_timeout_s=9", *TINY_JOB[:4])
     finally:
         remove_placement_group(hold)
-    assert "[terarec] pending: workers=2 needs 1 CPU x 2 = 2 CPUs; 1 free of the cluster's 4" in output, output
+    # at most 1 CPU is free (other tests' actors may hold that one too)
+    assert re.search(r"\[terarec\] pending: workers=2 needs 1 CPU x 2 = 2 CPUs; [01] free of the cluster's 4", output), output
     assert_one_line(code, output, "gave up after", "resource_timeout_s=9", str(tmp_path / "error.log"))
     assert "Traceback" in (tmp_path / "error.log").read_text() and (tmp_path / "ray.log").stat().st_size > 0
 
