@@ -136,6 +136,7 @@ def test_recent_rows_answer_what_they_hold_until_full_or_too_old():
     assert recent.find(torch.tensor([7, 8]))[0].numel() == 0  # older than max_age_s: asked again
 
 
+@pytest.fixture(scope="module")
 def checkpoints(rest_trained_job) -> dict[int, str]:
     return rest_trained_job["checkpoints"]
 
