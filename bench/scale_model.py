@@ -43,6 +43,7 @@ from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for, write_synt
 from terarec.kernels.comm import Communicator, GlooCommunicator, LocalCommunicator
 from terarec.kernels.quant import decode_rows, encode_rows
 from terarec.store import DeviceStore, SparseSGD, feature_keys
+from terarec.store.base import Lookup
 from terarec.store.sharded import ShardedRows
 
 GPU_SHAPE = {"batch": 65536, "dim": 128, "bottom": [512, 256], "top": [1024, 1024, 512, 256]}  # bench/README.md
@@ -64,7 +65,10 @@ class ServedRows:
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
         return self.rows[: keys.numel()]
 
-    def update(self, keys: torch.Tensor, grads: torch.Tensor) -> None:
+    def lookup_for_update(self, keys: torch.Tensor) -> Lookup:
+        return Lookup(keys, self.lookup(keys))
+
+    def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
         pass
 
 
