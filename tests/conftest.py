@@ -178,7 +178,8 @@ class ApiServer:
 
 
 def _tiny_job(data: str, **config) -> dict:
-    return {"config": {"data": data, "steps": 20, "batch_size": 256, "eval_rows": 2000, "log_every": 5,
+    # eval_every=0: one evaluation, at the end (these tests check jobs, not steering; it keeps the suite short)
+    return {"config": {"data": data, "steps": 20, "batch_size": 256, "eval_rows": 2000, "eval_every": 0, "log_every": 5,
                        "checkpoint_every": 10, "cpus_per_worker": 1, "embedding": {"dim": 8, "num_buckets": 64},
                        "models": {"dlrm": {"bottom_mlp": [16], "top_mlp": [16]}}} | config}
 

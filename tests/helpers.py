@@ -25,7 +25,7 @@ def job_overrides(workers, **extra) -> list[str]:
     """--set key=value settings of the small job (also passed to the CLI)."""
     settings = {"workers": workers, "cpus_per_worker": 0.5, "embedding.dim": 8, "dlrm.bottom_mlp": "[16]",
                 "dlrm.top_mlp": "[16]", "embedding.num_buckets": 64, "embedding.optimizer": "adam", "embedding.lr": 0.02,
-                "eval_rows": 2000, "log_every": 2, "steps": JOB_STEPS, "batch_size": 240, "seed": 5} | extra
+                "eval_rows": 2000, "eval_every": 0, "log_every": 2, "steps": JOB_STEPS, "batch_size": 240, "seed": 5} | extra
     return [f"{key}={value}" for key, value in settings.items()]
 
 
