@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from terarec.actors.train_worker import TrainWorker
-from terarec.core.config import load_config
+from terarec.core.config import load_config, merge
 from terarec.core.data.schema import SPARSE_COLUMNS
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
@@ -133,13 +133,6 @@ def batch_summary(batch: dict) -> dict:
     return summary
 
 
-def deep_merge(old: dict, new: dict) -> dict:
-    out = dict(old)
-    for key, value in new.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["zoo", "batch"], choices=["zoo", "batch"])
@@ -161,7 +154,7 @@ def main() -> None:
         """Merge into the recorded figures (a run of some parts or models keeps the others') and rewrite."""
         if os.path.isfile(path):
             with open(path) as stream:
-                figures = deep_merge(json.load(stream)["figures"], figures)
+                figures = merge(json.load(stream)["figures"], figures)
         figures["zoo_comparison"] = compare(figures.get("zoo", {}))
         figures["batch_summary"] = batch_summary(figures.get("batch", {}))
         record("steer_quality", figures, dict(vars(args)))
