@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 from helpers import free_port as _free_port
+from helpers import wait_until_cluster_idle
 
 from terarec.core.checkpoints import find_checkpoints
 
@@ -97,6 +98,13 @@ def ray_cluster():
             head.wait()
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def idle_ray_cluster(ray_cluster):
+    """The session's Ray with all its CPUs free, for tests that run `terarec train` with its default resources."""
+    wait_until_cluster_idle()
+    return ray_cluster
 
 
 @pytest.fixture(scope="session")

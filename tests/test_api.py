@@ -166,10 +166,12 @@ def test_state_is_private_and_the_first_line_says_where(api):
     assert first.startswith(f"[terarec] serve: listening on {api.url};") and api.db in first, first
 
 
-def add_record(db: str, job_id: str, status: str, run_dir: str, config: str) -> None:
+def add_record(db: str, job_id: str, status: str, run_dir: str, config: str, age_s: float = 3600) -> None:
+    """A job record written `age_s` ago."""
+    written = time.time() - age_s
     with sqlite3.connect(db) as connection:
         connection.execute("INSERT INTO jobs VALUES (?, ?, NULL, ?, ?, ?, ?)", (job_id, status, run_dir, config,
-                                                                                time.time(), time.time()))
+                                                                                written, written))
 
 
 def test_reads_never_write_bad_records_stay_local_and_500s_say_nothing(api_server, tmp_path):
@@ -181,6 +183,10 @@ def test_reads_never_write_bad_records_stay_local_and_500s_say_nothing(api_serve
         assert server.call("GET", "/v1/jobs/terarec-unknown").json()["status"] == "LOST"
         assert server.call("GET", "/v1/jobs").json()["jobs"][0]["status"] == "LOST"
         assert open(server.db, "rb").read() == before
+        # ... unless it was recorded just now: it is still being submitted (the record is written first)
+        add_record(server.db, "terarec-submitting", "PENDING", str(tmp_path / "run"), "{}", age_s=1)
+        submitting = server.call("GET", "/v1/jobs/terarec-submitting").json()
+        assert (submitting["status"], submitting["message"]) == ("PENDING", "being submitted to Ray")
 
         # bad records (written before paths were checked, or damaged): a NUL in run_dir, a config that is not JSON
         add_record(server.db, "terarec-nul", "SUCCEEDED", "/tmp/a\x00b", "{}")
@@ -189,7 +195,8 @@ def test_reads_never_write_bad_records_stay_local_and_500s_say_nothing(api_serve
         assert listed.status_code == 200, listed.text
         jobs = {job["id"]: job for job in listed.json()["jobs"]}
         assert {job_id: job["status"] for job_id, job in jobs.items()} == {
-            "terarec-unknown": "LOST", "terarec-nul": "SUCCEEDED", "terarec-garbled": "UNREADABLE"}
+            "terarec-unknown": "LOST", "terarec-submitting": "PENDING", "terarec-nul": "SUCCEEDED",
+            "terarec-garbled": "UNREADABLE"}
         assert jobs["terarec-nul"]["result"] is None  # its files cannot be opened: shown without them
 
         # an internal error: a generic 500 with a request id; the exception is in the log only

@@ -109,7 +109,7 @@ def test_defaults_fit_the_data_and_notes_say_when_a_plan_is_off():
     assert note.startswith("each evaluation reads 5000000 eval rows; eval_rows=1000000")
 
 
-@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.usefixtures("idle_ray_cluster")
 def test_a_run_with_eval_every_keeps_the_best_checkpoint(synth_data, tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run([*CLI, "train", "--model", "deepfm", "--data", synth_data, "--run-dir", str(run_dir),

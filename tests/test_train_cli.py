@@ -25,7 +25,7 @@ def clicks(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_dlrm_beats_logistic_regression(ray_cluster, clicks, tmp_path):
+def test_dlrm_beats_logistic_regression(idle_ray_cluster, clicks, tmp_path):
     aucs = {}
     for model, extra in (("dlrm", []), ("lr", ["--set", "dense_optimizer.lr=0.01"])):
         run_dir = tmp_path / model

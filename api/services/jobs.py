@@ -125,7 +125,7 @@ class JobService:
         status, message, reachable = record.status, record.message, True
         if status not in TERMINAL:
             try:
-                status, message = ray_status(self.ray.jobs(), record.id)
+                status, message = live_status(self.ray.jobs(), record)
             except RayUnavailable:
                 reachable = False
         result = read_json(os.path.join(record.run_dir, "metrics.json")) if status == "SUCCEEDED" else None
@@ -140,7 +140,7 @@ class JobService:
         """Copy Ray's status of every unfinished job into its record (the only writer besides submit)."""
         for record in self.records.jobs(limit=1000):
             if isinstance(record, JobRecord) and record.status not in TERMINAL:
-                status, message = ray_status(self.ray.jobs(), record.id)
+                status, message = live_status(self.ray.jobs(), record)
                 if (status, message) != (record.status, record.message):
                     self.records.set_job_status(record.id, status, message)
 
@@ -165,7 +165,11 @@ def entrypoint(train_command: str, config: TrainConfig) -> str:
     return f"{train_command} --config-json {shlex.quote(json.dumps(config.model_dump(mode='json')))}"
 
 
-def submit_with_patience(client, command: str, job_id: str, run_dir: str, patience_s: float = 60.0) -> None:
+SUBMIT_PATIENCE_S = 60.0
+
+
+def submit_with_patience(client, command: str, job_id: str, run_dir: str,
+                         patience_s: float = SUBMIT_PATIENCE_S) -> None:
     """Submit, retrying while Ray says no agent is ready yet (a cluster that just started); nothing was submitted then."""
     deadline = time.monotonic() + patience_s
     while True:
@@ -186,6 +190,15 @@ def ray_status(client, job_id: str) -> tuple[str, str | None]:
             return "LOST", "Ray does not know this job any more (was the cluster restarted?)"
         raise RayUnavailable(f"the Ray Jobs API did not answer for job {job_id}") from None
     return str(getattr(info.status, "value", info.status)), info.message
+
+
+def live_status(client, record: JobRecord) -> tuple[str, str | None]:
+    """Ray's status of a recorded job. The record is written before the job is submitted (so a crash mid-submit
+    leaves a trace), so Ray not knowing a job is LOST only once its submission must have ended."""
+    status, message = ray_status(client, record.id)
+    if status == "LOST" and time.time() - record.created_at < SUBMIT_PATIENCE_S + 30:
+        return "PENDING", "being submitted to Ray"
+    return status, message
 
 
 def read_json(path: str) -> dict | None:
