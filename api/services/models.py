@@ -7,8 +7,9 @@ import threading
 import numpy as np
 
 from terarec.core.data.schema import transform_dense
+from terarec.core.resources import ResourceError
 
-from ..errors import NotFound, TooLarge, Unprocessable
+from ..errors import NotFound, TooLarge, Unavailable, Unprocessable
 from ..job_records import JobRecords
 from ..ray_cluster import RayCluster
 from ..schemas import ModelRequest, ModelView, PredictRequest
@@ -33,8 +34,14 @@ class ServedModels:
     def deploy(self, body: ModelRequest) -> ModelView:
         body = self.job_checkpoint(body)
         check_checkpoint(body.checkpoint)
-        self.serve().deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
-                                  server_gpus=body.server_gpus, settings=body.serving)
+        inference = self.serve()
+        try:
+            inference.deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
+                                   server_gpus=body.server_gpus, settings=body.serving, say=log.warning)
+        except inference.DeployTimeout as error:
+            raise Unavailable(str(error)) from None
+        except ResourceError as error:  # it can never be placed
+            raise Unprocessable(str(error)) from None
         with self._lock:
             self._handles.pop(body.name, None)
         return self.view(body.name, self.status()[body.name])
