@@ -24,6 +24,7 @@ class ServedModels:
         self.settings, self.ray, self.telemetry, self.records = settings, ray, telemetry, records
         self._handles: dict = {}
         self._lock = threading.Lock()
+        self._loop_handles: dict = {}  # made on the event loop; deploy and delete drop a name's (one dict op)
 
     def serve(self):
         self.ray.connect_driver()
@@ -44,6 +45,7 @@ class ServedModels:
             raise Unprocessable(str(error)) from None
         with self._lock:
             self._handles.pop(body.name, None)
+        self._loop_handles.pop(body.name, None)
         return self.view(body.name, self.status()[body.name])
 
     def job_checkpoint(self, body: ModelRequest) -> ModelRequest:
@@ -81,21 +83,32 @@ class ServedModels:
             info = self.handle(name).describe.remote().result(timeout_s=30)
         return ModelView(name=name, **status, **info)
 
-    def known_handle(self, name: str):
-        """The app's handle if this process has it already: predict then skips a thread hop."""
-        with self._lock:
-            return self._handles.get(name)
+    async def predict_handle(self, name: str):
+        """The app's handle for predictions, its router on this event loop: a request skips the hops to and from
+        Serve's router thread (the handles of `handle()` keep that thread: worker threads call them)."""
+        handle = self._loop_handles.get(name)
+        if handle is None:
+            from starlette.concurrency import run_in_threadpool
+
+            handle = await run_in_threadpool(self.new_handle, name)
+            handle._init(_run_router_in_separate_loop=False)  # Serve's private init option; on this loop
+            self._loop_handles[name] = handle
+        return handle
+
+    def new_handle(self, name: str):
+        """A new handle of the app; NotFound when Serve runs no such model."""
+        if name not in self.status():
+            raise NotFound(f"no model {name!r} is deployed (POST /v1/models deploys one)")
+        from ray import serve
+
+        return serve.get_app_handle(name)
 
     def handle(self, name: str):
         """The app's handle; NotFound when Serve runs no such model."""
         with self._lock:
             handle = self._handles.get(name)
         if handle is None:
-            if name not in self.status():
-                raise NotFound(f"no model {name!r} is deployed (POST /v1/models deploys one)")
-            from ray import serve
-
-            handle = serve.get_app_handle(name)
+            handle = self.new_handle(name)
             with self._lock:
                 self._handles[name] = handle
         return handle
@@ -105,6 +118,7 @@ class ServedModels:
         self.serve().delete_model(name)
         with self._lock:
             self._handles.pop(name, None)
+        self._loop_handles.pop(name, None)
 
     def model_inputs(self, body: PredictRequest) -> tuple[np.ndarray, np.ndarray]:
         """dense [n, 13] float32 (transformed as in training) and sparse [n, 26] int64; every dense value finite."""
@@ -122,10 +136,8 @@ class ServedModels:
         return dense, np.asarray([row.sparse for row in body.rows], dtype=np.int64)
 
     async def predict(self, name: str, body: PredictRequest) -> list[list[float]]:
-        from starlette.concurrency import run_in_threadpool
-
         dense, sparse = self.model_inputs(body)
-        handle = self.known_handle(name) or await run_in_threadpool(self.handle, name)
+        handle = await self.predict_handle(name)
         scores = await handle.predict.remote((dense, sparse))
         self.telemetry.predicted_rows.labels(name).inc(len(body.rows))
         return scores.tolist()
