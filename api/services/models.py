@@ -90,25 +90,25 @@ class ServedModels:
         if handle is None:
             from starlette.concurrency import run_in_threadpool
 
-            handle = await run_in_threadpool(self.new_handle, name)
-            handle._init(_run_router_in_separate_loop=False)  # Serve's private init option; on this loop
+            await run_in_threadpool(self.handle, name)  # NotFound for a name Serve does not run
+            from ray.serve.handle import DeploymentHandle
+
+            # a handle of its own (get_app_handle's are shared and already started), with Serve's private init option
+            handle = DeploymentHandle(self.serve().InferenceModel.name, name)
+            handle._init(_run_router_in_separate_loop=False)
             self._loop_handles[name] = handle
         return handle
-
-    def new_handle(self, name: str):
-        """A new handle of the app; NotFound when Serve runs no such model."""
-        if name not in self.status():
-            raise NotFound(f"no model {name!r} is deployed (POST /v1/models deploys one)")
-        from ray import serve
-
-        return serve.get_app_handle(name)
 
     def handle(self, name: str):
         """The app's handle; NotFound when Serve runs no such model."""
         with self._lock:
             handle = self._handles.get(name)
         if handle is None:
-            handle = self.new_handle(name)
+            if name not in self.status():
+                raise NotFound(f"no model {name!r} is deployed (POST /v1/models deploys one)")
+            from ray import serve
+
+            handle = serve.get_app_handle(name)
             with self._lock:
                 self._handles[name] = handle
         return handle
