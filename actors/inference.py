@@ -111,37 +111,22 @@ def deploy_asks(spec: dict) -> list[tuple[str, int, dict[str, float]]]:
 class DeployWait:
     """A deploy's clock: `until(done)` polls until done() or deploy_timeout_s; after NOTICE_AFTER_S (or half the
     deadline, if shorter) it says once (through `say`) what the deploy waits for, and on giving up raises
-    DeployTimeout, one line naming the resource short and the remedy."""
+    DeployTimeout, one line naming the resource short when the deploy began and the remedy."""
 
     def __init__(self, name: str, spec: dict, say: Callable[[str], None]):
-        self.name, self.servers, self.asks, self.say = name, set(spec["servers"]), deploy_asks(spec), say
-        self.timeout_s = ServingConfig.model_validate(spec["settings"]).deploy_timeout_s
-        self.started, self.said = time.monotonic(), False
-
-    def unplaced(self) -> list[tuple[str, int, dict[str, float]]]:
-        """The asks of the deploy's replicas and servers Ray has not placed yet (all of them when Ray's state API
-        does not answer): placed ones hold their share of what is no longer free."""
-        from ray.util.state import list_actors
-
-        try:
-            waiting = list_actors(filters=[("state", "=", "PENDING_CREATION")], raise_on_missing_output=False)
-        except Exception:  # no dashboard to ask
-            return self.asks
-        counts = (sum(actor.class_name.startswith(f"ServeReplica:{self.name}:") for actor in waiting),
-                  sum(actor.name in self.servers for actor in waiting))
-        return [(who if count == total else f"{count} of {who}", count, each)
-                for (who, total, each), count in zip(self.asks, counts) if count]
-
-    def reason(self) -> tuple[str, str]:
-        """What the deploy waits for, in one line, and the resource short (CPU when none is)."""
         import ray
 
-        unplaced = self.unplaced()
+        self.name, self.asks, self.say = name, deploy_asks(spec), say
+        self.timeout_s = ServingConfig.model_validate(spec["settings"]).deploy_timeout_s
+        self.started, self.said = time.monotonic(), False
+        # what was free before the deploy placed anything: its own placed actors do not count as short later
+        self.free, self.cluster = ray.available_resources(), ray.cluster_resources()
+
+    def reason(self) -> tuple[str, str]:
+        """What the deploy waits for, in one line, and the resource short (CPU when none was)."""
+        short = short_of(self.asks, self.free)
         placing = " and ".join(who for who, _, _ in self.asks)
-        if not unplaced:
-            return f"{placing} placed, still starting", "CPU"
-        short = short_of(unplaced, ray.available_resources())
-        return pending_text(short, ray.cluster_resources(), placing), short[0] if short else "CPU"
+        return pending_text(short, self.cluster, placing), short[0] if short else "CPU"
 
     def until(self, done: Callable[[], bool]) -> None:
         while not done():

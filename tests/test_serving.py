@@ -398,7 +398,7 @@ def test_a_deploy_the_cluster_cannot_hold_fails_in_one_line_and_leaves_what_serv
         line = late.stderr.strip().splitlines()[-1]  # the lines before it are Ray's own log
         assert "Traceback" not in late.stderr, late.stderr
         assert line.startswith("terarec deploy: error: model late: gave up after 3 s pending (replicas=1 needs 1 CPU x 1 "
-                               "= 1 CPUs; 0 free of the cluster's 4): free resources"), line  # its servers got the 0.2
+                               "+ servers=2 needs 0.1 CPU x 2 = 1.2 CPUs; 0.2 free of the cluster's 4): free resources"), line
         assert line.endswith("free of the cluster's 4): free resources (other models, jobs), lower replicas or "
                              "serving.cpus, or wait longer (serving.deploy_timeout_s, terarec deploy --timeout)"), line
         assert "[terarec] deploy late pending: replicas=1 needs 1 CPU" in late.stdout, late.stdout
