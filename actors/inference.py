@@ -4,9 +4,10 @@ The replica builds the same dense model as training (`model_from_checkpoint`), i
 read-only row backend that asks the embedding servers (`embedding_server.py`) for the rows; `@serve.batch`
 merges concurrent requests into one forward (its size and wait are `ServingConfig`), on the replica's GPU
 when it has one; recent rows stay in a replica-local cache (`RecentRows`) for a bounded time. `deploy_model` (used by `POST /v1/models` and
-`terarec deploy`) starts the servers and runs the Serve application; deploying a new checkpoint under the
-same name is Serve's rolling update (new replicas, with their own servers, take over before the old ones
-and their servers are stopped), so no request fails.
+`terarec deploy`) starts the servers and runs the Serve application, waiting at most
+`serving.deploy_timeout_s` for their resources; deploying a new checkpoint under the same name is Serve's
+rolling update (new replicas, with their own servers, take over before the old ones and their servers are
+stopped), so no request fails.
 """
 from __future__ import annotations
 
