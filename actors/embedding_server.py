@@ -178,20 +178,32 @@ def server_names(model: str, checkpoint: CheckpointContents, num_servers: int) -
     return [f"{SERVER_PREFIX}:{model}:{tag}:{rank}-of-{num_servers}" for rank in range(num_servers)]
 
 
+SERVER_CPUS = 0.1  # a server mostly waits on lookups
+
+
 def start_servers(model: str, checkpoint: CheckpointContents, num_servers: int, store: StoreConfig | None = None,
-                  num_cpus: float = 0.1, num_gpus: float = 0) -> list[str]:
-    """One detached actor per shard (reused if this checkpoint is already served); waits until all are loaded."""
+                  num_gpus: float = 0) -> tuple[list[str], list]:
+    """One detached actor per shard (reused if this checkpoint is already served): their names, and one ObjectRef
+    per server that is ready once its rows are loaded (the caller decides how long to wait)."""
     import ray
 
     actor = ray.remote(EmbeddingServer)
     names = server_names(model, checkpoint, num_servers)
     store_tree = store.model_dump() if store else None
     handles = [actor.options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-                             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1)
+                             num_cpus=SERVER_CPUS, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1)
                .remote(os.path.abspath(checkpoint.directory), rank, num_servers, store_tree, model)
                for rank, name in enumerate(names)]
-    ray.get([handle.rows.remote() for handle in handles])
-    return names
+    return names, [handle.rows.remote() for handle in handles]
+
+
+def model_servers(model: str) -> set[str]:
+    """The names of the model's live servers."""
+    import ray
+
+    prefix = f"{SERVER_PREFIX}:{model}:"
+    return {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix)}
 
 
 def server_handles(names: list[str]) -> list:
@@ -200,18 +212,15 @@ def server_handles(names: list[str]) -> list:
     return [ray.get_actor(name, namespace=NAMESPACE) for name in names]
 
 
-def stop_servers(model: str, keep: list[str] = ()) -> list[str]:
+def stop_servers(model: str, keep: list[str] | set[str] = ()) -> list[str]:
     """Kill the model's servers except `keep` (after a rollout, or when the model is deleted)."""
     import ray
 
-    prefix = f"{SERVER_PREFIX}:{model}:"
     stopped = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        name = entry["name"]
-        if entry["namespace"] == NAMESPACE and name.startswith(prefix) and name not in keep:
-            try:
-                ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                continue  # already gone
-            stopped.append(name)
+    for name in model_servers(model) - set(keep):
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            continue  # already gone
+        stopped.append(name)
     return stopped

@@ -4,14 +4,17 @@ The replica builds the same dense model as training (`model_from_checkpoint`), i
 read-only row backend that asks the embedding servers (`embedding_server.py`) for the rows; `@serve.batch`
 merges concurrent requests into one forward (its size and wait are `ServingConfig`), on the replica's GPU
 when it has one; recent rows stay in a replica-local cache (`RecentRows`) for a bounded time. `deploy_model` (used by `POST /v1/models` and
-`terarec deploy`) starts the servers and runs the Serve application; deploying a new checkpoint under the
-same name is Serve's rolling update (new replicas, with their own servers, take over before the old ones
-and their servers are stopped), so no request fails.
+`terarec deploy`) starts the servers and runs the Serve application, waiting at most
+`serving.deploy_timeout_s` for their resources; deploying a new checkpoint under the same name is Serve's
+rolling update (new replicas, with their own servers, take over before the old ones and their servers are
+stopped), so no request fails.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,8 +25,11 @@ from terarec.models import Batch
 from terarec.core.build import model_from_config, store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.core.config import ServingConfig, StoreConfig
+from terarec.core.resources import ResourceError, largest, pending_text, short_of, unfit_text
 
-from .embedding_server import RecentRows, ServerRows, server_handles, start_servers, stop_servers
+from .embedding_server import (SERVER_CPUS, RecentRows, ServerRows, model_servers, server_handles, server_names,
+                               start_servers, stop_servers)
+from .serve_env import SERVE_ENV
 
 
 def model_from_checkpoint(checkpoint: CheckpointContents, backend) -> nn.Module:
@@ -50,20 +56,24 @@ def rows_in(requests: list[tuple[np.ndarray, np.ndarray]]) -> int:
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128, graceful_shutdown_timeout_s=30,
                   max_surge_percent=25)  # a rollout starts replacements before it stops old replicas
 class InferenceModel:
-    """One replica: the dense model of a checkpoint; embedding rows come from the named servers."""
+    """One replica: the dense model of a checkpoint; embedding rows come from the named servers.
 
-    def __init__(self, checkpoint_dir: str, servers: list[str], settings: dict | None = None):
-        settings = ServingConfig.model_validate(settings or {})
-        checkpoint = open_checkpoint(checkpoint_dir)
+    `spec` (deploy_model's): checkpoint, servers (their names), settings (a ServingConfig), replicas, server_gpus;
+    a replica hands it back (`spec()`) so a failed rollout can put it back."""
+
+    def __init__(self, spec: dict):
+        self._spec = spec
+        settings = ServingConfig.model_validate(spec["settings"])
+        checkpoint = open_checkpoint(spec["checkpoint"])
         dim = store_width(checkpoint.config)
         recent = RecentRows(dim, settings.recent_rows, settings.recent_max_age_s) if settings.recent_rows else None
-        self.rows = ServerRows(server_handles(servers), checkpoint.meta["num_buckets"], dim, recent)
+        self.rows = ServerRows(server_handles(spec["servers"]), checkpoint.meta["num_buckets"], dim, recent)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray shows a replica a GPU only if it asked for one
         self.model = model_from_checkpoint(checkpoint, self.rows).to(device)
         self.predict.set_max_batch_size(settings.max_batch_rows)
         self.predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-        self.info = {"checkpoint": checkpoint_dir, "step": checkpoint.step, "model": checkpoint.config.model,
-                     "tasks": list(checkpoint.meta["label_columns"]), "servers": len(servers), "device": device}
+        self.info = {"checkpoint": spec["checkpoint"], "step": checkpoint.step, "model": checkpoint.config.model,
+                     "tasks": list(checkpoint.meta["label_columns"]), "servers": len(spec["servers"]), "device": device}
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=rows_in)  # __init__ applies ServingConfig
     async def predict(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -79,29 +89,136 @@ class InferenceModel:
         hit_rate = recent.hits / recent.lookups if recent and recent.lookups else None
         return self.info | {"recent_hit_rate": hit_rate}
 
+    def spec(self) -> dict:
+        return self._spec
+
+
+class DeployTimeout(ResourceError):
+    """A deploy waited serving.deploy_timeout_s for its replicas or servers; what served before serves on."""
+
+
+NOTICE_AFTER_S = 5.0  # replicas and servers usually start within this; longer is worth a line
+POLL_S = 0.5
+REMEDY = {"CPU": "lower replicas or serving.cpus", "GPU": "lower replicas, serving.gpus or server_gpus"}
+
+
+def deploy_asks(spec: dict) -> list[tuple[str, int, dict[str, float]]]:
+    """What a deploy's replicas and servers ask of the cluster, as core/resources.py weighs it."""
+    settings = ServingConfig.model_validate(spec["settings"])
+    return [(f"replicas={spec['replicas']}", spec["replicas"], {"CPU": settings.cpus, "GPU": settings.gpus}),
+            (f"servers={len(spec['servers'])}", len(spec["servers"]), {"CPU": SERVER_CPUS, "GPU": spec["server_gpus"]})]
+
+
+class DeployWait:
+    """A deploy's clock: `until(done)` polls until done() or deploy_timeout_s; after NOTICE_AFTER_S (or half the
+    deadline, if shorter) it says once (through `say`) what the deploy waits for, and on giving up raises
+    DeployTimeout, one line naming the resource short when the deploy began and the remedy."""
+
+    def __init__(self, name: str, spec: dict, say: Callable[[str], None]):
+        import ray
+
+        self.name, self.asks, self.say = name, deploy_asks(spec), say
+        self.timeout_s = ServingConfig.model_validate(spec["settings"]).deploy_timeout_s
+        self.started, self.said = time.monotonic(), False
+        # what was free before the deploy placed anything: its own placed actors do not count as short later
+        self.free, self.cluster = ray.available_resources(), ray.cluster_resources()
+
+    def reason(self) -> tuple[str, str]:
+        """What the deploy waits for, in one line, and the resource short (CPU when none was)."""
+        short = short_of(self.asks, self.free)
+        placing = " and ".join(who for who, _, _ in self.asks)
+        return pending_text(short, self.cluster, placing), short[0] if short else "CPU"
+
+    def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            waited = time.monotonic() - self.started
+            if waited >= self.timeout_s:
+                reason, resource = self.reason()
+                raise DeployTimeout(f"model {self.name}: gave up after {self.timeout_s:g} s pending ({reason}): free "
+                                    f"resources (other models, jobs), {REMEDY[resource]}, or wait longer "
+                                    f"(serving.deploy_timeout_s, terarec deploy --timeout)")
+            if waited >= min(NOTICE_AFTER_S, self.timeout_s / 2) and not self.said:
+                self.say(f"[terarec] deploy {self.name} pending: {self.reason()[0]}; giving up after "
+                         f"{self.timeout_s:g} s")
+                self.said = True
+            time.sleep(POLL_S)
+
 
 def deploy_model(name: str, checkpoint_dir: str, replicas: int = 1, num_servers: int | None = None,
-                 replica_cpus: float = 1.0, store: StoreConfig | None = None, server_gpus: float = 0,
-                 settings: ServingConfig | None = None) -> dict:
+                 store: StoreConfig | None = None, server_gpus: float = 0, settings: ServingConfig | None = None,
+                 say: Callable[[str], None] = print) -> dict:
     """Start (or roll out) the Serve application `name` for a checkpoint; returns what is served.
 
     `store`: the servers' store (default: all rows in memory); `server_gpus`: GPUs per server (its store on
-    the GPU); `settings`: the replicas' batching, cache and GPUs. Needs a Ray connection (`ray.init`) to a
-    cluster that outlives the caller. Waits until the new replicas run, then stops the embedding servers of
-    the checkpoint they replaced.
+    the GPU); `settings`: the replicas' batching, cache, resources and the deploy's deadline. Needs a Ray
+    connection (`ray.init`) to a cluster that outlives the caller. A deploy the cluster can never hold fails at
+    once (ResourceError); one that waits says why through `say` and gives up after settings.deploy_timeout_s
+    (DeployTimeout), leaving what served before: its own new servers stopped, a new name deleted, a rollout's
+    previous version put back. Once the new replicas run, the servers of the checkpoint they replaced stop.
     """
+    import ray
+
     settings = settings or ServingConfig()
     checkpoint = open_checkpoint(checkpoint_dir)
     num_servers = num_servers or checkpoint.meta["world_size"]
-    servers = start_servers(name, checkpoint, num_servers, store, num_gpus=server_gpus)
+    spec = {"checkpoint": os.path.abspath(checkpoint.directory), "servers": server_names(name, checkpoint, num_servers),
+            "settings": settings.model_dump(), "replicas": replicas, "server_gpus": server_gpus}
+    short = short_of(deploy_asks(spec), largest(ray.cluster_resources(), cluster_capacity()))
+    if short:
+        raise ResourceError(f"model {name} can never be placed on this cluster: {unfit_text(short, REMEDY[short[0]])}")
     serve.start(proxy_location="Disabled")  # served through the control plane's handles; no open HTTP port
-    options = {"num_cpus": replica_cpus, "num_gpus": settings.gpus}
-    app = InferenceModel.options(num_replicas=replicas, ray_actor_options=options).bind(
-        os.path.abspath(checkpoint.directory), servers, settings.model_dump())
-    serve.run(app, name=name, route_prefix=None)
-    stop_servers(name, keep=servers)
-    return {"name": name, "checkpoint": os.path.abspath(checkpoint.directory), "step": checkpoint.step,
-            "replicas": replicas, "servers": num_servers}
+    previous, servers_before = running_spec(name), model_servers(name)
+    wait = DeployWait(name, spec, say)
+    started = False
+    try:
+        _, loading = start_servers(name, checkpoint, num_servers, store, num_gpus=server_gpus)
+        wait.until(lambda: len(ray.wait(loading, num_returns=len(loading), timeout=0)[0]) == len(loading))
+        ray.get(loading)  # a server that failed to load raises here
+        run_application(name, spec)
+        started = True
+        wait.until(lambda: application_running(name))
+    except BaseException:
+        if started and previous:  # its replicas still serve (a rollout starts new ones first): target them again
+            run_application(name, previous)
+        elif started:
+            serve.delete(name)
+        stop_servers(name, keep=servers_before)
+        raise
+    stop_servers(name, keep=spec["servers"])
+    return {"name": name, "checkpoint": spec["checkpoint"], "step": checkpoint.step, "replicas": replicas,
+            "servers": num_servers}
+
+
+def run_application(name: str, spec: dict) -> None:
+    """Hand Serve the application of `spec` (a rollout if `name` runs); returns without waiting for it to run."""
+    settings = ServingConfig.model_validate(spec["settings"])
+    options = {"num_cpus": settings.cpus, "num_gpus": settings.gpus, "runtime_env": {"env_vars": SERVE_ENV}}
+    app = InferenceModel.options(num_replicas=spec["replicas"], ray_actor_options=options).bind(spec)
+    serve.run_many([serve.RunTarget(target=app, name=name, route_prefix=None)], wait_for_applications_running=False)
+
+
+def application_running(name: str) -> bool:
+    """Whether every replica of the application's target runs; raises if Serve gave up on it (a replica's
+    constructor failed)."""
+    app = serve.status().applications.get(name)
+    status = _text(app.status) if app else "NOT_STARTED"
+    if status == "DEPLOY_FAILED":
+        raise RuntimeError(f"deploying model {name} failed: {app.message}")
+    return status == "RUNNING"
+
+
+def running_spec(name: str) -> dict | None:
+    """The spec the application `name` serves, when it runs replicas; None for a new name."""
+    if served_models().get(name, {}).get("replicas", 0) == 0:
+        return None
+    return serve.get_app_handle(name).spec.remote().result(timeout_s=30)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """What an autoscaling cluster may grow to (empty for a fixed one)."""
+    from ray._private.state import state as ray_state
+
+    return ray_state.get_max_resources_from_cluster_config() or {}
 
 
 def delete_model(name: str) -> None:

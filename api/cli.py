@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+from terarec.actors.serve_env import use_serve_env
 from terarec.core.errors import UserError
 
 
@@ -29,7 +30,10 @@ def register(subparsers) -> None:
                         help="the servers' store (default: device, every row in memory)")
     deploy.add_argument("--cache-bytes", type=float, help="a tiered server's cache in bytes (or a fraction of free memory)")
     deploy.add_argument("--store-path", help="directory of the servers' SSD tables (cached_ssd)")
+    deploy.add_argument("--cpus", type=float, default=1, help="CPUs per replica")
     deploy.add_argument("--gpus", type=float, default=0, help="GPUs per replica (the dense model runs on it)")
+    deploy.add_argument("--timeout", type=float, default=120, help="give up (exit 2) after waiting this many seconds "
+                                                                   "for the replicas' and servers' resources")
     deploy.add_argument("--server-gpus", type=float, default=0, help="GPUs per embedding server (its store on it)")
     deploy.set_defaults(func=_deploy)
 
@@ -55,6 +59,7 @@ def _serve(args) -> int:
 
     settings = _settings(api_token_file=args.token_file, db_path=args.db)
     use_token_auth(settings)
+    use_serve_env()
     try:
         app = create_app(settings)
     except (ValueError, OSError) as error:
@@ -82,7 +87,8 @@ def _deploy(args) -> int:
     try:
         store = {"kind": args.store, "cache_bytes": args.cache_bytes, "path": args.store_path} if args.store else None
         request = ModelRequest(name=args.name, checkpoint=checkpoint, replicas=args.replicas, servers=args.servers,
-                               store=store, server_gpus=args.server_gpus, serving={"gpus": args.gpus})
+                               store=store, server_gpus=args.server_gpus,
+                               serving={"cpus": args.cpus, "gpus": args.gpus, "deploy_timeout_s": args.timeout})
         check_checkpoint(request.checkpoint)  # a wrong path fails here, before joining the cluster
     except ValidationError as error:
         raise UserError(format_validation_error(error).replace("config field", "argument")) from None
@@ -90,6 +96,7 @@ def _deploy(args) -> int:
         raise UserError(error.detail) from None
     settings = _settings()
     use_token_auth(settings)
+    use_serve_env()
     try:
         RayCluster(settings).connect_driver()
     except RayUnavailable as error:
@@ -97,6 +104,7 @@ def _deploy(args) -> int:
     from terarec.actors.inference import deploy_model
 
     served = deploy_model(request.name, request.checkpoint, request.replicas, request.servers, store=request.store,
-                          server_gpus=request.server_gpus, settings=request.serving)
+                          server_gpus=request.server_gpus, settings=request.serving,
+                          say=lambda line: print(line, flush=True))
     print(f"[terarec] serving: {json.dumps(served)}")
     return 0

@@ -44,7 +44,8 @@ def get_job_service(settings: Annotated[Settings, Depends(get_settings)],
     return JobService(settings, records, ray, telemetry, default_config)
 
 
-def get_served_models(request: Request) -> ServedModels:
+async def get_served_models(request: Request) -> ServedModels:
+    """async: FastAPI calls it on the event loop, not through a worker thread (a hop on every predict)."""
     return request.app.state.served_models  # keeps Serve handles between requests
 
 

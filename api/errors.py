@@ -22,6 +22,11 @@ class TooLarge(RequestError):
     status = 413
 
 
+class Unavailable(RequestError):
+    """The cluster cannot do it now (e.g. a deploy waited too long for resources); later it may."""
+    status = 503
+
+
 class RayRefused(RequestError):
     """Ray was reached but refused (no logs, could not stop): the gateway's error."""
     status = 502

@@ -271,7 +271,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.bare_server:
         return bare_server(int(args.bare_server[0]), args.bare_server[1])
+    from terarec.actors.serve_env import use_serve_env
 
+    use_serve_env()  # this driver's handle (`hops`) as the control plane's
     import ray
 
     workdir = tempfile.mkdtemp(prefix="serve-load-")

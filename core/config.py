@@ -89,7 +89,8 @@ class StoreConfig(Strict):
 
 
 class ServingConfig(Strict):
-    """How one online-inference replica batches and caches (POST /v1/models `serving`, `terarec deploy`)."""
+    """How online-inference replicas batch, cache, what each asks of the cluster, and how long a deploy waits for
+    that (POST /v1/models `serving`, `terarec deploy`)."""
 
     max_batch_rows: int = Field(default=8192, ge=4096, le=1_000_000, description="rows merged into one forward "
                                 "(@serve.batch counts rows, not requests); at least TERAREC_MAX_PREDICT_ROWS; "
@@ -102,6 +103,10 @@ class ServingConfig(Strict):
     recent_max_age_s: float = Field(default=30.0, gt=0, description="the oldest a replica's cached row may be: "
                                     "how late it sees a row that changed on the servers")
     gpus: float = Field(default=0, ge=0, le=8, description="GPUs per replica (the dense model runs on it)")
+    cpus: float = Field(default=1, gt=0, le=256, description="CPUs per replica")
+    deploy_timeout_s: float = Field(default=120, gt=0, description="how long a deploy waits for its replicas' and "
+                                    "embedding servers' resources before it gives up (the previous version, if "
+                                    "any, keeps serving)")
 
 
 def _models_section() -> type[BaseModel]:

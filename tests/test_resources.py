@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from terarec.core.config import load_config
-from terarec.core.resources import unfit_reason, worker_resources
+from terarec.core.resources import pending_text, short_of, unfit_reason, worker_resources
 
 
 def job(**settings):
@@ -44,3 +44,13 @@ def test_an_autoscaling_cluster_is_held_against_what_it_can_grow_to():
 def test_default_cpus_split_the_cluster_over_the_most_workers():
     assert worker_resources(job(workers="[1,2]"), {"CPU": 8.0}) == {"CPU": 4}
     assert worker_resources(job(workers=3, batch_size=4095), {"CPU": 2.0, "GPU": 3.0}) == {"CPU": 1, "GPU": 1}
+
+
+def test_asks_of_several_kinds_add_up_and_a_wait_says_what_is_free():
+    """A deploy's replicas and embedding servers (actors/inference.py::deploy_asks) weighed together."""
+    asks = [("replicas=2", 2, {"CPU": 1.0, "GPU": 0}), ("servers=2", 2, {"CPU": 0.1, "GPU": 0})]
+    assert short_of(asks, {"CPU": 2.2}) is None
+    assert pending_text(short_of(asks, {"CPU": 1.5, "GPU": 1.0}), {"CPU": 4.0}, "them") == \
+        "replicas=2 needs 1 CPU x 2 + servers=2 needs 0.1 CPU x 2 = 2.2 CPUs; 1.5 free of the cluster's 4"
+    assert pending_text(None, {"CPU": 4.0}, "replicas=2 and servers=2") == \
+        "waiting for Ray to place replicas=2 and servers=2"

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 
 from ..auth import bearer_scheme
 from ..dependencies import Models
+from ..responses import AsciiJSONResponse
 from ..schemas import ModelList, ModelRequest, ModelView, PredictRequest, PredictResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[bearer_scheme])
@@ -31,5 +32,6 @@ def delete_model(name: str, models: Models) -> None:
 
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="click probabilities of raw Criteo rows")
-async def predict(name: str, body: PredictRequest, models: Models) -> PredictResponse:
-    return PredictResponse(model=name, scores=await models.predict(name, body))
+async def predict(name: str, body: PredictRequest, models: Models) -> AsciiJSONResponse:
+    # the scores are plain floats already: a response FastAPI sends as it is, without validating it again
+    return AsciiJSONResponse({"model": name, "scores": await models.predict(name, body)})

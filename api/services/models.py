@@ -7,8 +7,9 @@ import threading
 import numpy as np
 
 from terarec.core.data.schema import transform_dense
+from terarec.core.resources import ResourceError
 
-from ..errors import NotFound, TooLarge, Unprocessable
+from ..errors import NotFound, TooLarge, Unavailable, Unprocessable
 from ..job_records import JobRecords
 from ..ray_cluster import RayCluster
 from ..schemas import ModelRequest, ModelView, PredictRequest
@@ -23,6 +24,7 @@ class ServedModels:
         self.settings, self.ray, self.telemetry, self.records = settings, ray, telemetry, records
         self._handles: dict = {}
         self._lock = threading.Lock()
+        self._loop_handles: dict = {}  # made on the event loop; deploy and delete drop a name's (one dict op)
 
     def serve(self):
         self.ray.connect_driver()
@@ -33,10 +35,17 @@ class ServedModels:
     def deploy(self, body: ModelRequest) -> ModelView:
         body = self.job_checkpoint(body)
         check_checkpoint(body.checkpoint)
-        self.serve().deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
-                                  server_gpus=body.server_gpus, settings=body.serving)
+        inference = self.serve()
+        try:
+            inference.deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
+                                   server_gpus=body.server_gpus, settings=body.serving, say=log.warning)
+        except inference.DeployTimeout as error:
+            raise Unavailable(str(error)) from None
+        except ResourceError as error:  # it can never be placed
+            raise Unprocessable(str(error)) from None
         with self._lock:
             self._handles.pop(body.name, None)
+        self._loop_handles.pop(body.name, None)
         return self.view(body.name, self.status()[body.name])
 
     def job_checkpoint(self, body: ModelRequest) -> ModelRequest:
@@ -74,10 +83,21 @@ class ServedModels:
             info = self.handle(name).describe.remote().result(timeout_s=30)
         return ModelView(name=name, **status, **info)
 
-    def known_handle(self, name: str):
-        """The app's handle if this process has it already: predict then skips a thread hop."""
-        with self._lock:
-            return self._handles.get(name)
+    async def predict_handle(self, name: str):
+        """The app's handle for predictions, its router on this event loop: a request skips the hops to and from
+        Serve's router thread (the handles of `handle()` keep that thread: worker threads call them)."""
+        handle = self._loop_handles.get(name)
+        if handle is None:
+            from starlette.concurrency import run_in_threadpool
+
+            await run_in_threadpool(self.handle, name)  # NotFound for a name Serve does not run
+            from ray.serve.handle import DeploymentHandle
+
+            # a handle of its own (get_app_handle's are shared and already started), with Serve's private init option
+            handle = DeploymentHandle(self.serve().InferenceModel.name, name)
+            handle._init(_run_router_in_separate_loop=False)
+            self._loop_handles[name] = handle
+        return handle
 
     def handle(self, name: str):
         """The app's handle; NotFound when Serve runs no such model."""
@@ -98,6 +118,7 @@ class ServedModels:
         self.serve().delete_model(name)
         with self._lock:
             self._handles.pop(name, None)
+        self._loop_handles.pop(name, None)
 
     def model_inputs(self, body: PredictRequest) -> tuple[np.ndarray, np.ndarray]:
         """dense [n, 13] float32 (transformed as in training) and sparse [n, 26] int64; every dense value finite."""
@@ -115,10 +136,8 @@ class ServedModels:
         return dense, np.asarray([row.sparse for row in body.rows], dtype=np.int64)
 
     async def predict(self, name: str, body: PredictRequest) -> list[list[float]]:
-        from starlette.concurrency import run_in_threadpool
-
         dense, sparse = self.model_inputs(body)
-        handle = self.known_handle(name) or await run_in_threadpool(self.handle, name)
+        handle = await self.predict_handle(name)
         scores = await handle.predict.remote((dense, sparse))
         self.telemetry.predicted_rows.labels(name).inc(len(body.rows))
         return scores.tolist()
