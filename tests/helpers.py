@@ -21,30 +21,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_cluster_idle(timeout_s: float = 60) -> None:
-    """Wait until every CPU and GPU of the connected Ray cluster is free; fail naming the actors that hold them.
-
-    Tests that run `terarec train` as a user does get the whole cluster per worker by default, so one actor a
-    test before leaked would leave them pending until resource_timeout_s; this fails in seconds with its name."""
+def resources_still_held(timeout_s: float = 60) -> str | None:
+    """None once every CPU and GPU of the connected Ray cluster is free (waiting up to `timeout_s`); else what is
+    held and by which live actors."""
     import time
 
     import ray
     from ray.util.state import list_actors
 
-    def held() -> dict[str, float]:
-        free, total = ray.available_resources(), ray.cluster_resources()
-        return {kind: total[kind] - free.get(kind, 0.0) for kind in ("CPU", "GPU")
-                if total.get(kind, 0.0) - free.get(kind, 0.0) > 1e-6}
-
     deadline = time.monotonic() + timeout_s
-    while held() and time.monotonic() < deadline:
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        held = {kind: total[kind] - free.get(kind, 0.0) for kind in ("CPU", "GPU")
+                if total.get(kind, 0.0) - free.get(kind, 0.0) > 1e-6}
+        if not held or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
-    if held():
-        holders = [f"{actor.class_name}({actor.name or actor.actor_id[:8]}, namespace {actor.ray_namespace}): "
-                   f"{actor.required_resources}" for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-                   if any(actor.required_resources.get(kind) for kind in ("CPU", "GPU"))]
-        raise AssertionError(f"the session's Ray still holds {held()} after {timeout_s:.0f} s (a test before this one "
-                             f"leaked them): {holders}")
+    if not held:
+        return None
+    holders = [f"{actor.class_name}({actor.name or actor.actor_id[:8]}, namespace {actor.ray_namespace}): "
+               f"{actor.required_resources}" for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+               if any(actor.required_resources.get(kind) for kind in ("CPU", "GPU"))]
+    return f"{held} still held after {timeout_s:g} s, by live actors {holders}"
+
+
+def wait_until_cluster_idle(timeout_s: float = 60) -> None:
+    """Fail naming the holders unless every CPU and GPU of the cluster is free within `timeout_s`.
+
+    Tests that run `terarec train` as a user does get the whole cluster per worker by default, so one actor a
+    test before leaked would leave them pending until resource_timeout_s; this fails in seconds with its name."""
+    held = resources_still_held(timeout_s)
+    assert held is None, f"the session's Ray: {held} (a test before this one leaked them)"
 
 
 def job_overrides(workers, **extra) -> list[str]:
