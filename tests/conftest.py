@@ -92,7 +92,7 @@ def ray_cluster():
         os.environ.pop("RAY_ADDRESS", None)
         head.terminate()
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=10)  # a graceful stop of every Ray process takes ~30 s; the cluster is ours and spent
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # our own head's process group, nothing else
             head.wait()
