@@ -19,6 +19,13 @@ Write-back. With `defer_writes`, rows evicted dirty are kept in a list
 lower tiers next writes them first (`drain`), in order, before any read below.
 The tiered store hands the list to its background job, so write-back leaves the
 training step.
+
+Read-around (`read_around`, the host cache of `cached_ssd`): a read from above that
+misses here is served from below and *not* kept, so a miss costs one lookup in the
+slot map and nothing else (no victim, no copy in). Rows enter such a level only
+when the level above writes them down (its evicted dirty rows): it is a victim
+cache of the level above, holding rows that level does not, instead of a second
+copy of that level's own rows.
 """
 from __future__ import annotations
 
@@ -51,7 +58,8 @@ class CacheLevel:
     """
 
     def __init__(self, lower, value_width: int, capacity: int, policy: str = "lru",
-                 device: torch.device | str = "cpu", name: str = "cache"):
+                 device: torch.device | str = "cpu", name: str = "cache", read_around: bool = False,
+                 pinned: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"store.policy {policy!r} is unknown; choose one of {', '.join(POLICIES)}")
         if capacity < 1:
@@ -63,6 +71,8 @@ class CacheLevel:
         self.device = torch.device(device)
         self.slot_device = self.device  # where read and write take slots and rows without a copy
         self.name = name
+        self.read_around = read_around
+        self.pinned = pinned  # rows `read` returns are page-locked (a CPU level whose reads go on to a GPU)
         self.values = torch.empty((0, value_width), device=self.device)
         self.backing = torch.empty(0, dtype=torch.int64, device=self.device)  # cache slot -> backing slot, -1 free
         self.stamp = torch.empty(0, dtype=torch.int64, device=self.device)  # the access that last touched the slot
@@ -88,12 +98,34 @@ class CacheLevel:
         self.lower.reserve(rows)
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """[N] backing slots -> [N, W] rows on this level's device, cached on the way."""
+        """[N] backing slots -> [N, W] rows on this level's device, cached on the way (unless `read_around`)."""
         slots = slots.to(self.device)
+        if self.read_around:
+            return self._read_around(slots)
         out = torch.empty((slots.numel(), self.value_width), device=self.device)
         for piece in pieces(slots.numel(), self.capacity):
             cache_slots = self.resident(slots[piece])  # may grow self.values: index it only afterwards
             out[piece] = self.values[cache_slots]
+        return out
+
+    def _read_around(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of [N] backing slots: the resident ones from here (touched), the others from below, not kept."""
+        cache_slots = self.slot_of[slots].long()
+        hit = cache_slots >= 0
+        hits = int(hit.sum())
+        self.hits += hits
+        self.misses += slots.numel() - hits
+        if hits == 0:
+            self.drain()
+            return self.lower.read(slots).to(self.device)
+        out = torch.empty((slots.numel(), self.value_width), device=self.device, pin_memory=self.pinned)
+        hit_slots = cache_slots[hit]
+        self._touch(hit_slots)
+        out[hit] = self.values[hit_slots]
+        if hits < slots.numel():
+            self.drain()
+            miss = ~hit
+            out[miss] = self.lower.read(slots[miss]).to(self.device)
         return out
 
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:

@@ -51,6 +51,7 @@ def make_store(kind: str, dim: int, optimizer: SparseOptimizer, seed: int = 0, i
     device = torch.device(device)
     width = dim * (1 + len(optimizer.state_names))
     slot_bytes = width * 4 + METADATA_BYTES_PER_SLOT
+    gpu = device.type == "cuda"  # rows read on the CPU go on to the GPU: read them into page-locked memory
     cache_rows = budget_rows(DEFAULT_CACHE_FRACTION if cache_bytes is None else cache_bytes, slot_bytes, device,
                              "store.cache_bytes")
     host = torch.device("cpu")
@@ -61,10 +62,10 @@ def make_store(kind: str, dim: int, optimizer: SparseOptimizer, seed: int = 0, i
     else:
         if not path:
             raise ValueError("store.kind cached_ssd needs store.path: the directory of the SSD table")
-        table = SsdTable(path, width, {"dim": dim, "optimizer": type(optimizer).__name__})
+        table = SsdTable(path, width, {"dim": dim, "optimizer": type(optimizer).__name__}, pinned=gpu)
         lower = table
-        if host_bytes:
+        if host_bytes:  # a victim cache of the GPU cache: its misses cost nothing there (cache.py, read-around)
             lower = CacheLevel(table, width, budget_rows(host_bytes, slot_bytes, host, "store.host_bytes"), policy,
-                               host, name="host_cache")
+                               host, name="host_cache", read_around=True, pinned=gpu)
     cache = CacheLevel(lower, width, cache_rows, policy, device, name="cache")
     return TieredStore(dim, optimizer, cache, table, seed, init_scale)

@@ -14,21 +14,24 @@ the first write to one afterwards copies it to the next generation
 Opening checks every file's size and checksum and names the file that fails.
 One process writes a table at a time.
 
-I/O. A read sorts its slots, groups them by chunk and gathers each chunk's records
-in ascending offset order with one `index_select` over the chunk's map; the chunks
-are read in parallel by a pool of READERS threads, so the page faults (the disk
-reads) of a batch are in flight together, and neighbouring records share their
-pages. The maps are advised random access (no read-ahead of unused pages). A write
-is queued to one background thread and applied in order, so write-back leaves the
-caller's critical path; a read of a slot with a queued write waits for that write,
-and `commit` waits for all of them.
+I/O is positional (`os.preadv`/`os.pwritev` on each chunk's open file), not through
+memory maps: a read sorts its slots, coalesces runs of adjacent records within a
+chunk into one call each, and reads the runs straight into the output rows (pinned
+memory when `pinned`, so that a copy to the GPU needs no staging); a large read
+splits its runs among a pool of READERS threads (the GIL is released while a call
+waits on the disk, so the reads of a batch are in flight together). Slots that
+arrive sorted (a prefetch's) land in place; others are read in slot order and put
+back in the caller's order with one copy. No page is faulted in, dirtied through a
+mapping or read ahead. A write is queued to one background thread and applied in
+order with `pwritev`, so write-back leaves the caller's critical path; a read of a
+slot with a queued write waits for that write, and `commit` waits for all of them.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,7 +44,8 @@ from .snapshot import file_crc32
 FORMAT = "terarec-ssd-table"
 VERSION = 1
 MAX_QUEUED_WRITES = 4  # a write waits for the oldest queued one beyond this, bounding the memory they hold
-READERS = min(16, os.cpu_count() or 1)  # threads reading chunks at once: SSDs serve parallel reads far faster
+READERS = min(16, os.cpu_count() or 1)  # threads reading at once: SSDs serve parallel reads far faster
+RUNS_PER_READER = 256  # a read of fewer runs stays on the caller's thread: a hand-off costs more than it saves
 
 
 class DamagedTableError(ValueError):
@@ -69,14 +73,17 @@ class SsdTable:
     slot_device = torch.device("cpu")  # where read and write take slots and rows without a copy
 
     def __init__(self, path: str | os.PathLike, value_width: int, meta: dict, chunk_rows: int = 1 << 16,
-                 keep: int = 2, verify: bool = True):
+                 keep: int = 2, verify: bool = True, pinned: bool = False):
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
         self.value_width = value_width
+        self.row_bytes = value_width * 4
         self.meta = {**meta, "value_width": value_width}
         self.chunk_rows = chunk_rows
         self.keep = keep
-        self.chunks: list[np.memmap] = []
+        self.pinned = pinned  # rows read land in page-locked memory (they go on to a GPU)
+        self.chunks: list = []  # an open file per chunk (raw FileIO: positional reads and writes on its fd)
+        self.retired: list = []  # files of chunks copied on write, closed once no read can hold them (`commit`)
         self.chunk_gens: list[int] = []
         self.chunk_crcs: list[int | None] = []
         self.frozen: list[bool] = []  # named by a snapshot: copy before writing
@@ -85,6 +92,7 @@ class SsdTable:
         self.keys = torch.empty(0, dtype=torch.int64)  # of the snapshot opened
         self.kept: list[dict] = []
         self.bytes_read = self.bytes_written = 0
+        self.read_s = self.write_s = 0.0  # time inside read (the caller waits) and applying writes (in the background)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ssd-write-back")
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="ssd-read")
         self._queued: list[tuple[Future, torch.Tensor]] = []  # (write, its sorted slots), oldest first
@@ -100,11 +108,8 @@ class SsdTable:
     def _chunk_path(self, chunk: int, gen: int) -> Path:
         return self.root / f"chunk-{chunk:06d}.g{gen:06d}.bin"
 
-    def _map(self, chunk: int) -> np.memmap:
-        path = self._chunk_path(chunk, self.chunk_gens[chunk])
-        mapped = np.memmap(path, dtype=np.float32, mode="r+", shape=(self.chunk_rows, self.value_width))
-        mapped._mmap.madvise(mmap.MADV_RANDOM)
-        return mapped
+    def _open_chunk(self, chunk: int):
+        return open(self._chunk_path(chunk, self.chunk_gens[chunk]), "r+b", buffering=0)
 
     def _check(self, path: Path, size: int, crc: int, manifest: Path, verify: bool) -> None:
         if not path.exists():
@@ -140,7 +145,7 @@ class SsdTable:
             self.chunk_gens.append(entry["gen"])
             self.chunk_crcs.append(entry["crc32"])
             self.frozen.append(True)
-            self.chunks.append(self._map(chunk))
+            self.chunks.append(self._open_chunk(chunk))
         keys_path = self.root / manifest["keys"]["file"]
         self._check(keys_path, manifest["keys"]["bytes"], manifest["keys"]["crc32"], manifest_path, verify)
         self.keys = torch.from_numpy(np.fromfile(keys_path, dtype=np.int64))
@@ -158,42 +163,53 @@ class SsdTable:
             self.chunk_gens.append(0)
             self.chunk_crcs.append(None)
             self.frozen.append(False)
-            self.chunks.append(self._map(chunk))
+            self.chunks.append(self._open_chunk(chunk))
 
-    def _by_chunk(self, slots: torch.Tensor):
-        """Sort [N] slots; returns their order [N] and (chunk, start, end, records) per chunk, where
-        slots[order[start:end]] are that chunk's slots and `records` their ascending places in it."""
-        sorted_slots, order = torch.sort(slots)
-        chunk_of = sorted_slots // self.chunk_rows
-        chunks, counts = torch.unique_consecutive(chunk_of, return_counts=True)
-        groups, start = [], 0
-        for chunk, count in zip(chunks.tolist(), counts.tolist()):
-            groups.append((chunk, start, start + count, sorted_slots[start:start + count] - chunk * self.chunk_rows))
-            start += count
-        return order, groups
+    def _runs(self, sorted_slots: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """Ascending [N] slots -> (chunk, byte offset in its file, first row, end row) per run of adjacent
+        records within one chunk; rows index `sorted_slots`."""
+        slots = sorted_slots.numpy()
+        chunk_of = slots // self.chunk_rows
+        starts_run = np.ones(slots.size, dtype=bool)
+        starts_run[1:] = (np.diff(slots) != 1) | (np.diff(chunk_of) != 0)
+        starts = np.flatnonzero(starts_run)
+        ends = np.append(starts[1:], slots.size)
+        offsets = (slots[starts] - chunk_of[starts] * self.chunk_rows) * self.row_bytes
+        return list(zip(chunk_of[starts].tolist(), offsets.tolist(), starts.tolist(), ends.tolist()))
 
-    def _rows(self, chunk: int) -> torch.Tensor:
-        """[chunk_rows, W] view of a chunk's map."""
-        return torch.from_numpy(self.chunks[chunk])
+    def _read_runs(self, runs: list, into: memoryview) -> None:
+        """Fill `into`'s rows from the runs (on the caller's or a reader's thread)."""
+        size = self.row_bytes
+        for chunk, offset, start, end in runs:
+            wanted = (end - start) * size
+            if os.preadv(self.chunks[chunk].fileno(), [into[start * size:end * size]], offset) != wanted:
+                raise DamagedTableError(f"SSD table file {self.chunks[chunk].name} is shorter than its "
+                                        f"{self.chunk_bytes} bytes; restore the directory from a backup")
 
     def read(self, slots: torch.Tensor) -> torch.Tensor:
-        """[N] slots -> [N, W] rows (CPU), written ones included even while their write is queued."""
+        """[N] slots -> [N, W] rows (CPU, pinned if `pinned`), written ones included even while their write is queued."""
+        started = time.perf_counter()
         slots = slots.to("cpu", torch.int64)
         self._wait_for(slots)
-        order, groups = self._by_chunk(slots)
-        staged = torch.empty((slots.numel(), self.value_width))  # in sorted slot order
-
-        def gather(group) -> None:
-            chunk, start, end, records = group
-            torch.index_select(self._rows(chunk), 0, records, out=staged[start:end])
-
-        if len(groups) > 1:
-            list(self._readers.map(gather, groups))
-        elif groups:
-            gather(groups[0])
-        out = torch.empty_like(staged)
-        out[order] = staged
+        out = torch.empty((slots.numel(), self.value_width), pin_memory=self.pinned)
+        if slots.numel() == 0:
+            return out
+        in_order = bool((slots[1:] >= slots[:-1]).all())
+        order = None if in_order else torch.argsort(slots)
+        staged = out if in_order else torch.empty_like(out)  # rows in ascending slot order
+        runs = self._runs(slots if in_order else slots[order])
+        into = memoryview(staged.numpy()).cast("B")
+        parts = min(READERS, len(runs) // RUNS_PER_READER)
+        if parts > 1:
+            step = -(-len(runs) // parts)
+            list(self._readers.map(self._read_runs, [runs[i:i + step] for i in range(0, len(runs), step)],
+                                   [into] * parts))
+        else:
+            self._read_runs(runs, into)
+        if not in_order:
+            out.index_copy_(0, order, staged)
         self.bytes_read += out.numel() * 4
+        self.read_s += time.perf_counter() - started
         return out
 
     peek = read
@@ -201,23 +217,27 @@ class SsdTable:
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Queue [N] unique slots' rows [N, W] for writing; reads and `commit` see them from now on."""
         slots = slots.to("cpu", torch.int64)
-        order, groups = self._by_chunk(slots)
+        sorted_slots, order = torch.sort(slots)
         values = values.detach().to(torch.float32)[order.to(values.device)].cpu()  # a copy, in sorted slot order
         while len(self._queued) >= MAX_QUEUED_WRITES:
             self._queued.pop(0)[0].result()
-        job = self._writer.submit(self._apply, groups, values)
-        self._queued.append((job, slots[order]))
+        job = self._writer.submit(self._apply, self._runs(sorted_slots), values)
+        self._queued.append((job, sorted_slots))
         self.bytes_written += values.numel() * 4
 
     put = write  # the bottom tier: rows are always here
 
-    def _apply(self, groups: list, values: torch.Tensor) -> None:
+    def _apply(self, runs: list, values: torch.Tensor) -> None:
         """Write one queued write (on the write-back thread)."""
-        for chunk, start, end, records in groups:
+        started = time.perf_counter()
+        rows = memoryview(values.numpy()).cast("B")
+        size = self.row_bytes
+        for chunk, offset, start, end in runs:
             if self.frozen[chunk]:
                 self._copy_on_write(chunk)
-            self._rows(chunk).index_copy_(0, records, values[start:end])
+            os.pwritev(self.chunks[chunk].fileno(), [rows[start * size:end * size]], offset)
             self.chunk_crcs[chunk] = None
+        self.write_s += time.perf_counter() - started
 
     def _wait_for(self, slots: torch.Tensor | None = None) -> None:
         """Wait for the queued writes that touch `slots` (all of them if None) and every write before
@@ -232,7 +252,8 @@ class SsdTable:
         source = self._chunk_path(chunk, self.chunk_gens[chunk])
         shutil.copyfile(source, self._chunk_path(chunk, self.chunk_gens[chunk] + 1))
         self.chunk_gens[chunk] += 1
-        self.chunks[chunk] = self._map(chunk)
+        self.retired.append(self.chunks[chunk])  # a read on another thread may still be reading through it
+        self.chunks[chunk] = self._open_chunk(chunk)
         self.frozen[chunk] = False
 
     # -- snapshots ---------------------------------------------------------------------------------
@@ -240,12 +261,15 @@ class SsdTable:
     def commit(self, keys: torch.Tensor, step: int) -> int:
         """Make the current rows, `keys` (in slot order) and `step` the next snapshot; returns its id."""
         self._wait_for()
+        for file in self.retired:  # the caller reads nothing while it commits
+            file.close()
+        self.retired = []
         snapshot = self.snapshot_id + 1
         entries = []
-        for chunk, mapped in enumerate(self.chunks):
+        for chunk, file in enumerate(self.chunks):
             path = self._chunk_path(chunk, self.chunk_gens[chunk])
             if self.chunk_crcs[chunk] is None:
-                mapped.flush()
+                os.fsync(file.fileno())
                 self.chunk_crcs[chunk] = file_crc32(path)
             entries.append({"file": path.name, "gen": self.chunk_gens[chunk], "crc32": self.chunk_crcs[chunk]})
         keys_bytes = keys.cpu().numpy().astype(np.int64).tobytes()
@@ -279,4 +303,5 @@ class SsdTable:
 
     def metrics(self) -> dict[str, float]:
         return {f"{self.name}_bytes_read": float(self.bytes_read), f"{self.name}_bytes_written": float(self.bytes_written),
+                f"{self.name}_read_s": self.read_s, f"{self.name}_write_s": self.write_s,
                 f"{self.name}_snapshot": float(self.snapshot_id)}

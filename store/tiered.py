@@ -23,6 +23,7 @@ reads or writes below waits for the background job first (`_settle`).
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -75,6 +76,7 @@ class TieredStore(EmbeddingStore):
         self.step = getattr(table, "step", 0)
         self.lookups = 0
         self.inserts = 0
+        self.wait_s = 0.0  # time the caller waited for the background job (prefetch not done in time)
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-prefetch")
         self._job: tuple[int, torch.Tensor, Future] | None = None  # (cache generation, slots, future rows)
         self._prefetched: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, slots, rows) ready
@@ -181,7 +183,9 @@ class TieredStore(EmbeddingStore):
             return
         generation, slots, job = self._job
         self._job = None
+        started = time.perf_counter()
         rows = job.result()
+        self.wait_s += time.perf_counter() - started
         self._prefetched = (generation, slots, rows) if slots.numel() else None
 
     def _take_prefetched(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -224,5 +228,6 @@ class TieredStore(EmbeddingStore):
     def metrics(self) -> dict[str, float]:
         rows = len(self)
         return {"rows": float(rows), "lookups": float(self.lookups), "inserts": float(self.inserts),
+                "prefetch_wait_s": self.wait_s,
                 "index_bytes_per_row": sum(self.index_bytes_per_row().values()) if rows else 0.0,
                 **self.cache.metrics()}

@@ -154,6 +154,21 @@ def test_counts_match_a_python_model(policy, access, tmp_path):
     assert 0 < got["index_bytes_per_row"] <= 64
 
 
+def test_host_cache_misses_read_around_it(tmp_path):
+    """cached_ssd's host cache holds what the GPU cache wrote down: a row it misses is read from the SSD
+    table once and not kept (no fill, no victim), and rows written down come back from it as hits."""
+    steps = batches("zipf", steps=30, size=60, seed=2)
+    store = tiered("cached_ssd", SparseSGD(lr=0.1), tmp_path, cache_rows=80, host_rows=120)
+    reference = DeviceStore(DIM, SparseSGD(lr=0.1), seed=3)
+    train(store, steps)
+    train(reference, steps)
+    got = store.metrics()
+    assert got["host_cache_fills"] == 0 and got["host_cache_hits"] > 0
+    assert got["ssd_bytes_read"] == got["host_cache_misses"] * store.value_width * 4
+    assert got["host_cache_evictions"] > 0  # full: rows written down displace others
+    assert_same_store(store, reference)
+
+
 def test_batch_larger_than_the_cache_is_served_in_pieces(tmp_path):
     steps = batches("random", steps=6, size=400)
     store = tiered("cached_ssd", SparseAdam(lr=0.01), tmp_path, cache_rows=64, host_rows=100)
@@ -386,10 +401,13 @@ def test_budgets_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ssd_table_batched_io_matches_a_plain_array(seed, tmp_path):
-    """Sorted, queued reads and writes against a numpy array, across snapshots (copy-on-write) and a reopen."""
+def test_ssd_table_batched_io_matches_a_plain_array(seed, tmp_path, monkeypatch):
+    """Coalesced positional reads (in the caller's order or already sorted, split among reader threads) and
+    queued writes against a numpy array, across chunk edges, snapshots (copy-on-write) and a reopen."""
+    from terarec.store import ssd
     from terarec.store.ssd import SsdTable
 
+    monkeypatch.setattr(ssd, "RUNS_PER_READER", 2)  # small reads take the reader threads too
     rng = np.random.default_rng(seed)
     rows, width = 300, 5
     table = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, chunk_rows=16)
@@ -402,6 +420,8 @@ def test_ssd_table_batched_io_matches_a_plain_array(seed, tmp_path):
         model[slots] = values.numpy()
         values.fill_(float("nan"))  # the table keeps its own copy
         probe = rng.choice(rows, rng.integers(1, 200), replace=False)  # overlaps queued writes
+        assert np.array_equal(table.read(torch.from_numpy(probe)).numpy(), model[probe])
+        probe.sort()  # as a prefetch reads: rows land in place
         assert np.array_equal(table.read(torch.from_numpy(probe)).numpy(), model[probe])
         if step % 13 == 12:
             table.commit(torch.arange(rows), step)
