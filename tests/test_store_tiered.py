@@ -154,11 +154,13 @@ def test_counts_match_a_python_model(policy, access, tmp_path):
     assert 0 < got["index_bytes_per_row"] <= 64
 
 
-def test_host_cache_misses_read_around_it(tmp_path):
+@pytest.mark.parametrize("io", ["map", "pread"])
+def test_host_cache_misses_read_around_it(io, tmp_path):
     """cached_ssd's host cache holds what the GPU cache wrote down: a row it misses is read from the SSD
     table once and not kept (no fill, no victim), and rows written down come back from it as hits."""
     steps = batches("zipf", steps=30, size=60, seed=2)
     store = tiered("cached_ssd", SparseSGD(lr=0.1), tmp_path, cache_rows=80, host_rows=120)
+    store.table.io = io
     reference = DeviceStore(DIM, SparseSGD(lr=0.1), seed=3)
     train(store, steps)
     train(reference, steps)
@@ -400,17 +402,18 @@ def test_budgets_are_checked(tmp_path):
     assert fraction.cache.capacity > 1000
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ssd_table_batched_io_matches_a_plain_array(seed, tmp_path, monkeypatch):
-    """Coalesced positional reads (in the caller's order or already sorted, split among reader threads) and
-    queued writes against a numpy array, across chunk edges, snapshots (copy-on-write) and a reopen."""
+@pytest.mark.parametrize("io,seed", [("map", 0), ("map", 1), ("pread", 0), ("pread", 2)])
+def test_ssd_table_batched_io_matches_a_plain_array(io, seed, tmp_path, monkeypatch):
+    """Reads (in the caller's order or already sorted, split among I/O threads; through maps, or coalesced
+    positional calls) and queued writes against a numpy array, across chunk edges, snapshots (copy-on-write)
+    and a reopen."""
     from terarec.store import ssd
     from terarec.store.ssd import SsdTable
 
     monkeypatch.setattr(ssd, "RUNS_PER_READER", 2)  # small reads take the reader threads too
     rng = np.random.default_rng(seed)
     rows, width = 300, 5
-    table = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, chunk_rows=16)
+    table = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, chunk_rows=16, io=io)
     table.reserve(rows)
     model = np.zeros((rows, width), dtype=np.float32)  # a new chunk reads as zeros
     for step in range(40):
@@ -432,7 +435,7 @@ def test_ssd_table_batched_io_matches_a_plain_array(seed, tmp_path, monkeypatch)
                               for entry in manifest["chunks"]])
     assert np.array_equal(on_disk[:rows], snapshot)
     table.write(torch.arange(rows), torch.ones(rows, width))  # after the snapshot: never committed
-    reopened = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width})
+    reopened = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, io=io)
     assert np.array_equal(reopened.read(torch.arange(rows)).numpy(), snapshot)
     assert torch.equal(reopened.keys, torch.arange(rows)) and reopened.step == 40
 def sharded_worker(rank: int, world: int, directory: str, steps: list[torch.Tensor]) -> None:

@@ -1,0 +1,126 @@
+"""The SSD table's row I/O, its two ways (store/ssd.py `io`): memory maps (`map`) and positional calls (`pread`).
+
+Rows of 1 KiB (dim 128 with Adagrad state) in an SsdTable of --rows rows; random unique slots in batches of the
+sizes a training step reads and writes (--batches; 11264 is about the misses of one step of the 40 GB table on
+the H200, bench/README.md). Each batch is read both ways from the same files with the page cache warm (the
+rows read once before, the maps made afresh) and cold (the table's pages dropped before each batch), read warm while another thread
+runs Python (a training loop holds the GIL between its ops: `pread` needs the GIL back after every call, `map`
+once per chunk), and written (into the page cache; the kernel writes the pages back later either way). Prints
+a table; JSON to bench/results/ssd_io-<device>.json.
+
+    python bench/ssd_io.py --scratch /tmp/terarec-ssd-io          # a directory on the disk to measure
+    python bench/ssd_io.py --rows 200000 --repeats 3 --out /tmp   # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from results import RESULTS, device_name, record  # bench/results.py
+from store import drop_from_page_cache  # bench/store.py
+from terarec.store.ssd import IO_MODES, READERS, SsdTable
+
+WIDTH = 256  # dim 128 + Adagrad's accumulator
+ROW_BYTES = WIDTH * 4
+CASES = ("read, page cache warm", "read, page cache cold", "read warm, Python busy beside", "write")
+
+
+class BusyPython:
+    """A thread running pure Python (holding the GIL but for the interpreter's switches) while in `with`."""
+
+    def __enter__(self):
+        self.running = True
+        self.thread = threading.Thread(target=self._spin)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        total = 0
+        while self.running:
+            for i in range(1000):
+                total += i
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def seconds_per_batch(table: SsdTable, case: str, slots: list[torch.Tensor], files: list[Path]) -> float:
+    total = 0.0
+    if case != "read, page cache cold":
+        table.read(torch.cat(slots))  # every row of these batches in the page cache
+        table.io = table.io  # but no page mapped: a big table's misses are mostly rows its maps never touched
+    for batch in slots:
+        if case == "read, page cache cold":
+            table.io = table.io  # lets go of the maps: mapped pages do not leave the page cache
+            for file in files:
+                drop_from_page_cache(file)
+        started = time.perf_counter()
+        if case == "write":
+            table.write(batch, torch.randn(batch.numel(), WIDTH))
+            table.wait_for_writes()
+        elif case == "read warm, Python busy beside":
+            with BusyPython():
+                started = time.perf_counter()
+                table.read(batch)
+                total += time.perf_counter() - started
+            continue
+        else:
+            table.read(batch)
+        total += time.perf_counter() - started
+    return total / len(slots)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2_000_000, help="table rows of 1 KiB")
+    parser.add_argument("--batches", default="2048,11264,65536", help="rows per read/write, comma-separated")
+    parser.add_argument("--repeats", type=int, default=5, help="batches timed per size, case and way")
+    parser.add_argument("--readers", type=int, default=READERS, help="I/O threads")
+    parser.add_argument("--scratch", default="/tmp/terarec-ssd-io")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args()
+    scratch = Path(args.scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    table = SsdTable(scratch, WIDTH, {"dim": 128}, readers=args.readers)
+    table.reserve(args.rows)
+    block = 1 << 16
+    for start in range(0, args.rows, block):
+        slots = torch.arange(start, min(start + block, args.rows))
+        table.write(slots, torch.randn(slots.numel(), WIDTH))
+    table.sync()
+    files = [Path(file.name) for file in table.chunks]
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in (int(b) for b in args.batches.split(",")):
+        for case in CASES:
+            slots = [torch.from_numpy(rng.choice(args.rows, size, replace=False)) for _ in range(args.repeats)]
+            for io in IO_MODES:  # the same batches both ways, one right after the other
+                table.io = io
+                seconds = seconds_per_batch(table, case, slots, files)
+                rows.append({"io": io, "case": case, "batch_rows": size, "ms": round(seconds * 1e3, 2),
+                             "rows_per_s": round(size / seconds), "MB_per_s": round(size * ROW_BYTES / seconds / 1e6, 1)})
+                print(rows[-1], flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    settings = {"table_rows": args.rows, "row_bytes": ROW_BYTES, "repeats": args.repeats, "readers": args.readers,
+                "note": "shared machine: timings are noisy; both ways on the same batches, one after the other"}
+    if args.out == RESULTS:
+        slug = device_name().lower().replace("nvidia ", "").split(" (")[0].replace(" ", "-")
+        record(f"ssd_io-{slug}", {"rows": rows}, settings)
+    print("| case | batch rows | map rows/s | pread rows/s | map MB/s | pread MB/s | pread / map |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for mapped in (r for r in rows if r["io"] == "map"):
+        positional = next(r for r in rows if r["io"] == "pread" and r["case"] == mapped["case"]
+                          and r["batch_rows"] == mapped["batch_rows"])
+        print(f"| {mapped['case']} | {mapped['batch_rows']} | {mapped['rows_per_s']:,} | {positional['rows_per_s']:,} | "
+              f"{mapped['MB_per_s']:,} | {positional['MB_per_s']:,} | "
+              f"{positional['rows_per_s'] / mapped['rows_per_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
