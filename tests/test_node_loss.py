@@ -46,13 +46,13 @@ class TwoNodes:
                                            "--include-dashboard", "false")
         self.address = f"127.0.0.1:{ports['--port']}"
         self.head = self._start(command, "head")
-        self.nodes = [self._start(ray_start_command(self._own_dir(f"node{i}"), num_cpus=1, head=self.address)[0],
-                                  f"node{i}") for i in range(2)]
+        self.nodes = [self._start_node(i) for i in range(2)]
 
-    def _own_dir(self, name: str) -> str:
-        """A node's temp dir: nodes sharing one race for the names of their sockets in it."""
+    def _start_node(self, index: int) -> subprocess.Popen:
+        """A node of one CPU in a temp dir of its own (nodes sharing one race for the names of their sockets)."""
+        name = f"node{index}-{time.monotonic_ns()}"
         os.makedirs(os.path.join(self.temp_dir, name))
-        return os.path.join(self.temp_dir, name)
+        return self._start(ray_start_command(os.path.join(self.temp_dir, name), 1, self.address)[0], name)
 
     def _start(self, command: list[str], name: str) -> subprocess.Popen:
         log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
@@ -75,10 +75,17 @@ class TwoNodes:
         return sum(1 for node in nodes.values() if node.state == 0)  # GcsNodeInfo.ALIVE
 
     def wait_for_nodes(self, count: int) -> None:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120  # a 2-core machine starting three raylets and their agents
         while self.alive_nodes() != count:
-            assert time.monotonic() < deadline, f"{self.alive_nodes()} nodes alive, not {count}"
+            if time.monotonic() > deadline:
+                logs = [open(log).read()[-1500:] for log in glob.glob(os.path.join(self.temp_dir, "*.log"))]
+                raise AssertionError(f"{self.alive_nodes()} nodes alive, not {count}:\n" + "\n".join(logs))
             time.sleep(0.5)
+
+    def restore(self) -> None:
+        """Two live nodes again: a new one for each node lost by an earlier test."""
+        self.nodes = [node if node.poll() is None else self._start_node(index) for index, node in enumerate(self.nodes)]
+        self.wait_for_nodes(3)
 
     def lose(self, node: subprocess.Popen) -> None:
         """The machine goes away: its raylet and every process it started (the training worker on it) die at once."""
@@ -95,14 +102,20 @@ class TwoNodes:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def two_nodes():
+@pytest.fixture(scope="module")
+def cluster():
     cluster = TwoNodes()
     try:
-        cluster.wait_for_nodes(3)
         yield cluster
     finally:
         cluster.shutdown()
+
+
+@pytest.fixture
+def two_nodes(cluster):
+    """The module's cluster with both nodes alive (one started anew where a test lost one)."""
+    cluster.restore()
+    return cluster
 
 
 def settings(workers, **extra) -> list[str]:
