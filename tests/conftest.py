@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import sqlite3
@@ -15,7 +14,7 @@ import types
 import pytest
 import torch
 from helpers import free_port as _free_port
-from helpers import wait_until_cluster_idle
+from helpers import ray_start_command, wait_until_cluster_idle
 
 from terarec.core.checkpoints import find_checkpoints
 
@@ -58,23 +57,15 @@ def ray_cluster():
     """
     import ray
 
-    ports = {flag: _free_port() for flag in ("--port", "--dashboard-port", "--dashboard-agent-listen-port",
-                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
-                                             "--node-manager-port", "--object-manager-port",
-                                             "--runtime-env-agent-port", "--ray-client-server-port")}
-    first_worker_port = random.randrange(20_000, 60_000, 100)
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix sockets live under it
     bin_dir = os.path.dirname(sys.executable)  # this venv's `ray` and `terarec`, as if it were activated
     env = os.environ | {"PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    ray_cli = os.path.join(bin_dir, "ray")
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    command = [ray_cli, "start", "--head", "--block", "--num-cpus", "4", "--node-ip-address", "127.0.0.1",
-               "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
-               "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + 99)]
-    command += [str(item) for pair in ports.items() for item in pair]
+    subprocess.run([os.path.join(bin_dir, "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True)
+    command, ports = ray_start_command(temp_dir, num_cpus=4)
+    address = f"127.0.0.1:{ports['--port']}"
     log = open(os.path.join(temp_dir, "head.log"), "w")
     head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{ports['--port']}"
     os.environ["RAY_ADDRESS"] = address
     try:
         deadline = time.monotonic() + 120

@@ -3,7 +3,10 @@ sharded training job of the Ray tests, and how to compare two runs' final states
 server and its training job are fixtures in conftest.py."""
 from __future__ import annotations
 
+import os
+import random
 import socket
+import sys
 
 import torch
 
@@ -52,6 +55,29 @@ def wait_until_cluster_idle(timeout_s: float = 60) -> None:
     test before leaked would leave them pending until resource_timeout_s; this fails in seconds with its name."""
     held = resources_still_held(timeout_s)
     assert held is None, f"the session's Ray: {held} (a test before this one leaked them)"
+
+
+def ray_start_command(temp_dir: str, num_cpus: int, head: str | None = None,
+                      *flags: str) -> tuple[list[str], dict[str, int]]:
+    """(`ray start --block` of this venv for a head, or for a node joining the head at `head`, with `flags` added;
+    {flag: its port}).
+
+    Every port on a free loopback port and the node's own temp dir, so several clusters on one machine (other
+    sessions', a test's own) never share a port or find each other; the caller starts it in its own session
+    (process group) and ends it by that group, never with `ray stop` (which stops every cluster on the machine)."""
+    port_flags = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                  "--node-manager-port", "--object-manager-port", "--runtime-env-agent-port"]
+    if head is None:
+        port_flags += ["--port", "--dashboard-port", "--ray-client-server-port"]
+    ports = {flag: free_port() for flag in port_flags}
+    first_worker_port = random.randrange(20_000, 60_000, 100)
+    command = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--num-cpus", str(num_cpus),
+               "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
+               "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + 99)]
+    command += ["--address", head] if head else ["--head", "--dashboard-host", "127.0.0.1"]
+    command += flags
+    command += [str(item) for pair in ports.items() for item in pair]
+    return command, ports
 
 
 def job_overrides(workers, **extra) -> list[str]:
