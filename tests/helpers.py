@@ -101,6 +101,41 @@ def job(data, run_dir, workers, **extra) -> TrainConfig:
     return config
 
 
+def one_worker_run(overrides: list[str], data, run_dir) -> str:
+    """The job of `overrides` trained uninterrupted by one worker in this process: the trainer Ray Train runs,
+    without Ray (world size 1 needs no cluster), as the reference of runs that lost a worker. Returns the run dir,
+    holding its final checkpoint (N workers train as one does: tests/test_distributed.py)."""
+    from terarec.actors.train_worker import TrainWorker
+    from terarec.core.data.reader import count_rows, list_split_files
+    from terarec.core.steering import fit_to_data
+    from terarec.kernels.comm import LocalCommunicator
+
+    config = load_config(overrides=overrides, flags={"data": data, "run_dir": str(run_dir)})
+    config = fit_to_data(config, count_rows(list_split_files(data, "train")))  # as the runner does
+    worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
+    worker.train()
+    assert worker.step == config.steps
+    worker.save(str(run_dir))
+    return str(run_dir)
+
+
+def committed_checkpoint(run_dir) -> dict | None:
+    """The metrics of the latest checkpoint Ray Train has committed under `run_dir` (written by every rank and
+    registered: its checkpoint_manager_snapshot.json names it; a checkpoint directory alone may be half-written,
+    and a restart would not find it), or None."""
+    import glob
+    import json
+    import os
+
+    for snapshot in glob.glob(os.path.join(str(run_dir), "*", "checkpoint_manager_snapshot.json")):
+        try:
+            with open(snapshot) as stream:
+                return json.load(stream)["latest_checkpoint_result"]["metrics"]
+        except (OSError, ValueError, KeyError, TypeError):  # being written
+            pass
+    return None
+
+
 def final_state(metrics):
     """(dense params, keys sorted, values sorted) of the run's final checkpoint."""
     checkpoint = open_checkpoint(metrics["checkpoint"])

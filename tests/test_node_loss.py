@@ -24,8 +24,8 @@ import threading
 import time
 
 import pytest
-import torch
-from helpers import assert_same_training, checkpoint_at, final_state, job_overrides, ray_start_command
+from helpers import (assert_same_training, checkpoint_at, committed_checkpoint, final_state, job_overrides, one_worker_run,
+                     ray_start_command)
 
 pytestmark = pytest.mark.slow
 STEPS, EVERY = 100, 10
@@ -129,38 +129,15 @@ def train(cluster: TwoNodes, data, run_dir, workers, env=None, **extra) -> subpr
                             env=cluster.env | {"RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"} | (env or {}))
 
 
-def one_worker_run(data, run_dir) -> str:
-    """The same job trained uninterrupted by one worker, in this process (the trainer Ray Train runs, without
-    Ray: world size 1 needs no cluster); its final checkpoint."""
-    from terarec.actors.train_worker import TrainWorker
-    from terarec.core.config import load_config
-    from terarec.core.data.reader import count_rows, list_split_files
-    from terarec.core.steering import fit_to_data
-    from terarec.kernels.comm import LocalCommunicator
-
-    config = load_config(overrides=settings(1), flags={"data": data, "run_dir": str(run_dir)})
-    config = fit_to_data(config, count_rows(list_split_files(data, "train")))  # as the runner does
-    worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
-    worker.train()
-    assert worker.step == STEPS
-    worker.save(str(run_dir))
-    return str(run_dir)
-
-
 def lose_a_node_after_a_checkpoint(process, cluster: TwoNodes, run_dir) -> tuple[int, str, dict]:
-    """Wait until Ray Train has committed a checkpoint (written by every rank and registered: its
-    checkpoint_manager_snapshot.json names it; a checkpoint directory alone may still be half-written), lose
-    the second node; (exit code, output, the committed checkpoint's metrics)."""
+    """Wait until Ray Train has committed a checkpoint (helpers.committed_checkpoint), lose the second node;
+    (exit code, output, the committed checkpoint's metrics)."""
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
     reader.start()
     deadline, committed = time.time() + 120, None
     while time.time() < deadline and committed is None and process.poll() is None:
-        for snapshot in glob.glob(os.path.join(run_dir, "*", "checkpoint_manager_snapshot.json")):
-            try:
-                committed = json.load(open(snapshot))["latest_checkpoint_result"]["metrics"]
-            except (ValueError, KeyError, TypeError):  # being written
-                pass
+        committed = committed_checkpoint(run_dir)
         time.sleep(0.1)
     assert committed is not None, f"the run committed no checkpoint: {''.join(output)[-3000:]}"
     cluster.lose(cluster.nodes[1])
@@ -181,7 +158,7 @@ def test_an_elastic_job_goes_on_without_the_lost_node(two_nodes, synth_data, tmp
     assert restored and min(restored) >= committed["step"], log[-3000:]  # from the last checkpoint, at one worker
     metrics = json.load(open(run_dir / "metrics.json"))
     assert metrics["steps"] == STEPS and metrics["world_size"] == 1, metrics
-    assert_same_training(final_state({"checkpoint": one_worker_run(synth_data, tmp_path / "one")}),
+    assert_same_training(final_state({"checkpoint": one_worker_run(settings(1), synth_data, tmp_path / "one")}),
                          final_state({"checkpoint": checkpoint_at(run_dir, STEPS)}))
 
 
