@@ -161,7 +161,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
-    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
     parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not MODELS[name].multi_task])
     parser.add_argument("--peers", nargs="*", default=["deepfm", "dcn"], choices=PEER_MODELS)
     parser.add_argument("--cardinality-scales", type=float, nargs="+", default=[1e-3, 1e-4])
