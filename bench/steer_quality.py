@@ -3,12 +3,16 @@ regression's and against DeepCTR-Torch's best epoch; and the default batch size 
 
 Part `zoo`: synthetic data (`terarec data synth --rows 200000 --seed 7`), batch 1024, 300 steps (about 1.7
 epochs), an evaluation every 50 steps, on one training worker (the code `terarec train` runs on each Ray worker,
-without Ray). DeepCTR-Torch 0.3.0's DeepFM and DCN train on the same batches (same sizes and optimizers as
-bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each epoch's end.
+without Ray). DeepCTR-Torch 0.3.0's models (`--peers`: DeepFM, DCN, DCN-V2, PNN, xDeepFM) train on the same
+batches (same sizes and optimizers as bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each
+epoch's end.
 Part `batch`: one epoch of DeepFM at the default batch size (core/steering.py's rule) and at hand-picked ones,
-on 100k and 200k rows. Writes bench/results/steer_quality.json.
+on 100k and 200k rows.
+Part `sparse_lr`: the zoo part's run of LR, DLRM and DeepFM at several sparse lrs, on the zoo's data (rare IDs)
+and on data with ten times fewer distinct IDs: where each model's default sparse lr (models/registry.py) stands.
+Writes bench/results/steer_quality.json.
 
-    python bench/steer_quality.py [--parts zoo batch] [--threads 1]
+    python bench/steer_quality.py [--parts zoo batch sparse_lr] [--threads 1]
 """
 from __future__ import annotations
 
@@ -32,15 +36,15 @@ from terarec.models.registry import MODELS
 from results import RESULTS, record  # bench/results.py
 from zoo_cpu import DeepCTR, configs, load  # bench/zoo_cpu.py: the peer harness
 
-PEER_MODELS = ("deepfm", "dcn")
+PEER_MODELS = ("deepfm", "dcn", "dcnv2", "pnn", "xdeepfm")
 
 
 def train_terarec(data: str, run_dir: str, model: str, steps: int | None, batch_size: int | None,
-                  eval_every: int) -> dict:
+                  eval_every: int, sparse_lr: float | None = None) -> dict:
     """One run with periodic evaluation and keep_best; returns its eval curve and final figures."""
     config = load_config(flags={"data": data, "run_dir": run_dir, "model": model, "steps": steps, "seed": 0,
                                 "batch_size": batch_size, "eval_every": eval_every, "keep_best": eval_every > 0,
-                                "log_every": 10_000})
+                                "log_every": 10_000, "embedding.lr": sparse_lr})
     worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
     curve = []
     started = time.perf_counter()
@@ -122,6 +126,21 @@ def batch_part(workdir: str, args, save) -> None:
                                                           by_batch.items() if batch != "default"}}}})
 
 
+def sparse_lr_part(workdir: str, args, save) -> None:
+    """The zoo part's run at several sparse lrs, on data whose IDs are rare (cardinality scale 1e-3, the
+    default of `terarec data synth`) and on data whose IDs recur ten times as often (1e-4, the tests' data)."""
+    for scale in args.cardinality_scales:
+        data = os.path.join(workdir, f"lr-data-{scale}")
+        write_synthetic(data, rows=args.rows, seed=7, cardinality_scale=scale)
+        for model in args.lr_models:
+            for sparse_lr in args.sparse_lrs:
+                run = train_terarec(data, os.path.join(workdir, f"lr-{scale}-{model}-{sparse_lr}"), model, args.steps,
+                                    args.batch_size, args.eval_every, sparse_lr)
+                print(scale, model, sparse_lr, run["best_auc"], flush=True)
+                save({"sparse_lr": {str(scale): {model: {"default": MODELS[model].sparse_lr,
+                                                         "best_auc_by_sparse_lr": {str(sparse_lr): run["best_auc"]}}}}})
+
+
 def batch_summary(batch: dict) -> dict:
     """Per dataset size: the best hand-picked batch size and the default's AUC minus its."""
     summary = {}
@@ -135,16 +154,19 @@ def batch_summary(batch: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["zoo", "batch"], choices=["zoo", "batch"])
+    parser.add_argument("--parts", nargs="+", default=["zoo", "batch"], choices=["zoo", "batch", "sparse_lr"])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
-    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256, 512, 1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
     parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not MODELS[name].multi_task])
-    parser.add_argument("--peers", nargs="*", default=list(PEER_MODELS), choices=PEER_MODELS)
+    parser.add_argument("--peers", nargs="*", default=["deepfm", "dcn"], choices=PEER_MODELS)
+    parser.add_argument("--cardinality-scales", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--lr-models", nargs="+", default=["lr", "dlrm", "deepfm"], choices=list(MODELS))
+    parser.add_argument("--sparse-lrs", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.03])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +186,8 @@ def main() -> None:
             zoo_part(workdir, args, save)
         if "batch" in args.parts:
             batch_part(workdir, args, save)
+        if "sparse_lr" in args.parts:
+            sparse_lr_part(workdir, args, save)
     save({})  # the comparisons over everything recorded
 
 
