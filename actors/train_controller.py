@@ -36,9 +36,10 @@ class PendingWatch(ControllerCallback):
         if waited < NOTICE_AFTER_S or (self.said and waited < self.config.resource_timeout_s):
             return
         reason = pending_reason(self.config, self.per_worker, ray.available_resources(), ray.cluster_resources())
+        if not self.said:  # also when the first update after NOTICE_AFTER_S is already past the deadline (a busy host)
+            print(f"[terarec] pending: {reason}; giving up after resource_timeout_s={self.config.resource_timeout_s:g}",
+                  flush=True)
+            self.said = True
         if waited >= self.config.resource_timeout_s:
             raise ResourceError(f"gave up after {waited:.0f} s pending ({reason}): free resources, lower workers, "
                                 f"or raise resource_timeout_s={self.config.resource_timeout_s:g}")
-        print(f"[terarec] pending: {reason}; giving up after resource_timeout_s={self.config.resource_timeout_s:g}",
-              flush=True)
-        self.said = True
