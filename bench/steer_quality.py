@@ -8,8 +8,9 @@ batches (same sizes and optimizers as bench/zoo_cpu.py) for 2 epochs, evaluated 
 epoch's end.
 Part `batch`: one epoch of DeepFM at the default batch size (core/steering.py's rule) and at hand-picked ones,
 on 100k and 200k rows.
-Part `sparse_lr`: the zoo part's run of LR, DLRM and DeepFM at several sparse lrs, on the zoo's data (rare IDs)
-and on data with ten times fewer distinct IDs: where each model's default sparse lr (models/registry.py) stands.
+Part `sparse_lr`: the zoo part's run of LR, DLRM and DeepFM at several sparse lrs, on the zoo's data (rare IDs),
+on data with ten times fewer distinct IDs and on the tests' data (tests/test_train_cli.py): where each model's
+default sparse lr (models/registry.py, and core/steering.py's rule for the models that opt in) stands.
 Writes bench/results/steer_quality.json.
 
     python bench/steer_quality.py [--parts zoo batch sparse_lr] [--threads 1]
@@ -27,9 +28,11 @@ import torch
 
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config, merge
-from terarec.core.data.schema import SPARSE_COLUMNS
+from terarec.core.data.reader import count_rows, list_split_files
+from terarec.core.data.schema import SPARSE_COLUMNS, read_meta
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
+from terarec.core.steering import choose_sparse_lr, key_recurrence
 from terarec.kernels.comm import LocalCommunicator
 from terarec.models.registry import MODELS
 
@@ -127,18 +130,28 @@ def batch_part(workdir: str, args, save) -> None:
 
 
 def sparse_lr_part(workdir: str, args, save) -> None:
-    """The zoo part's run at several sparse lrs, on data whose IDs are rare (cardinality scale 1e-3, the
-    default of `terarec data synth`) and on data whose IDs recur ten times as often (1e-4, the tests' data)."""
-    for scale in args.cardinality_scales:
-        data = os.path.join(workdir, f"lr-data-{scale}")
-        write_synthetic(data, rows=args.rows, seed=7, cardinality_scale=scale)
+    """The zoo part's run at several sparse lrs, per dataset `SCALE[:SEED[:ROWS]]` (seed 7 and --rows unless
+    given): at cardinality scale 1e-3 (the default of `terarec data synth`) most IDs are rare; at 1e-4 they recur
+    ten times as often. With each, how often a training key recurs and the sparse lr core/steering.py's rule
+    picks for each model (the model's fixed default where it does not opt in)."""
+    for spec in args.lr_datasets:
+        parts = spec.split(":")
+        scale, seed, rows = float(parts[0]), int(parts[1]) if parts[1:] else 7, int(parts[2]) if parts[2:] else args.rows
+        key = str(scale) if (seed, rows) == (7, args.rows) else f"{scale} seed {seed} {rows} rows"
+        data = os.path.join(workdir, f"lr-data-{scale}-{seed}-{rows}")
+        write_synthetic(data, rows=rows, seed=seed, cardinality_scale=scale)
+        train_rows = count_rows(list_split_files(data, "train"))
+        recurrence = key_recurrence(read_meta(data), train_rows)
         for model in args.lr_models:
+            choice = choose_sparse_lr(load_config(flags={"data": data, "model": model}), train_rows, read_meta(data))
+            chosen = choice.lr if choice else MODELS[model].sparse_lr
+            save({"sparse_lr": {key: {"key_recurrence": round(recurrence.times, 1),
+                                      model: {"default": MODELS[model].sparse_lr, "rule_picks": chosen}}}})
             for sparse_lr in args.sparse_lrs:
-                run = train_terarec(data, os.path.join(workdir, f"lr-{scale}-{model}-{sparse_lr}"), model, args.steps,
+                run = train_terarec(data, os.path.join(workdir, f"lr-{key}-{model}-{sparse_lr}"), model, args.steps,
                                     args.batch_size, args.eval_every, sparse_lr)
-                print(scale, model, sparse_lr, run["best_auc"], flush=True)
-                save({"sparse_lr": {str(scale): {model: {"default": MODELS[model].sparse_lr,
-                                                         "best_auc_by_sparse_lr": {str(sparse_lr): run["best_auc"]}}}}})
+                print(key, model, sparse_lr, run["best_auc"], flush=True)
+                save({"sparse_lr": {key: {model: {"best_auc_by_sparse_lr": {str(sparse_lr): run["best_auc"]}}}}})
 
 
 def batch_summary(batch: dict) -> dict:
@@ -164,7 +177,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
     parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not MODELS[name].multi_task])
     parser.add_argument("--peers", nargs="*", default=["deepfm", "dcn"], choices=PEER_MODELS)
-    parser.add_argument("--cardinality-scales", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--lr-datasets", nargs="+", default=["1e-3", "1e-4", "1e-4:1:400000"],
+                        help="SCALE[:SEED[:ROWS]] synth data of the sparse_lr part (seed 7, --rows by default)")
     parser.add_argument("--lr-models", nargs="+", default=["lr", "dlrm", "deepfm"], choices=list(MODELS))
     parser.add_argument("--sparse-lrs", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.03])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")

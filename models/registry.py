@@ -32,7 +32,10 @@ class ModelSpec:
 
     cls: type[nn.Module]
     config: type[BaseModel]
-    sparse_lr: float = 0.05  # the default embedding.lr for this model
+    sparse_lr: float = 0.05  # the default embedding.lr for this model (with sparse_lr_rare: where keys recur often)
+    # Opt-in: the default embedding.lr where training keys recur rarely; core/steering.py's rule then picks between
+    # it and sparse_lr from how often the data's keys recur (meta.json). None: sparse_lr on any data.
+    sparse_lr_rare: float | None = None
     store_width: Callable[[int], int] = same_width  # store row width for the job's embedding.dim
     multi_task: bool = False  # learns every label column (one logit each); else the first (click)
 
@@ -46,7 +49,9 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "dlrm": ModelSpec(DLRM, DLRMConfig, sparse_lr=0.2),
+    # DLRM's best sparse lr moves with key recurrence: 0.05 on rare-ID data, 0.2 where IDs recur (0.05 there loses
+    # 0.005-0.03 AUC); DeepFM's 0.03 is within 0.001 of the best on both (bench/steer_quality.py --parts sparse_lr)
+    "dlrm": ModelSpec(DLRM, DLRMConfig, sparse_lr=0.2, sparse_lr_rare=0.05),
     "lr": ModelSpec(LogisticRegression, LRConfig, sparse_lr=0.1, store_width=lambda dim: 1),
     # DeepFM's FM term sums 325 pairwise products of raw rows, so one Adagrad step (about lr per coordinate for a
     # rarely seen ID) moves its logit most: on rare-ID data 0.03 beats 0.05 by 0.011 AUC, where IDs recur it is

@@ -18,7 +18,7 @@ from terarec.core.config import load_config
 from terarec.core.cost_model import (LINKS, NODE_LINKS, WIRES, DeviceCosts, KeyDistribution, fabric_for,
                                      memory_per_gpu, pick_wire, predict_step)
 from terarec.core.data.reader import BatchReader, list_split_files
-from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE
+from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, read_meta
 from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for
 from terarec.core.errors import UserError
 from terarec.models import Embedding
@@ -59,14 +59,6 @@ def read_costs(path: str) -> tuple[DeviceCosts, str]:
     return costs, costs.source
 
 
-def data_meta(data: str) -> dict:
-    try:
-        with open(os.path.join(data, "meta.json")) as stream:
-            return json.load(stream)
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def key_counts(data: str, batch: int, gpus: int, meta: dict) -> tuple[float, float, str]:
     """(unique keys of one GPU's batch, keys one owner serves, how they were found)."""
     if "cardinalities" in meta and "zipf_exponent" in meta:
@@ -98,7 +90,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--link/--intra: {error}") from None
     if args.intra and args.link in NODE_LINKS:
         raise UserError(f"--intra names the node's link; --link {args.link} already does (give --link eth100 or ib400)")
-    meta = data_meta(config.data)
+    meta = read_meta(config.data)
     rows = args.rows or sum(meta.get("cardinalities", {}).values())
     if not rows or rows < 1:
         raise UserError(f"how many rows? {config.data}/meta.json has no cardinalities: give --rows (e.g. --rows 1e9)")

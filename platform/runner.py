@@ -13,9 +13,10 @@ from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
 from terarec.core.config import ConfigError, TrainConfig
 from terarec.core.data.errors import DataNotFoundError
 from terarec.core.data.reader import count_rows, list_split_files
+from terarec.core.data.schema import read_meta
 from terarec.core.errors import UserError
 from terarec.core.resources import ResourceError, unfit_reason, unreachable_reason, uses_gpu, worker_resources
-from terarec.core.steering import fit_to_data, plan_notes
+from terarec.core.steering import choose_sparse_lr, fit_to_data, plan_notes
 from terarec.store.snapshot import is_uri
 from .plots import plot_curve
 
@@ -115,8 +116,10 @@ def run_training(config: TrainConfig) -> dict:
     launched_at = process_started_at()  # time_to_first_step_s counts from here
     files = check_data(config.data)
     train_rows, eval_rows = (count_rows(files[split]) for split in ("train", "eval"))
-    config = fit_to_data(config, train_rows)
-    for note in plan_notes(config, train_rows, eval_rows):
+    meta = read_meta(config.data)
+    choice = choose_sparse_lr(config, train_rows, meta)
+    config = fit_to_data(config, train_rows, meta)
+    for note in ([choice.note(config.model)] if choice else []) + plan_notes(config, train_rows, eval_rows):
         print(f"[terarec] note: {note}")
     run_dir = os.path.abspath(config.run_dir)
     try:

@@ -84,6 +84,17 @@ def write_meta(out_dir: str, meta: dict) -> None:
         json.dump({**meta, "dense_transform": DENSE_TRANSFORM}, stream, indent=2)
 
 
+def read_meta(data_dir: str) -> dict:
+    """`data_dir/meta.json` as written by `terarec data synth/convert`; {} where there is none or it is not JSON
+    (data written by other tools, or a remote URI: defaults then fall back to what needs no meta)."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as stream:
+            meta = json.load(stream)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 class SplitWriter:
     """Writes one split (`<out_dir>/<split>/part-NNNNN.parquet`) in row groups of `row_group_size` rows,
     starting a new file every `rows_per_file` rows. Refuses a directory that already holds parquet files;
