@@ -27,7 +27,7 @@ from terarec.core.config import TrainConfig
 from terarec.core.data.parquet import open_parquet
 from terarec.core.errors import CheckpointError
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
-from terarec.core.data.schema import label_columns_of, read_meta
+from terarec.core.data.schema import label_columns_of, read_data_meta
 from terarec.core.metrics import calibration, log_loss, roc_auc
 from terarec.core.steering import BestTracker, fit_to_data, lr_factor
 from terarec.store import feature_keys
@@ -65,7 +65,7 @@ class TrainWorker:
         self.rank, self.world_size = comm.rank, comm.world_size
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
-        self.config = config = fit_to_data(config, count_rows(self.train_files), read_meta(config.data))
+        self.config = config = fit_to_data(config, count_rows(self.train_files), read_data_meta(config.data))
         self.label_columns = label_columns_for(config, label_columns_of(open_parquet(self.train_files[0]).schema_arrow))
         self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)
 

@@ -29,7 +29,7 @@ import torch
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config, merge
 from terarec.core.data.reader import count_rows, list_split_files
-from terarec.core.data.schema import SPARSE_COLUMNS, read_meta
+from terarec.core.data.schema import SPARSE_COLUMNS, read_data_meta
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
 from terarec.core.steering import choose_sparse_lr, key_recurrence
@@ -141,9 +141,9 @@ def sparse_lr_part(workdir: str, args, save) -> None:
         data = os.path.join(workdir, f"lr-data-{scale}-{seed}-{rows}")
         write_synthetic(data, rows=rows, seed=seed, cardinality_scale=scale)
         train_rows = count_rows(list_split_files(data, "train"))
-        recurrence = key_recurrence(read_meta(data), train_rows)
+        recurrence = key_recurrence(read_data_meta(data), train_rows)
         for model in args.lr_models:
-            choice = choose_sparse_lr(load_config(flags={"data": data, "model": model}), train_rows, read_meta(data))
+            choice = choose_sparse_lr(load_config(flags={"data": data, "model": model}), train_rows, read_data_meta(data))
             chosen = choice.lr if choice else MODELS[model].sparse_lr
             save({"sparse_lr": {key: {"key_recurrence": round(recurrence.times, 1),
                                       model: {"default": MODELS[model].sparse_lr, "rule_picks": chosen}}}})
@@ -180,7 +180,8 @@ def main() -> None:
     parser.add_argument("--lr-datasets", nargs="+", default=["1e-3", "1e-4", "1e-4:1:400000"],
                         help="SCALE[:SEED[:ROWS]] synth data of the sparse_lr part (seed 7, --rows by default)")
     parser.add_argument("--lr-models", nargs="+", default=["lr", "dlrm", "deepfm"], choices=list(MODELS))
-    parser.add_argument("--sparse-lrs", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.03])
+    parser.add_argument("--sparse-lrs", type=float, nargs="*", default=[0.2, 0.1, 0.05, 0.03],
+                        help="none: only record how often keys recur and the lr each model's default takes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -126,10 +126,10 @@ def key_recurrence(meta: dict, train_rows: int) -> KeyRecurrence | None:
 
 def sparse_lr_for(rare_lr: float, frequent_lr: float, recurrence: float) -> float:
     """The sparse lr for keys recurring `recurrence` times: rare_lr at or below RARE_RECURRENCE, frequent_lr at
-    or above FREQUENT_RECURRENCE, interpolated in log-log between (3 significant digits)."""
+    or above FREQUENT_RECURRENCE, interpolated in log-log between (2 significant digits)."""
     span = math.log(FREQUENT_RECURRENCE / RARE_RECURRENCE)
     position = min(1.0, max(0.0, math.log(max(recurrence, 1e-9) / RARE_RECURRENCE) / span))
-    return float(f"{rare_lr * (frequent_lr / rare_lr) ** position:.3g}")
+    return float(f"{rare_lr * (frequent_lr / rare_lr) ** position:.2g}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from terarec.core.config import load_config
 from terarec.core.cost_model import (LINKS, NODE_LINKS, WIRES, DeviceCosts, KeyDistribution, fabric_for,
                                      memory_per_gpu, pick_wire, predict_step)
 from terarec.core.data.reader import BatchReader, list_split_files
-from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, read_meta
+from terarec.core.data.schema import NUM_DENSE, NUM_SPARSE, read_data_meta
 from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for
 from terarec.core.errors import UserError
 from terarec.models import Embedding
@@ -90,7 +90,7 @@ def run_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--link/--intra: {error}") from None
     if args.intra and args.link in NODE_LINKS:
         raise UserError(f"--intra names the node's link; --link {args.link} already does (give --link eth100 or ib400)")
-    meta = read_meta(config.data)
+    meta = read_data_meta(config.data)
     rows = args.rows or sum(meta.get("cardinalities", {}).values())
     if not rows or rows < 1:
         raise UserError(f"how many rows? {config.data}/meta.json has no cardinalities: give --rows (e.g. --rows 1e9)")

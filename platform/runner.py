@@ -13,7 +13,7 @@ from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
 from terarec.core.config import ConfigError, TrainConfig
 from terarec.core.data.errors import DataNotFoundError
 from terarec.core.data.reader import count_rows, list_split_files
-from terarec.core.data.schema import read_meta
+from terarec.core.data.schema import read_data_meta
 from terarec.core.errors import UserError
 from terarec.core.resources import ResourceError, unfit_reason, unreachable_reason, uses_gpu, worker_resources
 from terarec.core.steering import choose_sparse_lr, fit_to_data, plan_notes
@@ -116,7 +116,7 @@ def run_training(config: TrainConfig) -> dict:
     launched_at = process_started_at()  # time_to_first_step_s counts from here
     files = check_data(config.data)
     train_rows, eval_rows = (count_rows(files[split]) for split in ("train", "eval"))
-    meta = read_meta(config.data)
+    meta = read_data_meta(config.data)
     choice = choose_sparse_lr(config, train_rows, meta)
     config = fit_to_data(config, train_rows, meta)
     for note in ([choice.note(config.model)] if choice else []) + plan_notes(config, train_rows, eval_rows):

@@ -15,7 +15,10 @@ from terarec.actors.train_worker import TrainWorker
 from terarec.api.services.jobs import evaluations as job_evaluations
 from terarec.core.checkpoints import read_meta
 from terarec.core.config import ConfigError, load_config
-from terarec.core.steering import default_batch_size, fit_to_data, lr_factor, plan_notes
+from terarec.core.data.reader import count_rows, list_split_files
+from terarec.core.data.schema import read_data_meta
+from terarec.core.steering import (choose_sparse_lr, default_batch_size, fit_to_data, key_recurrence, lr_factor,
+                                   plan_notes, sparse_lr_for)
 from terarec.kernels.comm import LocalCommunicator
 
 CLI = [sys.executable, "-m", "terarec.platform.cli"]
@@ -107,6 +110,45 @@ def test_defaults_fit_the_data_and_notes_say_when_a_plan_is_off():
     assert plan_notes(fitted, 90_000, 10_000) == []
     (note,) = plan_notes(fit_to_data(config, 100_000_000), 100_000_000, 5_000_000)
     assert note.startswith("each evaluation reads 5000000 eval rows; eval_rows=1000000")
+
+
+def test_the_sparse_lr_fits_how_often_keys_recur():
+    # convert --min-count: 1000 rows x 2 features over (9 + 1) + (19 + 1) keys (one OOV key per feature)
+    convert_meta = {"vocabulary_sizes": [9, 19], "min_count": 5}
+    assert key_recurrence(convert_meta, 1000).times == pytest.approx(2000 / 30)
+    # synth: one row draws one key per feature, whatever the distribution; many rows over 2 IDs see both
+    synth_meta = {"cardinalities": {"C1": 2, "C2": 3}, "zipf_exponent": 1.1}
+    assert key_recurrence(synth_meta, 1).distinct_keys == pytest.approx(2.0)
+    assert key_recurrence(synth_meta, 10_000).distinct_keys == pytest.approx(5.0)
+    assert key_recurrence({}, 1000) is None
+    # clamped at the rare and frequent ends, log-log in between: the geometric means meet
+    assert sparse_lr_for(0.05, 0.2, 10) == sparse_lr_for(0.05, 0.2, 150) == 0.05
+    assert sparse_lr_for(0.05, 0.2, 1300) == sparse_lr_for(0.05, 0.2, 1e6) == 0.2
+    assert sparse_lr_for(0.05, 0.2, (150 * 1300) ** 0.5) == pytest.approx(0.1)
+    dlrm = load_config(flags={"data": "x", "model": "dlrm"})
+    assert fit_to_data(dlrm, 1000, convert_meta).sparse_lr == 0.05  # 67 lookups per key: rare
+    assert fit_to_data(dlrm, 2000, {"vocabulary_sizes": [0, 0]}).sparse_lr == 0.2  # 2000 per key: frequent
+    note = choose_sparse_lr(dlrm, 1000, convert_meta).note("dlrm")
+    assert note.startswith("sparse lr 0.05 for dlrm: a training key recurs 67 times on average (2000 lookups / 30 "
+                           "distinct keys, meta.json's vocabulary sizes (min_count 5))")
+    # the user's embedding.lr, a model that does not opt in, or data that says nothing: no choice
+    assert choose_sparse_lr(dlrm.model_copy(update={"embedding": dlrm.embedding.model_copy(update={"lr": 0.3})}),
+                            1000, convert_meta) is None
+    assert choose_sparse_lr(load_config(flags={"data": "x", "model": "deepfm"}), 1000, convert_meta) is None
+    assert fit_to_data(dlrm, 1000, {}).sparse_lr == 0.2
+
+
+def test_synth_key_recurrence_matches_the_keys_in_the_data(synth_data):
+    """The distinct keys expected from synth's meta.json against those counted in its train split."""
+    import pyarrow.parquet as pq
+
+    from terarec.core.data.schema import SPARSE_COLUMNS
+
+    files = list_split_files(synth_data, "train")
+    table = pq.read_table(files, columns=list(SPARSE_COLUMNS))
+    counted = sum(len(set(table.column(name).to_pylist())) for name in SPARSE_COLUMNS)
+    expected = key_recurrence(read_data_meta(synth_data), count_rows(files)).distinct_keys
+    assert expected == pytest.approx(counted, rel=0.03)
 
 
 @pytest.mark.usefixtures("idle_ray_cluster")

@@ -84,7 +84,7 @@ def write_meta(out_dir: str, meta: dict) -> None:
         json.dump({**meta, "dense_transform": DENSE_TRANSFORM}, stream, indent=2)
 
 
-def read_meta(data_dir: str) -> dict:
+def read_data_meta(data_dir: str) -> dict:
     """`data_dir/meta.json` as written by `terarec data synth/convert`; {} where there is none or it is not JSON
     (data written by other tools, or a remote URI: defaults then fall back to what needs no meta)."""
     try:
