@@ -26,7 +26,7 @@ def clicks(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dlrm_beats_logistic_regression(idle_ray_cluster, clicks, tmp_path):
-    aucs = {}
+    aucs, outputs = {}, {}
     for model, extra in (("dlrm", []), ("lr", ["--set", "dense_optimizer.lr=0.01"])):
         run_dir = tmp_path / model
         result = terarec("train", "--model", model, "--data", clicks, "--run-dir", str(run_dir), "--steps", "340",
@@ -39,7 +39,10 @@ def test_dlrm_beats_logistic_regression(idle_ray_cluster, clicks, tmp_path):
         assert metrics["steps"] == 340 and metrics["train_rows"] == 340 * 1024 and metrics["model"] == model
         assert (run_dir / "curve.jsonl").read_text().count("\n") >= 6
         assert (run_dir / "curve.png").stat().st_size > 1000
-        aucs[model] = metrics["auc"]
+        aucs[model], outputs[model] = metrics["auc"], result.stdout
+    # DLRM's sparse lr follows the data (its keys recur: 0.2) in one line; LR's is fixed
+    assert "note: sparse lr 0.2 for dlrm: a training key recurs 2747 times on average" in outputs["dlrm"]
+    assert "sparse lr" not in outputs["lr"]
     assert aucs["lr"] > 0.70, aucs
     assert aucs["dlrm"] > aucs["lr"] + 0.02, aucs
 
