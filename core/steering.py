@@ -24,7 +24,8 @@ LARGE_EVAL_ROWS = 1_000_000  # periodic evaluations over more rows than this get
 # The sparse-lr rule (README "Defaults that fit the data"), for models whose ModelSpec has sparse_lr_rare: Adagrad
 # moves a row seen once by about lr, so the best lr grows with how often a training key recurs. Measured in
 # bench/steer_quality.py --parts sparse_lr: DLRM's best is 0.05 on synth data where a key recurs 150 times
-# (scale 1e-3) and 0.2 where it recurs 1374 and 2747 times (1e-4), 0.1 at 461 (3e-4). At or below RARE_RECURRENCE the model's
+# (scale 1e-3) and 0.2 where it recurs 1374 and 2747 times (1e-4); in between 0.1 at 461 (3e-4) and 0.13 at 693
+# (1e-3, 1M rows), as the rule gives. At or below RARE_RECURRENCE the model's
 # sparse_lr_rare, at or above FREQUENT_RECURRENCE its sparse_lr, in between interpolated in log-log.
 RARE_RECURRENCE, FREQUENT_RECURRENCE = 150.0, 1300.0
 
