@@ -147,10 +147,11 @@ class SparseLrChoice:
 
 
 def choose_sparse_lr(config: TrainConfig, train_rows: int, meta: dict) -> SparseLrChoice | None:
-    """The rule's sparse lr where it applies: the user left embedding.lr unset, the model opts in
-    (ModelSpec.sparse_lr_rare) and meta.json tells how often keys recur. None otherwise (the model's sparse_lr)."""
+    """The rule's sparse lr where it applies: the user left embedding.lr unset, the sparse optimizer is Adagrad
+    (the rule's measurements), the model opts in (ModelSpec.sparse_lr_rare) and meta.json tells how often keys
+    recur. None otherwise (the model's sparse_lr)."""
     spec = MODELS[config.model]
-    if config.embedding.lr is not None or spec.sparse_lr_rare is None:
+    if config.embedding.lr is not None or config.embedding.optimizer != "adagrad" or spec.sparse_lr_rare is None:
         return None
     recurrence = key_recurrence(meta, train_rows)
     if recurrence is None:

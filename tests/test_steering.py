@@ -131,9 +131,11 @@ def test_the_sparse_lr_fits_how_often_keys_recur():
     note = choose_sparse_lr(dlrm, 1000, convert_meta).note("dlrm")
     assert note.startswith("sparse lr 0.05 for dlrm: a training key recurs 67 times on average (2000 lookups / 30 "
                            "distinct keys, meta.json's vocabulary sizes (min_count 5))")
-    # the user's embedding.lr, a model that does not opt in, or data that says nothing: no choice
-    assert choose_sparse_lr(dlrm.model_copy(update={"embedding": dlrm.embedding.model_copy(update={"lr": 0.3})}),
-                            1000, convert_meta) is None
+    # the user's embedding.lr, another sparse optimizer, a model that does not opt in, or data that says nothing:
+    # no choice
+    for embedding in ({"lr": 0.3}, {"optimizer": "adam"}):
+        assert choose_sparse_lr(dlrm.model_copy(update={"embedding": dlrm.embedding.model_copy(update=embedding)}),
+                                1000, convert_meta) is None
     assert choose_sparse_lr(load_config(flags={"data": "x", "model": "deepfm"}), 1000, convert_meta) is None
     assert fit_to_data(dlrm, 1000, {}).sparse_lr == 0.2
 
