@@ -15,6 +15,7 @@ encode + decode per wire format. Batches are cycled after a warm-up pass (a warm
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import glob
 import itertools
@@ -36,8 +37,8 @@ from store import ZipfIds  # bench/store.py
 from timing import median_ms  # bench/timing.py
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config
-from terarec.core.cost_model import (LINK_EFFICIENCY, WIRES, DeviceCosts, Fabric, KeyDistribution, Link,
-                                     bytes_sent_per_step, fabric_for, predict_step)
+from terarec.core.cost_model import (KEY_BYTES, LINK_EFFICIENCY, WIRES, DeviceCosts, Fabric, KeyDistribution, Link,
+                                     all_to_all_terms, bytes_sent_per_step, fabric_for, predict_step, wire_row_bytes)
 from terarec.core.data.reader import BatchReader
 from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for, write_synthetic
 from terarec.kernels.comm import Communicator, GlooCommunicator, LocalCommunicator
@@ -161,31 +162,61 @@ def measure_gpu(args) -> None:
 
 # ---- measured over gloo processes ----------------------------------------------------------------------------
 
+EXCHANGE_PARTS = ("keys", "rows", "grads")  # a training step's all-to-alls, in order (device store: no prefetch)
+
+
 class CountingCommunicator(Communicator):
-    """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others.
+    """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others,
+    and times each collective by part (`seconds`): the count exchange of every all-to-all ("counts"), the payload of
+    the keys, rows and gradients (named by their order in a step), the dense all-reduce ("all_reduce").
 
     With `synchronize`, a barrier before each all-to-all takes the wait for the slowest worker out of it (the
-    model has no such wait); `waited` sums the barriers' seconds."""
+    model has no such wait); its seconds are the part "barrier"."""
 
     def __init__(self, inner: Communicator, synchronize: bool = False):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
         self.synchronize = synchronize
         self.to_self = self.to_peers = 0
-        self.waited = 0.0
+        self.seconds: collections.Counter = collections.Counter()
+        self.calls = 0
+        exchange_counts = inner.exchange_counts
+
+        def timed_exchange_counts(send_counts):  # inner.all_to_all calls it first: the counts' share of the call
+            with self.timed("counts"):
+                return exchange_counts(send_counts)
+        inner.exchange_counts = timed_exchange_counts
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - started
+
+    def reset(self) -> None:
+        self.to_self = self.to_peers = self.calls = 0
+        self.seconds.clear()
 
     def all_to_all(self, send, send_counts):
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         own = send_counts[self.rank] * row_bytes
         self.to_self += own
         self.to_peers += sum(send_counts) * row_bytes - own
+        part = EXCHANGE_PARTS[self.calls % len(EXCHANGE_PARTS)]
+        self.calls += 1
         if self.synchronize:
-            started = time.perf_counter()
-            dist.barrier()
-            self.waited += time.perf_counter() - started
-        return self.inner.all_to_all(send, send_counts)
+            with self.timed("barrier"):
+                dist.barrier()
+        counts_before = self.seconds["counts"]
+        with self.timed(part):
+            received = self.inner.all_to_all(send, send_counts)
+        self.seconds[part] -= self.seconds["counts"] - counts_before
+        return received
 
     def all_reduce(self, tensor):
-        return self.inner.all_reduce(tensor)
+        with self.timed("all_reduce"):
+            return self.inner.all_reduce(tensor)
 
 
 def free_port() -> int:
@@ -216,11 +247,12 @@ def wire_rank(rank: int, world: int, port: int, settings: dict, out) -> None:
         ids = ZipfIds(settings["vocab"], exponent, torch.device("cpu"), seed=rank)
         for batch, wire in itertools.product(settings["batches"], WIRES):
             rows = ShardedRows(DeviceStore(settings["dim"], SparseSGD()), comm, 4096, wire, wire)
-            comm.to_self = comm.to_peers = 0
+            comm.reset()
             keys = torch.unique(feature_keys(ids.batch(batch).sparse))
             rows.update(rows.lookup_for_update(keys), torch.randn(keys.numel(), settings["dim"]))
             cell = {"batch": batch, "zipf": exponent, "wire": wire, "unique_keys": keys.numel(),
-                    "bytes_sent": rows.stats.bytes_sent, "to_self": comm.to_self, "to_peers": comm.to_peers}
+                    "bytes_sent": rows.stats.bytes_sent, "to_self": comm.to_self, "to_peers": comm.to_peers,
+                    "exchange_s": rows.stats.seconds, "exchange_parts_s": dict(comm.seconds)}
             cell["global_unique"] = torch.unique(torch.cat(comm.all_gather(keys))).numel()
             rows_out.append(cell)
     out[rank] = rows_out
@@ -267,27 +299,57 @@ def wire_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int) -> tuple[float, float]:
+def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int, compute=None) -> tuple[float, float]:
     """(seconds of latency, bytes/s) of `comm.all_to_all` by least squares of the relative error over payloads of
-    `sizes` bytes (the small ones would count for nothing in absolute terms)."""
+    `sizes` bytes (the small ones would count for nothing in absolute terms).
+
+    With `compute` (a callable), each call is issued as a step issues it: after that compute and a barrier (not
+    timed), so that a rank meets the call busy, not spinning in the previous one. On a shared CPU this is what a
+    call costs in a step: a process that computed wakes from a blocking receive later than one that only waited."""
     world = comm.world_size
     points = []
     for nbytes in sizes:
         payload = torch.zeros(nbytes // 4 // world * world)
         counts = [payload.numel() // world] * world
-        seconds = median_ms(lambda: comm.all_to_all(payload, counts), iters=repeats, device="cpu") / 1e3
-        slowest = torch.tensor([seconds])
-        comm.all_reduce(slowest)  # the sum; the mean over workers is what one all-to-all takes
-        points.append((payload.numel() * 4 * (world - 1) / world, slowest.item() / world))
+        times = []
+        for _ in range(repeats + 1):
+            if compute is not None:
+                compute()
+                dist.barrier()
+            started = time.perf_counter()
+            comm.all_to_all(payload, counts)
+            times.append(time.perf_counter() - started)
+        mean = torch.tensor([float(np.median(times[1:]))])
+        comm.all_reduce(mean)  # the sum; the mean over workers is what one all-to-all takes
+        points.append((payload.numel() * 4 * (world - 1) / world, mean.item() / world))
     x, y = np.array(points).T
     per_byte, fixed = np.polyfit(x, y, 1, w=1 / y)
     return max(float(fixed), 1e-6), 1.0 / max(float(per_byte), 1e-12)
 
 
+@contextlib.contextmanager
+def timing_rows(worker: TrainWorker, comm: CountingCommunicator):
+    """Times the step's `ShardedRows` calls (lookup + update: store, routing, codec and collectives) as the part
+    "sharded_rows" of `comm.seconds`."""
+    rows = worker.rows
+    plain = rows.lookup_for_update, rows.update
+
+    def timed(method):
+        def call(*args):
+            with comm.timed("sharded_rows"):
+                return method(*args)
+        return call
+    rows.lookup_for_update, rows.update = (timed(m) for m in plain)
+    try:
+        yield
+    finally:
+        del rows.lookup_for_update, rows.update  # the class's methods again
+
+
 def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, out) -> None:
     """On every rank at once, so that all see the same load, in rounds that alternate: the components on a
-    one-worker TrainWorker of the same per-worker batch, the link (a gloo all-to-all fit), then real TrainWorker
-    steps over gloo."""
+    one-worker TrainWorker of the same per-worker batch, the link (gloo all-to-all fits: calls back to back, and
+    calls issued from that one-worker step's compute), then real TrainWorker steps over gloo, each collective timed by part."""
     comm = start_gloo(rank, world, port, settings["threads"], synchronize=True)
     shape, repeats = settings["shape"], settings["repeats"]
     alone = TrainWorker(job(data, dict(shape, batch=shape["batch"] // world), 1), LocalCommunicator(), torch.device("cpu"))
@@ -303,14 +365,21 @@ def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, o
     for _ in range(settings["rounds"]):
         measured = measure_device(alone, alone_batches, ["fp32"], repeats)
         dist.barrier()
-        latency, bandwidth = all_to_all_fit(comm.inner, settings["link_sizes"], repeats)
-        worker.rows.stats.bytes_sent, worker.rows.stats.seconds, comm.to_peers, comm.waited = 0, 0.0, 0, 0.0
-        step_s = median_ms(step, iters=repeats, device="cpu") / 1e3
+        links = {"back_to_back": all_to_all_fit(comm.inner, settings["link_sizes"], repeats),
+                 "from_compute": all_to_all_fit(comm.inner, settings["link_sizes"], repeats,
+                                                cycle_steps(alone, alone_batches, "fp32"))}
+        worker.rows.stats.bytes_sent, worker.rows.stats.seconds = 0, 0.0
+        comm.reset()
+        with timing_rows(worker, comm):
+            step_s = median_ms(step, iters=repeats, device="cpu") / 1e3
         steps = repeats + 1  # median_ms warms up once
+        parts_ms = {part: 1e3 * seconds / steps for part, seconds in comm.seconds.items()}
         rounds.append({"costs": measured["costs"], "alone_step_ms": measured["step_ms"]["fp32"],
-                       "latency_s": latency, "bytes_per_s": bandwidth, "step_ms": 1e3 * step_s,
-                       "exchange_ms": 1e3 * (worker.rows.stats.seconds - comm.waited) / steps,
-                       "waited_ms": 1e3 * comm.waited / steps,
+                       "links": {name: {"latency_s": latency, "bytes_per_s": bandwidth}
+                                 for name, (latency, bandwidth) in links.items()},
+                       "step_ms": 1e3 * step_s,
+                       "exchange_ms": 1e3 * worker.rows.stats.seconds / steps - parts_ms.get("barrier", 0.0),
+                       "parts_ms": parts_ms,
                        "bytes_sent": worker.rows.stats.bytes_sent / steps, "wire_bytes": comm.to_peers / steps})
         dist.barrier()
     out[rank] = {"rounds": rounds, "unique_keys": float(np.mean([k.numel() for k in keys])), "owned_keys": float(owned)}
@@ -327,6 +396,23 @@ def mean_costs(costs: list[dict]) -> DeviceCosts:
                    codec_ms={w: float(np.mean([c["codec_ms"][w] for c in costs])) for w in first.codec_ms})
 
 
+# The model's inputs in the validation, as first built (calls timed back to back, the mean worker's compute) and
+# as measured now (calls issued from compute, the slowest worker's compute: a synchronous step waits for it).
+VALIDATION_INPUTS = {"first": ("back_to_back", "mean"), "link_from_compute": ("from_compute", "mean"),
+                     "slowest_worker": ("from_compute", "slowest")}
+
+
+def exchange_parts_ms(unique_keys: float, dim: int, world: int, fabric: Fabric, wire: str = "fp32") -> dict[str, float]:
+    """The model's exchange by the parts `CountingCommunicator` times: three count exchanges (one latency each),
+    then the payloads of keys, rows and gradients (a latency and their bytes each)."""
+    parts = {"counts": 0.0}
+    for part, row_bytes in zip(EXCHANGE_PARTS, (KEY_BYTES, wire_row_bytes(wire, dim), wire_row_bytes(wire, dim))):
+        latency, transfer = all_to_all_terms(unique_keys * row_bytes, world, fabric)
+        parts["counts"] += latency
+        parts[part] = latency + transfer
+    return {part: 1e3 * seconds for part, seconds in parts.items()}
+
+
 def validate_cpu(args) -> None:
     """Per worker count and round: the prediction from that round's inputs against that round's steps."""
     cores = os.cpu_count() or 1
@@ -340,30 +426,37 @@ def validate_cpu(args) -> None:
             ranks = spawn(validate_rank, world, data, settings)
             unique, owned = (float(np.mean([r[k] for r in ranks])) for k in ("unique_keys", "owned_keys"))
             for index, cells in enumerate(zip(*(r["rounds"] for r in ranks))):
-                costs = mean_costs([c["costs"] for c in cells])
-                gloo = Link("gloo over loopback (fitted)", float(np.mean([c["bytes_per_s"] for c in cells])) / 1e9,
-                            float(np.mean([c["latency_s"] for c in cells])) / 2 * 1e6)  # an all-to-all pays 2 latencies
-                predicted = predict_step(costs, None, world, Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0),
-                                         unique_keys=unique, owned_keys=owned)
-                step_ms, exchange_ms = (max(c[k] for c in cells) for k in ("step_ms", "exchange_ms"))
-                row = {"workers": world, "round": index, "batch_per_worker": costs.batch, "threads": settings["threads"],
-                       "link_latency_us": gloo.latency_us, "link_gbs": gloo.gbs, "unique_keys": unique,
-                       "owned_keys": owned, "bytes_sent_measured": float(np.mean([c["bytes_sent"] for c in cells])),
+                row = {"workers": world, "round": index, "batch_per_worker": shape["batch"] // world, "threads": settings["threads"],
+                       "unique_keys": unique, "owned_keys": owned,
+                       "bytes_sent_measured": float(np.mean([c["bytes_sent"] for c in cells])),
                        "bytes_sent_model": bytes_sent_per_step(unique, shape["dim"], "fp32"),
                        "wire_bytes_measured": float(np.mean([c["wire_bytes"] for c in cells])),
-                       "wire_bytes_model": predicted.wire_bytes,
-                       "exchange_ms_measured": exchange_ms, "exchange_ms_predicted": predicted.ms["exchange"],
-                       "wait_for_slowest_ms": max(c["waited_ms"] for c in cells),
-                       "exchange_error": predicted.ms["exchange"] / exchange_ms - 1,
-                       "step_ms_measured": step_ms, "step_ms_predicted": predicted.ms["step"],
-                       "step_error": predicted.ms["step"] / step_ms - 1, "predicted_ms": predicted.ms,
-                       "costs": asdict(costs), "alone_step_ms": [c["alone_step_ms"] for c in cells],
-                       "load_average": os.getloadavg()[0]}
+                       "exchange_ms_measured": max(c["exchange_ms"] for c in cells),
+                       "step_ms_measured": max(c["step_ms"] for c in cells),
+                       "parts_ms_measured": {part: {"mean": float(np.mean([c["parts_ms"].get(part, 0.0) for c in cells])),
+                                                    "max": max(c["parts_ms"].get(part, 0.0) for c in cells)}
+                                             for part in cells[0]["parts_ms"]},
+                       "alone_step_ms": [c["alone_step_ms"] for c in cells],
+                       "load_average": os.getloadavg()[0], "inputs": {}}
+                for name, (link, worker) in VALIDATION_INPUTS.items():
+                    gloo = Link(f"gloo over loopback ({link})",
+                                float(np.mean([c["links"][link]["bytes_per_s"] for c in cells])) / 1e9,
+                                float(np.mean([c["links"][link]["latency_s"] for c in cells])) / 2 * 1e6)  # 2 per call
+                    fabric = Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0)
+                    costs = (mean_costs([c["costs"] for c in cells]) if worker == "mean" else
+                             max((DeviceCosts(**c["costs"]) for c in cells),
+                                 key=lambda c: predict_step(c, None, world, fabric, unique_keys=unique,
+                                                            owned_keys=owned).ms["step"]))
+                    predicted = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned)
+                    row["inputs"][name] = {
+                        "link": link, "worker": worker, "latency_us": gloo.latency_us, "gbs": gloo.gbs,
+                        "costs": asdict(costs), "predicted_ms": predicted.ms,
+                        "exchange_parts_ms": exchange_parts_ms(unique, shape["dim"], world, fabric),
+                        "exchange_error": predicted.ms["exchange"] / row["exchange_ms_measured"] - 1,
+                        "step_error": predicted.ms["step"] / row["step_ms_measured"] - 1}
                 rows.append(row)
-                print(f"W={world} round {index}: exchange {exchange_ms:.1f} ms measured, {predicted.ms['exchange']:.1f} "
-                      f"predicted ({row['exchange_error']:+.0%}); step {step_ms:.1f} measured, "
-                      f"{predicted.ms['step']:.1f} predicted ({row['step_error']:+.0%}); "
-                      f"wait for the slowest {row['wait_for_slowest_ms']:.1f} ms; load average {row['load_average']:.1f}",
+                print(json.dumps({k: row[k] for k in ("workers", "round", "exchange_ms_measured", "step_ms_measured",
+                                                      "parts_ms_measured", "inputs", "alone_step_ms", "load_average")}),
                       flush=True)
     record("scale_model-validate-cpu", {"rows": rows}, dict(shape=shape, batches=args.batches, repeats=args.repeats,
                                                             rounds=args.rounds, cardinality_scale=args.cardinality_scale))
@@ -500,19 +593,54 @@ def markdown(origin: dict, costs: DeviceCosts, table: list[dict], oneflow: list[
         if predicted:
             lines.append(f"| 1 x {costs.device} | step, {precision} | {predicted:.2f} | {measured:.2f} | "
                          f"{predicted / measured - 1:+.1%} |")
-    cpu_rows = (validation or {}).get("rows", [])
-    for world in sorted({r["workers"] for r in cpu_rows}):
-        rounds = [r for r in cpu_rows if r["workers"] == world]
-        load = max(r["load_average"] for r in rounds)
-        for what in ("exchange", "step"):
-            predicted, measured = (float(np.median([r[f"{what}_ms_{k}"] for r in rounds])) for k in ("predicted", "measured"))
-            errors = [r[f"{what}_error"] for r in rounds]
-            waited = (f", after a barrier (the wait for the slowest, {np.median([r['wait_for_slowest_ms'] for r in rounds]):.1f}"
-                      " ms, apart)" if what == "exchange" and "wait_for_slowest_ms" in rounds[0] else "")
-            lines.append(f"| {world} gloo workers, CPU, median of {len(rounds)} rounds (load average up to {load:.0f}, "
-                         f"2 cores) | {what}{waited} | {predicted:.1f} | {measured:.1f} | {predicted / measured - 1:+.0%} "
-                         f"(rounds {min(errors):+.0%} to {max(errors):+.0%}) |")
+    lines += cpu_validation_lines((validation or {}).get("rows", []))
     return "\n".join(lines)
+
+
+INPUT_TITLES = {"first": "link timed back to back, mean worker (as first built)",
+                "link_from_compute": "link timed from compute, mean worker",
+                "slowest_worker": "link timed from compute, slowest worker"}
+
+
+def cpu_validation_lines(rows: list[dict]) -> list[str]:
+    """Per worker count, medians over rounds: the measured exchange and step against the model on each set of
+    inputs, then the exchange by part (measured: mean over ranks)."""
+    if not rows:
+        return []
+    median = lambda values: float(np.median(list(values)))  # noqa: E731
+    lines = ["", "CPU, gloo workers on 2 cores (medians over rounds; error: predicted / measured - 1, the rounds' range "
+             "in brackets):", "",
+             "| workers | load average | what | measured ms | " + " | ".join(INPUT_TITLES.values()) + " |",
+             "| ---: | ---: | --- | ---: |" + " ---: |" * len(INPUT_TITLES)]
+    worlds = sorted({r["workers"] for r in rows})
+    for world in worlds:
+        rounds = [r for r in rows if r["workers"] == world]
+        load = f"{min(r['load_average'] for r in rounds):.0f}-{max(r['load_average'] for r in rounds):.0f}"
+        for what in ("exchange", "step"):
+            cells = []
+            for name in INPUT_TITLES:
+                errors = [r["inputs"][name][f"{what}_error"] for r in rounds]
+                predicted = median(r["inputs"][name]["predicted_ms"][what] for r in rounds)
+                cells.append(f"{predicted:.1f} ({median(errors):+.0%}; {min(errors):+.0%} to {max(errors):+.0%})")
+            lines.append(f"| {world} | {load} | {what} | {median(r[f'{what}_ms_measured'] for r in rounds):.1f} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "The exchange by part, ms per step (measured: `CountingCommunicator`'s timers in the real steps, mean "
+              "over ranks; the model's: a latency per count exchange, a latency + bytes / bandwidth per payload):", "",
+              "| workers | part | measured | " + " | ".join(INPUT_TITLES[n] for n in ("first", "link_from_compute")) + " |",
+              "| ---: | --- | ---: | ---: | ---: |"]
+    for world in worlds:
+        rounds = [r for r in rows if r["workers"] == world]
+        for part in ("counts", *EXCHANGE_PARTS):
+            lines.append(f"| {world} | {part} | {median(r['parts_ms_measured'][part]['mean'] for r in rounds):.1f} | "
+                         + " | ".join(f"{median(r['inputs'][n]['exchange_parts_ms'][part] for r in rounds):.1f}"
+                                      for n in ("first", "link_from_compute")) + " |")
+        for part, modelled in (("barrier", None), ("all_reduce", "all_reduce")):
+            measured = median(r["parts_ms_measured"][part]["mean"] for r in rounds)
+            lines.append(f"| {world} | {'wait for the slowest (barrier, not modelled)' if modelled is None else part} | "
+                         f"{measured:.1f} | " + " | ".join(
+                             "-" if modelled is None else f"{median(r['inputs'][n]['predicted_ms'][modelled] for r in rounds):.1f}"
+                             for n in ("first", "link_from_compute")) + " |")
+    return lines
 
 
 def report(args) -> None:

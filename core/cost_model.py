@@ -100,8 +100,14 @@ def all_to_all_seconds(payload_bytes: float, world: int, fabric: Fabric) -> floa
     """One variable-size all-to-all: the count exchange and the payload, each paying the slowest link's
     latency; the node's link and the network move their shares at once (over PCIe, the network's share
     crosses the GPU's PCIe link too)."""
+    latency, transfer = all_to_all_terms(payload_bytes, world, fabric)
+    return transfer + 2 * latency
+
+
+def all_to_all_terms(payload_bytes: float, world: int, fabric: Fabric) -> tuple[float, float]:
+    """(seconds of one message's latency, seconds to move the payload) of one all-to-all."""
     if world == 1:
-        return 0.0
+        return 0.0, 0.0
     in_node = min(world, fabric.gpus_per_node)
     intra_bytes = payload_bytes * (in_node - 1) / world
     inter_bytes = payload_bytes * (world - in_node) / world
@@ -111,7 +117,7 @@ def all_to_all_seconds(payload_bytes: float, world: int, fabric: Fabric) -> floa
     if inter_bytes:
         seconds = max(seconds, inter_bytes / (fabric.inter_gbs() * fabric.efficiency * 1e9))
         latency = max(latency, fabric.inter.latency_us)
-    return seconds + 2 * latency * 1e-6
+    return latency * 1e-6, seconds
 
 
 def all_reduce_seconds(nbytes: float, world: int, fabric: Fabric) -> float:
