@@ -615,7 +615,7 @@ def cpu_validation_lines(rows: list[dict]) -> list[str]:
     worlds = sorted({r["workers"] for r in rows})
     for world in worlds:
         rounds = [r for r in rows if r["workers"] == world]
-        load = f"{min(r['load_average'] for r in rounds):.0f}-{max(r['load_average'] for r in rounds):.0f}"
+        load = " to ".join(sorted({f"{r['load_average']:.0f}" for r in rounds}, key=float))
         for what in ("exchange", "step"):
             cells = []
             for name in INPUT_TITLES:
@@ -634,6 +634,10 @@ def cpu_validation_lines(rows: list[dict]) -> list[str]:
             lines.append(f"| {world} | {part} | {median(r['parts_ms_measured'][part]['mean'] for r in rounds):.1f} | "
                          + " | ".join(f"{median(r['inputs'][n]['exchange_parts_ms'][part] for r in rounds):.1f}"
                                       for n in ("first", "link_from_compute")) + " |")
+        lines.append(f"| {world} | ShardedRows calls (store, routing, codec, exchange) | "
+                     f"{median(r['parts_ms_measured']['sharded_rows']['mean'] for r in rounds):.1f} | " + " | ".join(
+                         f"{median(sum(r['inputs'][n]['predicted_ms'][k] for k in ('store', 'pack', 'codec', 'exchange')) for r in rounds):.1f}"
+                         for n in ("first", "link_from_compute")) + " |")
         for part, modelled in (("barrier", None), ("all_reduce", "all_reduce")):
             measured = median(r["parts_ms_measured"][part]["mean"] for r in rounds)
             lines.append(f"| {world} | {'wait for the slowest (barrier, not modelled)' if modelled is None else part} | "

@@ -29,7 +29,9 @@ KEY_BYTES = 8
 
 @dataclass(frozen=True)
 class Link:
-    """One GPU's link: bandwidth per direction (GB/s) and the latency of one message (µs).
+    """One GPU's link: bandwidth per direction (GB/s) and the latency of one message (µs), as a step meets it:
+    a call issued from compute (on a shared CPU, a process that computed wakes from a blocking receive later
+    than one spinning in back-to-back calls; bench/scale_model.py --validate-cpu measures it so).
 
     `host_bus`: the GPU's PCIe link, which its traffic to the network also crosses."""
 
