@@ -252,7 +252,8 @@ def wire_rank(rank: int, world: int, port: int, settings: dict, out) -> None:
             rows.update(rows.lookup_for_update(keys), torch.randn(keys.numel(), settings["dim"]))
             cell = {"batch": batch, "zipf": exponent, "wire": wire, "unique_keys": keys.numel(),
                     "bytes_sent": rows.stats.bytes_sent, "to_self": comm.to_self, "to_peers": comm.to_peers,
-                    "exchange_s": rows.stats.seconds, "exchange_parts_s": dict(comm.seconds)}
+                    "exchange_s": rows.stats.seconds, "exchange_parts_s": dict(comm.seconds),
+                    "exchange_calls": comm.calls}
             cell["global_unique"] = torch.unique(torch.cat(comm.all_gather(keys))).numel()
             rows_out.append(cell)
     out[rank] = rows_out

@@ -74,10 +74,12 @@ def test_bytes_per_step_match_the_exchange_counters(monkeypatch):
         assert sum(c["bytes_sent"] for c in cells) == bytes_sent_per_step(sum(c["unique_keys"] for c in cells), dim, wire)
         to_peers = sum(c["to_peers"] for c in cells) / sum(c["bytes_sent"] for c in cells)
         assert 0.4 < to_peers < 0.6, (wire, to_peers)  # buckets spread keys evenly: half leave each worker
-        for cell in cells:  # the timers by part (count exchanges, keys, rows, grads) account for the exchange's own
+        for cell in cells:  # each of the step's all-to-alls (keys, rows, grads) ran under its part's timer, and the
+            # parts lie inside the exchange's own timer (what share of it they take is a timing: bench/, not here)
             parts = cell["exchange_parts_s"]
+            assert cell["exchange_calls"] == len(scale_model.EXCHANGE_PARTS), cell["exchange_calls"]
             assert set(parts) == {"counts", *scale_model.EXCHANGE_PARTS} and min(parts.values()) > 0, parts
-            assert 0.5 * cell["exchange_s"] < sum(parts.values()) <= cell["exchange_s"], (parts, cell["exchange_s"])
+            assert sum(parts.values()) <= cell["exchange_s"], (parts, cell["exchange_s"])
     # the model's exchange by those parts adds up to its exchange: 3 count exchanges at 20 µs, then each payload
     # (keys, rows, gradients of 800 B) a latency + its network share, as in the hand-worked case above
     parts = scale_model.exchange_parts_ms(100, 4, 4, FABRIC, "int8")
