@@ -25,7 +25,7 @@ from terarec.models import Batch
 from terarec.core.build import model_from_config, store_width
 from terarec.core.checkpoints import CheckpointContents, open_checkpoint
 from terarec.core.config import ServingConfig, StoreConfig
-from terarec.core.resources import ResourceError, largest, pending_text, short_of, unfit_text
+from terarec.core.resources import NOTICE_AFTER_S, ResourceError, largest, pending_text, short_of, unfit_text
 
 from .embedding_server import (SERVER_CPUS, RecentRows, ServerRows, model_servers, server_handles, server_names,
                                start_servers, stop_servers)
@@ -97,7 +97,6 @@ class DeployTimeout(ResourceError):
     """A deploy waited serving.deploy_timeout_s for its replicas or servers; what served before serves on."""
 
 
-NOTICE_AFTER_S = 5.0  # replicas and servers usually start within this; longer is worth a line
 POLL_S = 0.5
 REMEDY = {"CPU": "lower replicas or serving.cpus", "GPU": "lower replicas, serving.gpus or server_gpus"}
 

@@ -13,11 +13,10 @@ import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from terarec.core.config import TrainConfig
-from terarec.core.resources import ResourceError, pending_reason
+from terarec.core.resources import NOTICE_AFTER_S, ResourceError, pending_reason
 
 # controller states in which no worker group runs
 WAITING = {"InitializingState", "SchedulingState", "ReschedulingState", "RestartingState"}
-NOTICE_AFTER_S = 5.0  # a worker group usually starts within this; longer is worth a line
 
 
 class PendingWatch(ControllerCallback):

@@ -29,6 +29,9 @@ def uses_gpu(config: TrainConfig, cluster: Mapping[str, float]) -> bool:
     return config.use_gpu if config.use_gpu is not None else cluster.get("GPU", 0) > 0
 
 
+NOTICE_AFTER_S = 5.0  # workers, replicas and servers usually start within this; a longer wait is worth a line
+
+
 def worker_resources(config: TrainConfig, cluster: Mapping[str, float]) -> dict[str, float]:
     """One worker's request: cpus_per_worker (default: the cluster's CPUs split over the most workers, at least
     one; torch threads follow), plus one GPU when the job uses GPUs. `cluster`: ray.cluster_resources()."""
