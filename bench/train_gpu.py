@@ -99,11 +99,39 @@ def preloaded(files: list[str], shape: dict, device: torch.device, count: int) -
         return [batch for batch, _ in zip(reader, range(count))]
 
 
-def terarec_step_rate(data: str, shape: dict, precision: str, batches: list, device: torch.device) -> float:
+def terarec_step_rate(data: str, shape: dict, precision: str, batches: list, device: torch.device,
+                      profile_to: str | None = None) -> float:
     config = load_config(overrides=config_overrides(shape, precision),
                          flags={"data": data, "batch_size": shape["batch_size"], "model": "dlrm"})
     worker = TrainWorker(config, LocalCommunicator(), device)
-    return rate(worker.train_step, batches, shape["warmup"], shape["steps"], device)
+    samples_per_s = rate(worker.train_step, batches, shape["warmup"], shape["steps"], device)
+    if profile_to:
+        profile_steps(worker.train_step, batches, device, profile_to)
+    return samples_per_s
+
+
+def profile_steps(step, batches: list, device: torch.device, name: str, steps: int = 5) -> None:
+    """Where a warm step's time goes: torch.profiler over `steps` steps, the kernel table (by device time) and
+    the host's time per step, to bench/results/<name>; the wall time per step is printed beside the summed
+    device time, so a launch-bound step (device idle between kernels) shows as wall >> device."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        synchronize(device)
+        wall_ms = (time.perf_counter() - started) * 1e3 / steps
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    device_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3 / steps
+    table = events.table(sort_by=sort, row_limit=45, max_name_column_width=70)
+    text = f"wall {wall_ms:.2f} ms/step, kernels {device_ms:.2f} ms/step (summed, {steps} steps)\n{table}"
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    with open(path, "w") as out:
+        out.write(text)
+    print(text[:6000])
 
 
 # ---- (c) end to end -----------------------------------------------------------------------------------------------
@@ -173,12 +201,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="rows to synthesize (default 4M; smoke 30k)")
     parser.add_argument("--data", help="reuse a data directory instead of synthesizing one")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="reader threads (default: all cores)")
+    parser.add_argument("--stages", default="reader,step,e2e,baselines",
+                        help="comma-separated subset of reader, step, e2e, baselines (e2e needs step)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each step-alone rate, profile 5 steps: kernel table to results/*-profile-*.txt")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile baseline (skipped in --smoke: minutes of CPU compile)")
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else FULL)
     shape["rows"] = args.rows or shape["rows"]
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    stages = {s.strip() for s in args.stages.split(",")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     slug = device_name().lower().replace("nvidia ", "").replace(" ", "-") if device.type == "cuda" else "cpu"
     name = f"train_gpu-{slug}" + ("-smoke" if args.smoke else "")
@@ -204,24 +237,27 @@ def main() -> None:
         stage("column_copies", started)
 
         started = time.perf_counter()
-        reader = reader_rate(train_files, shape, device, args.threads, True, shape["reader_batches"])
-        figures["reader_parquet_samples_per_s"] = reader_rate(train_files, shape, device, args.threads, False,
-                                                              max(4, shape["reader_batches"] // 10))
-        print(f"reader: columns {reader:,.0f} samples/s, parquet {figures['reader_parquet_samples_per_s']:,.0f}")
-        stage("reader", started)
+        reader = None if "reader" not in stages else reader_rate(train_files, shape, device, args.threads, True, shape["reader_batches"])
+        if reader is not None:
+            figures["reader_parquet_samples_per_s"] = reader_rate(train_files, shape, device, args.threads, False,
+                                                                  max(4, shape["reader_batches"] // 10))
+            print(f"reader: columns {reader:,.0f} samples/s, parquet {figures['reader_parquet_samples_per_s']:,.0f}")
+            stage("reader", started)
 
         batches = preloaded(train_files, shape, device, 8)
-        for precision in precisions:
+        for precision in precisions if "step" in stages else []:
             started = time.perf_counter()
             # the step alone first: it fills Triton's on-disk compile cache for this precision, so the end-to-end
             # run's first_step_s is a user's second run (a machine's very first run also pays the cold compiles)
-            step_rate = terarec_step_rate(data, shape, precision, batches, device)
+            step_rate = terarec_step_rate(data, shape, precision, batches, device,
+                                          profile_to=f"{name}-profile-{precision}.txt" if args.profile else None)
             release(device)
             row = {"what": "terarec", "precision": precision, "reader_samples_per_s": reader,
-                   **end_to_end(data, shape, precision, os.path.join(scratch, f"run-{precision}")),
                    "step_samples_per_s": step_rate}
+            if "e2e" in stages:
+                row.update(end_to_end(data, shape, precision, os.path.join(scratch, f"run-{precision}")))
+                row["e2e_of_step"] = row["e2e_samples_per_s"] / row["step_samples_per_s"]
             release(device)
-            row["e2e_of_step"] = row["e2e_samples_per_s"] / row["step_samples_per_s"]
             figures["rows"].append(row)
             print(row)
             stage(f"terarec {precision}", started)
@@ -229,7 +265,7 @@ def main() -> None:
         baselines = [("pytorch EmbeddingBag, sparse grads", True, False),
                      ("pytorch EmbeddingBag, dense grads", False, False)]
         baselines += [] if args.no_compile or args.smoke else [("pytorch EmbeddingBag, sparse grads, compiled dense part", True, True)]
-        for what, sparse, compiled in baselines:
+        for what, sparse, compiled in baselines if "baselines" in stages else []:
             for precision in precisions:
                 started = time.perf_counter()
                 step = plain_step_rate(list(table_rows), shape, precision, batches, device, sparse, compiled)
