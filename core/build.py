@@ -20,14 +20,16 @@ def store_width(config: TrainConfig) -> int:
 
 
 def store_from_config(config: TrainConfig, device: torch.device | str = "cpu", rank: int = 0,
-                      kind: str | None = None) -> EmbeddingStore:
-    """One rank's store: `config.store.kind` (or `kind`; "device" to read a checkpoint), rows as the model needs."""
+                      kind: str | None = None, expected_rows: int | None = None) -> EmbeddingStore:
+    """One rank's store: `config.store.kind` (or `kind`; "device" to read a checkpoint), rows as the model needs;
+    a device store is first sized for `expected_rows` where given (see `make_store`)."""
     store = config.store
     return make_store(kind or store.kind, store_width(config),
                       make_sparse_optimizer(config.embedding.optimizer, config.sparse_lr),
                       seed=config.seed, init_scale=config.embedding.init_scale, device=device,
                       policy=store.policy, cache_bytes=store.cache_bytes, host_bytes=store.host_bytes,
-                      path=os.path.join(store.path, f"rank-{rank}") if store.path else None)
+                      path=os.path.join(store.path, f"rank-{rank}") if store.path else None,
+                      expected_rows=expected_rows)
 
 
 def model_from_config(config: TrainConfig, backend, num_tasks: int) -> nn.Module:

@@ -9,6 +9,8 @@ from fp32 rows in one pass); their gradients come back in the table's dtype.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .dispatch import use_fused
@@ -30,11 +32,32 @@ def reduce_by_key_reference(grads: torch.Tensor, inverse: torch.Tensor, num_uniq
     return out.index_add_(0, inverse, grads.float()).to(grads.dtype)
 
 
-def gather_rows(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatch (autograd through `reduce_by_key`): table [N, D], idx [M] -> [M, D] in `dtype` (default the table's)."""
+class KeyOrder(NamedTuple):
+    """Occurrences grouped by key: keys[permutation] are in ascending order and equal unique[sorted_inverse]."""
+    permutation: torch.Tensor
+    sorted_inverse: torch.Tensor
+
+
+def unique_with_order(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, KeyOrder]:
+    """`torch.unique(keys, return_inverse=True)` from one sort, plus that sort's `KeyOrder` (free here), which
+    the lookup's backward uses to sum each key's gradients as runs."""
+    flat = keys.reshape(-1)
+    sorted_keys, permutation = torch.sort(flat)
+    starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    sorted_inverse = torch.cumsum(starts, 0) - 1
+    inverse = torch.empty_like(permutation).scatter_(0, permutation, sorted_inverse)
+    return sorted_keys[starts], inverse.view(keys.shape), KeyOrder(permutation, sorted_inverse)
+
+
+def gather_rows(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype | None = None,
+                order: KeyOrder | None = None) -> torch.Tensor:
+    """Dispatch (autograd through `reduce_by_key`): table [N, D], idx [M] -> [M, D] in `dtype` (default the table's).
+
+    `order`, idx's `KeyOrder` when idx is `unique_with_order`'s inverse, speeds up the fused backward."""
     if use_fused(table):
         from .triton_gather import GatherRows
-        return GatherRows.apply(table, idx, dtype)
+        return GatherRows.apply(table, idx, dtype, order)
     return gather_rows_reference(table, idx, dtype)
 
 

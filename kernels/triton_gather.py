@@ -3,7 +3,11 @@
 Rows are read as [BLOCK_M, BLOCK_D] tiles, contiguous along D: with D * 4 bytes
 a multiple of 16 and the row stride too, each thread's loads are 16 bytes wide.
 The reduction adds each gradient row into its key's fp32 row with atomics
-(order-dependent in the last bits, like `index_add_` on CUDA).
+(order-dependent in the last bits, like `index_add_` on CUDA). Given the
+occurrences grouped by key (`reduce_sorted_forward`), a block first sums each
+run of equal keys it holds (a segmented scan) and adds one row per run: a hot
+key (a feature with a handful of values appears in every sample) then costs an
+atomic row per block instead of one per occurrence, all on the same addresses.
 """
 from __future__ import annotations
 
@@ -50,6 +54,33 @@ def _reduce_by_key(grads_ptr, inverse_ptr, out_ptr, M, GROUP: tl.constexpr, D: t
     tl.atomic_add(out_ptr + key[:, None] * D + cols[None, :], grads.to(tl.float32), mask=mask, sem="relaxed")
 
 
+@triton.jit
+def _add_within_runs(a, a_starts, b, b_starts):
+    """Segmented sum: b's running value restarts where b starts a run."""
+    return tl.where(b_starts != 0, b, a + b), a_starts | b_starts
+
+
+@triton.jit(do_not_specialize=["M"])  # varies per call: no variant per size % 16
+def _reduce_sorted(grads_ptr, order_ptr, keys_ptr, out_ptr, M, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """out[keys[m]] += grads[order[m]] with keys sorted: one atomic row per run of equal keys in the block."""
+    first = tl.program_id(0) * BLOCK_M
+    rows = first + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    valid = rows < M
+    key = tl.load(keys_ptr + rows, mask=valid, other=-1)
+    before = tl.load(keys_ptr + rows - 1, mask=valid & (rows > first), other=-1)
+    after = tl.load(keys_ptr + rows + 1, mask=(rows + 1 < M) & (rows + 1 < first + BLOCK_M), other=-1)
+    source = tl.load(order_ptr + rows, mask=valid, other=0).to(tl.int64)
+    mask = valid[:, None] & (cols[None, :] < D)
+    grads = tl.load(grads_ptr + source[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    starts = tl.broadcast_to((key != before).to(tl.int32)[:, None], (BLOCK_M, BLOCK_D))
+    sums, _ = tl.associative_scan((grads, starts), 0, _add_within_runs)
+    ends = valid & (key != after)                                                   # a run's last row holds its sum
+    tl.atomic_add(out_ptr + key[:, None].to(tl.int64) * D + cols[None, :], sums, mask=ends[:, None] & mask,
+                  sem="relaxed")
+
+
 def _blocks(dim: int) -> dict:
     return dict(BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(dim))
 
@@ -83,24 +114,44 @@ def reduce_by_key_forward(grads: torch.Tensor, inverse: torch.Tensor, num_unique
     return out.to(dtype or grads.dtype)
 
 
+SORTED_BLOCK_M = 64  # rows per block of the run-summing reduction: hot keys' atomics fall by this factor
+
+
+def reduce_sorted_forward(grads: torch.Tensor, order: torch.Tensor, sorted_keys: torch.Tensor, num_unique: int,
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Launcher: grads [M, D], order [M] (occurrences grouped by key), sorted_keys [M] (ascending, in
+    [0, num_unique)) -> [num_unique, D] in `dtype` (default grads'): out[sorted_keys[m]] += grads[order[m]], fp32."""
+    grads = grads.contiguous()
+    m, dim = order.numel(), grads.shape[1]
+    out = torch.zeros((num_unique, dim), device=grads.device, dtype=torch.float32)
+    _reduce_sorted[(triton.cdiv(m, SORTED_BLOCK_M),)](grads, order.contiguous(), sorted_keys.contiguous(), out, m,
+                                                      dim, BLOCK_M=SORTED_BLOCK_M,
+                                                      BLOCK_D=triton.next_power_of_2(dim))
+    return out.to(dtype or grads.dtype)
+
+
 def _check_rows(table: torch.Tensor) -> torch.Tensor:
     return table if table.stride(1) == 1 else table.contiguous()
 
 
 class GatherRows(torch.autograd.Function):
-    """Rows out in `dtype`; their gradients summed per row in fp32 and returned in the table's dtype."""
+    """Rows out in `dtype`; their gradients summed per row in fp32 and returned in the table's dtype.
+
+    `order` (a `gather.KeyOrder` of idx, from `unique_with_order`) lets the backward sum runs of equal rows."""
 
     @staticmethod
-    def forward(ctx, table, idx, dtype=None):
-        ctx.save_for_backward(idx)
+    def forward(ctx, table, idx, dtype=None, order=None):
+        ctx.save_for_backward(idx, *((order.permutation, order.sorted_inverse) if order is not None else ()))
         ctx.num_rows, ctx.table_dtype = table.shape[0], table.dtype
         return gather_rows_forward(_check_rows(table), idx.reshape(-1), dtype).reshape(*idx.shape, table.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        return (reduce_by_key_forward(grad.reshape(-1, grad.shape[-1]), idx, ctx.num_rows, dtype=ctx.table_dtype),
-                None, None)
+        idx, *order = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])
+        if order:
+            return reduce_sorted_forward(grad, *order, ctx.num_rows, dtype=ctx.table_dtype), None, None, None
+        return reduce_by_key_forward(grad, idx, ctx.num_rows, dtype=ctx.table_dtype), None, None, None
 
 
 class GatherSum(torch.autograd.Function):

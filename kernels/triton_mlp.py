@@ -10,6 +10,7 @@ no separate elementwise pass runs.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -29,8 +30,13 @@ else:
                for bm, bn, s, w in ((128, 128, 3, 8), (128, 256, 3, 8), (128, 64, 4, 4), (64, 128, 4, 4))]
 
 
+# Triton's compile cache keeps the kernels across runs; `cache_results` keeps the autotuner's pick too, so a
+# second run of the same shapes benchmarks no config before its first step (where this Triton has it).
+CACHE_PICKS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 @triton.autotune(configs=CONFIGS, key=["N", "K", "FROM_BITS", "PRECISION"],
-                 reset_to_zero=["db_part_ptr"])                                  # 128-row configs skip odd rows
+                 reset_to_zero=["db_part_ptr"], **CACHE_PICKS)                   # 128-row configs skip odd rows
 @triton.jit
 def _masked_grad_matmul(g_ptr, wt_ptr, mask_src_ptr, d_pre_ptr, db_part_ptr, M, N, WORDS, scale, K: tl.constexpr,
                         FROM_BITS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PART_M: tl.constexpr,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from terarec.kernels.dispatch import autocast_dtype
-from terarec.kernels.gather import gather_rows
+from terarec.kernels.gather import gather_rows, unique_with_order
 from terarec.store.base import Lookup
 from terarec.store.keys import feature_keys
 
@@ -51,14 +51,14 @@ class Embedding(nn.Module):
 
     def forward(self, sparse_ids: torch.Tensor) -> torch.Tensor:
         keys = feature_keys(sparse_ids)
-        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        unique_keys, inverse, order = unique_with_order(keys)
         if self.training and torch.is_grad_enabled():
             lookup = self.backend.lookup_for_update(unique_keys)
             rows = lookup.rows.detach().requires_grad_(True)
             self._pending.append((lookup, rows))
         else:
             rows = self.backend.lookup(unique_keys, insert=self.training)
-        return gather_rows(rows, inverse, autocast_dtype(rows))
+        return gather_rows(rows, inverse, autocast_dtype(rows), order)
 
     def apply_gradients(self) -> None:
         """Send the gradients of every training forward since the last call to the store's optimizer, in

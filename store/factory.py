@@ -13,6 +13,8 @@ from .tiered import TieredStore
 
 STORE_KINDS = ("device", "cached_host", "cached_ssd")
 DEFAULT_CACHE_FRACTION = 0.25
+DEVICE_INITIAL_ROWS = 1024          # a device store with no expected size starts here and doubles
+DEVICE_INDEX_BYTES_PER_ROW = 32     # its encoder: two 8-byte cells a row at load 0.5
 
 
 def free_bytes(device: torch.device) -> int:
@@ -36,8 +38,12 @@ def budget_rows(budget: float, row_bytes: int, device: torch.device, field: str)
 
 def make_store(kind: str, dim: int, optimizer: SparseOptimizer, seed: int = 0, init_scale: float = 0.05,
                device: torch.device | str = "cpu", policy: str = "lru", cache_bytes: float | None = None,
-               host_bytes: float | None = None, path: str | None = None) -> EmbeddingStore:
+               host_bytes: float | None = None, path: str | None = None,
+               expected_rows: int | None = None) -> EmbeddingStore:
     """kind: device | cached_host | cached_ssd. Byte sizes below 1 are fractions of free memory.
+
+    device: rows on `device`, first sized for `expected_rows` (capped at a quarter of free memory), growing by
+    doubling past it.
 
     cached_host: `cache_bytes` of rows on `device` (default a quarter of its free memory) in front of a
     host table bounded by `host_bytes` (default: unbounded). cached_ssd: the same cache, then a host
@@ -45,7 +51,12 @@ def make_store(kind: str, dim: int, optimizer: SparseOptimizer, seed: int = 0, i
     last snapshot if one is there.
     """
     if kind == "device":
-        return DeviceStore(dim, optimizer, seed, init_scale, device=device)
+        initial = DEVICE_INITIAL_ROWS
+        if expected_rows:  # sized up front, but never past a share of free memory (the rows may be an overestimate)
+            row_bytes = dim * (1 + len(optimizer.state_names)) * 4 + DEVICE_INDEX_BYTES_PER_ROW
+            fits = budget_rows(DEFAULT_CACHE_FRACTION, row_bytes, torch.device(device), "store.cache_bytes")
+            initial = max(DEVICE_INITIAL_ROWS, min(expected_rows, fits))
+        return DeviceStore(dim, optimizer, seed, init_scale, device=device, initial_capacity=initial)
     if kind not in STORE_KINDS:
         raise ValueError(f"store.kind {kind!r} is not available; choose one of {', '.join(STORE_KINDS)}")
     device = torch.device(device)

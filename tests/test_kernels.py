@@ -15,14 +15,15 @@ pytest.importorskip("triton")
 from terarec.kernels import cross_v1, cross_v2, dot_interaction, fused_mlp, gather_rows, gather_sum  # noqa: E402
 from terarec.kernels.cross import cross_v1_reference, cross_v2_reference  # noqa: E402
 from terarec.kernels.gather import (gather_rows_reference, gather_sum_reference,  # noqa: E402
-                                    reduce_by_key_reference)
+                                    reduce_by_key_reference, unique_with_order)
 from terarec.kernels.interaction import dot_interaction_reference  # noqa: E402
 from terarec.kernels.mlp import FusedMLPFunction, fused_mlp_reference  # noqa: E402
 from terarec.kernels import triton_cross  # noqa: E402
 from terarec.kernels.dispatch import fused_kernels  # noqa: E402
 from terarec.kernels.triton_cross import FusedCrossV1, FusedCrossV2  # noqa: E402
 from terarec.kernels.triton_dropout import relu_dropout, relu_mask_backward, unpack_bits  # noqa: E402
-from terarec.kernels.triton_gather import GatherRows, GatherSum, reduce_by_key_forward  # noqa: E402
+from terarec.kernels.triton_gather import (GatherRows, GatherSum, reduce_by_key_forward,  # noqa: E402
+                                           reduce_sorted_forward)
 from terarec.kernels.triton_interaction import FusedDotInteraction  # noqa: E402
 from terarec.kernels.triton_mlp import masked_grad_matmul  # noqa: E402
 
@@ -227,6 +228,24 @@ def test_reduce_by_key(dtype):
                  dtype, "reduce_by_key")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduce_sorted_runs(dtype):
+    """The per-key sum over runs of equal keys (the order `unique_with_order` gives) equals the reference, with a
+    hot key whose run spans several blocks, keys seen once, and a run cut by a block's end."""
+    keys = torch.cat([torch.full((150,), 5), torch.randint(0, 400, (130,)), torch.arange(1000, 1040)]).to(DEVICE)
+    keys = keys[torch.randperm(keys.numel(), device=DEVICE)]
+    unique, inverse, order = unique_with_order(keys)
+    expected_unique, expected_inverse = torch.unique(keys, return_inverse=True)
+    assert torch.equal(unique, expected_unique) and torch.equal(inverse, expected_inverse)
+    assert torch.equal(keys[order.permutation], unique[order.sorted_inverse])   # runs of equal keys, in key order
+    grads = torch.randn(keys.numel(), 24, device=DEVICE).to(dtype)
+    assert_close(reduce_sorted_forward(grads, order.permutation, order.sorted_inverse, unique.numel()),
+                 reduce_by_key_reference(grads.double(), inverse, unique.numel()), dtype, "reduce_sorted")
+    table = torch.randn(unique.numel(), 24, device=DEVICE).to(dtype).requires_grad_()
+    check_against_reference(lambda t, i: GatherRows.apply(t, i, None, order), gather_rows_reference,
+                            [table, inverse], dtype)
+
+
 def test_dispatchers_use_references_on_cpu():
     x = torch.randn(4, 8)
     assert torch.equal(dot_interaction(x, x.view(4, 1, 8)), dot_interaction_reference(x, x.view(4, 1, 8)))
@@ -280,6 +299,7 @@ def test_per_call_sizes_compile_one_variant():
         idx = torch.randperm(64, device="cuda")[:size]
         triton_gather.gather_rows_forward(table, idx)
         grads = torch.randn(size, 16, device="cuda")
-        triton_sparse_update.sparse_update_(values, idx, grads, SparseAdagrad(lr=0.1), 1)
+        optimizer = SparseAdagrad(lr=0.1)
+        triton_sparse_update.sparse_update_(values, idx, grads, optimizer.kind, **optimizer.fused_args(1))
     for kernel, count in zip(kernels, before):
         assert compiled_variants(kernel) - count <= 1, f"{kernel.fn.__name__} compiled per size"
