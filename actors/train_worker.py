@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from terarec.kernels.comm import Communicator, LocalCommunicator
 from terarec.kernels.precision import autocast, matmul_precision
 from terarec.models import Batch, SparseDenseOptimizer
+from terarec.models.graphed import GraphedHead, graphable
 from terarec.core.build import label_columns_for, model_from_config, store_from_config
 from terarec.core.checkpoints import open_checkpoint, save_checkpoint
 from terarec.core.config import TrainConfig
@@ -74,6 +75,7 @@ class TrainWorker:
         self.comm = comm
         self.device = device
         self.reader_threads = reader_threads  # this worker's share of the node's cores (None: the reader's default)
+        self.first_batch_at: float | None = None  # wall clock when this process's first batch had arrived
         self.first_step_at: float | None = None  # wall clock when this process's first step had finished
         self.rank, self.world_size = comm.rank, comm.world_size
         self.train_files = list_split_files(config.data, "train")
@@ -98,6 +100,8 @@ class TrainWorker:
         self.optimizer = SparseDenseOptimizer(
             self.model, optimizer_cls[name](self.dense_params, lr=config.dense_optimizer.lr, **fused))
         self.step = 0
+        self._head_graph: GraphedHead | bool | None = None  # None: not tried yet; False: the step stays eager
+        self._steps_here = 0  # steps run by this process (a resumed run's step counter starts higher)
         self.last_log = StepLog(0, math.nan, 0.0, 0.0, 0.0)  # the latest log window
         stopping = config.early_stopping
         self.tracker = BestTracker(stopping.patience if stopping else None, stopping.min_delta if stopping else 0.0)
@@ -117,7 +121,7 @@ class TrainWorker:
         self.model.train()
         batch = batch.to(self.device, non_blocking=True)
         with autocast(self.config.precision, self.device):
-            logits = self.model(batch).float()
+            logits = self._forward(batch).float()
         if following is not None:
             self.model.embedding.backend.prefetch(torch.unique(feature_keys(following.sparse.to(self.device))))
         labels = batch.labels[:, : len(self.label_columns)]
@@ -132,7 +136,34 @@ class TrainWorker:
         self._all_reduce_dense_grads()
         self.optimizer.step()  # the embeddings' sparse updates, then the dense step
         self.step += 1
+        self._steps_here += 1
         return loss.detach()
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """The training forward: the lookup eagerly, then the model's head from CUDA graphs once captured
+        (on CUDA, `cuda_graphs` on, a model with a head and no dropout; captured at the second step, after
+        one eager step has compiled and autotuned every kernel)."""
+        if self._head_graph is None and self._steps_here >= 1:
+            self._head_graph = self._capture_head(batch)
+        if not self._head_graph:
+            return self.model(batch)
+        rows = self.model.embedding(batch.sparse)
+        if not self._head_graph.fits(batch.dense, rows):  # a batch of another shape runs eagerly
+            return self.model.head(batch.dense, rows)
+        return self._head_graph(batch.dense, rows)
+
+    def _capture_head(self, batch: Batch) -> GraphedHead | bool:
+        if not (self.config.cuda_graphs and self.device.type == "cuda" and graphable(self.model)):
+            return False
+        sparse_shape = (*batch.sparse.shape, self.model.embedding.dim)
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        try:
+            return GraphedHead(self.model, batch.dense, torch.zeros(sparse_shape, device=self.device, dtype=dtype,
+                                                                    requires_grad=True))
+        except Exception as error:  # a path a graph cannot hold: the step stays eager, and says so once
+            log_line(f"[terarec] rank {self.rank}: the dense part stays eager; CUDA graph capture failed: "
+                     f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            return False
 
     def _all_reduce_dense_grads(self) -> None:
         if self.world_size == 1:
@@ -165,6 +196,8 @@ class TrainWorker:
             for batch, following in with_next(reader) if prefetch else ((batch, None) for batch in reader):
                 if self.step >= self.total_steps:
                     break
+                if self.first_batch_at is None:
+                    self.first_batch_at = time.time()
                 self._apply_lr_schedules()
                 ahead = prefetch and self.step + 1 < self.total_steps
                 loss_sum += self.train_step(batch, following if ahead else None)
@@ -321,13 +354,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from terarec.actors.monitoring import WorkerMetrics
     from terarec.kernels.comm import default_communicator
 
+    started_at = time.time()
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     worker = TrainWorker(config, comm, device, reader_threads=max(1, int(cpus)) if cpus else None)
+    built_at = time.time()
     rank = worker.rank
+
+    def startup() -> dict[str, float]:
+        """Where the time to the first step went, in seconds (metrics.json's `startup_s`)."""
+        return {"ray_and_workers": started_at - loop_config["launched_at"], "build": built_at - started_at,
+                "first_batch": worker.first_batch_at - built_at, "first_step": worker.first_step_at - worker.first_batch_at}
 
     checkpoint = ray.train.get_checkpoint()
     resume_dir = loop_config.get("resume_dir")
@@ -350,7 +390,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def on_log(log: StepLog) -> None:
         nonlocal shown_step, first_window
         if rank == 0 and first_window:
-            log_line(f"[terarec] first step {worker.first_step_at - loop_config['launched_at']:.1f} s after launch")
+            parts = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in startup().items())
+            log_line(f"[terarec] first step {worker.first_step_at - loop_config['launched_at']:.1f} s after launch "
+                     f"({parts})")
             first_window = False
         monitor.record(log, worker.store)
         if rank == 0:
@@ -379,6 +421,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics |= worker.final_metrics()
             if worker.first_step_at is not None:
                 metrics["time_to_first_step_s"] = worker.first_step_at - loop_config["launched_at"]
+                metrics["startup_s"] = startup()
         with tempfile.TemporaryDirectory() as directory:
             worker.save(directory)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -100,8 +100,8 @@ def preloaded(files: list[str], shape: dict, device: torch.device, count: int) -
 
 
 def terarec_step_rate(data: str, shape: dict, precision: str, batches: list, device: torch.device,
-                      profile_to: str | None = None) -> float:
-    config = load_config(overrides=config_overrides(shape, precision),
+                      profile_to: str | None = None, cuda_graphs: bool = True) -> float:
+    config = load_config(overrides=config_overrides(shape, precision) + [f"cuda_graphs={str(cuda_graphs).lower()}"],
                          flags={"data": data, "batch_size": shape["batch_size"], "model": "dlrm"})
     worker = TrainWorker(config, LocalCommunicator(), device)
     samples_per_s = rate(worker.train_step, batches, shape["warmup"], shape["steps"], device)
@@ -160,7 +160,8 @@ def end_to_end(data: str, shape: dict, precision: str, run_dir: str) -> dict:
     seconds = sum(n * shape["batch_size"] / w["samples_per_s"] for n, w in zip(steps, steady))
     return {"e2e_samples_per_s": sum(steps) * shape["batch_size"] / seconds,
             "e2e_first_window_samples_per_s": windows[0]["samples_per_s"],
-            "first_step_s": metrics.get("time_to_first_step_s"), "e2e_wall_s": metrics.get("wall_s"),
+            "first_step_s": metrics.get("time_to_first_step_s"), "startup_s": metrics.get("startup_s"),
+            "e2e_wall_s": metrics.get("wall_s"),
             "auc": metrics.get("auc")}
 
 
@@ -259,8 +260,10 @@ def main() -> None:
             step_rate = terarec_step_rate(data, shape, precision, batches, device,
                                           profile_to=f"{name}-profile-{precision}.txt" if args.profile else None)
             release(device)
+            eager_rate = terarec_step_rate(data, shape, precision, batches, device, cuda_graphs=False)
+            release(device)
             row = {"what": "terarec", "precision": precision, "reader_samples_per_s": reader,
-                   "step_samples_per_s": step_rate}
+                   "step_samples_per_s": step_rate, "step_samples_per_s_without_cuda_graphs": eager_rate}
             if "e2e" in stages:
                 row.update(end_to_end(data, shape, precision, os.path.join(scratch, f"run-{precision}")))
                 row["e2e_of_step"] = row["e2e_samples_per_s"] / row["step_samples_per_s"]

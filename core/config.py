@@ -137,6 +137,8 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "tf32", "bf16"] = Field(
         default="fp32", description="the dense part's math: fp32; tf32 matmuls; or bf16 autocast with fp32 "
                                     "weights and fp32 embedding rows (see kernels/precision.py)")
+    cuda_graphs: bool = Field(default=True, description="on CUDA, replay the dense part of a training step "
+                              "(after the embedding lookup) as CUDA graphs, for models that have one (DLRM)")
     workers: int | tuple[int, int] = Field(default=1, description="N, or [min, max] for an elastic job")
     max_failures: int = Field(default=0, ge=-1, description="restarts from the latest checkpoint after a failure (-1: forever)")
     use_gpu: bool | None = Field(default=None, description="default: use GPUs when the cluster has them")

@@ -35,5 +35,8 @@ def matmul_precision(precision: str) -> Iterator[None]:
 
 
 def autocast(precision: str, device: torch.device) -> torch.autocast:
-    """Around a forward (not the backward): bf16 autocast on `device` for 'bf16', a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """Around a forward (not the backward): bf16 autocast on `device` for 'bf16', a no-op otherwise.
+
+    Its cast cache is off: the fused ops cast their own inputs (kernels/dispatch.py), and a CUDA-graph
+    replay of the forward (models/graphed.py) must not meet casts cached outside the graph."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False)

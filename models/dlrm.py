@@ -46,6 +46,9 @@ class DLRM(nn.Module):
         self.top_mlp.pad_input(self.interaction.output_dim(dim, num_sparse))
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        dense = self.bottom_mlp(batch.dense)
-        sparse = self.embedding(batch.sparse)
-        return self.top_mlp(self.interaction(dense, sparse))
+        return self.head(batch.dense, self.embedding(batch.sparse))
+
+    def head(self, dense: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Everything after the lookup, dense [B, 13] and rows [B, 26, D] -> logits: fixed shapes for a fixed
+        batch, so a training step can replay it as CUDA graphs (`models.graphed.GraphedHead`)."""
+        return self.top_mlp(self.interaction(self.bottom_mlp(dense), rows))

@@ -170,3 +170,36 @@ def test_hash_table_under_contention_on_gpu():
     again = encoder.find_or_insert(torch.cat([unique.flip(0), pool]).unique())
     assert torch.equal(encoder.find(unique), slots) and len(encoder) == pool.numel()
     assert torch.equal(torch.sort(again).values, torch.arange(pool.numel(), device=DEVICE))
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_cuda_graph_step_trains_like_the_eager_step(tmp_path, precision):
+    """TrainWorker replays DLRM's head from CUDA graphs from its second step on: the losses and the dense weights
+    after six steps match the eager step's (up to the atomics' summation order in the per-key gradient sums)."""
+    from terarec.actors.train_worker import TrainWorker
+    from terarec.core.config import load_config
+    from terarec.core.data.synth import write_synthetic
+    from terarec.kernels.comm import LocalCommunicator
+    from terarec.models import Batch
+    from terarec.models.graphed import GraphedHead
+
+    write_synthetic(str(tmp_path), rows=4000, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [Batch(torch.randn(512, 13, generator=generator), torch.randint(0, 5000, (512, 26), generator=generator),
+                     torch.randint(0, 2, (512, 1), generator=generator).float()) for _ in range(6)]
+    runs = []
+    for graphs in (False, True):
+        config = load_config(overrides=[f"precision={precision}", f"cuda_graphs={str(graphs).lower()}",
+                                        "dlrm.bottom_mlp=[64]", "dlrm.top_mlp=[128,64]", "embedding.dim=32"],
+                             flags={"data": str(tmp_path), "batch_size": 512, "model": "dlrm"})
+        worker = TrainWorker(config, LocalCommunicator(), torch.device("cuda"))
+        losses = torch.stack([worker.train_step(batch) for batch in batches]).cpu()
+        assert isinstance(worker._head_graph, GraphedHead) == graphs
+        runs.append((losses, [p.detach().cpu() for p in worker.model.parameters()]))
+    (eager_losses, eager_params), (graph_losses, graph_params) = runs
+    tolerance = 2e-2 if precision == "bf16" else 1e-4
+    assert torch.allclose(graph_losses, eager_losses, rtol=tolerance), (graph_losses, eager_losses)
+    for eager, graphed in zip(eager_params, graph_params):
+        assert torch.allclose(graphed, eager, rtol=tolerance, atol=tolerance * 0.01)

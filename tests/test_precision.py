@@ -214,6 +214,7 @@ def test_dlrm_at_criteo_shapes_under_autocast_on_cuda():
     and its logits and gradients stay within bf16 rounding of fp32's."""
     from terarec.models import DLRM, DLRMConfig
 
+    torch.manual_seed(1)
     batch = Batch(torch.randn(4096, 13, device="cuda"), torch.randint(0, 10_000, (4096, 26), device="cuda"),
                   torch.randint(0, 2, (4096, 1), device="cuda").float())
     runs = []
@@ -226,5 +227,7 @@ def test_dlrm_at_criteo_shapes_under_autocast_on_cuda():
     (reference, expected), (model, logits) = runs
     assert type(logits.grad_fn).__name__.startswith("FusedMLPFunction") and logits.dtype == torch.bfloat16
     assert relative_error(logits, expected) < 0.05
+    # 0.15: the bottom MLP's first weights get a gradient that crossed every bf16 layer of both MLPs and the
+    # interaction (measured 0.103 on an H200 with an unseeded batch); a wrong kernel is off by ~1
     for (param_name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
-        assert relative_error(param.grad, ref_param.grad) < 0.1, param_name
+        assert relative_error(param.grad, ref_param.grad) < 0.15, param_name
