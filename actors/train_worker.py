@@ -366,7 +366,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def startup() -> dict[str, float]:
         """Where the time to the first step went, in seconds (metrics.json's `startup_s`)."""
-        return {"ray_and_workers": started_at - loop_config["launched_at"], "build": built_at - started_at,
+        ray_ready_at = loop_config.get("ray_ready_at", loop_config["launched_at"])
+        return {"driver_and_ray": ray_ready_at - loop_config["launched_at"], "train_workers": started_at - ray_ready_at,
+                "build": built_at - started_at,
                 "first_batch": worker.first_batch_at - built_at, "first_step": worker.first_step_at - worker.first_batch_at}
 
     checkpoint = ray.train.get_checkpoint()

@@ -107,6 +107,8 @@ def terarec_step_rate(data: str, shape: dict, precision: str, batches: list, dev
     samples_per_s = rate(worker.train_step, batches, shape["warmup"], shape["steps"], device)
     if profile_to:
         profile_steps(worker.train_step, batches, device, profile_to)
+    if cuda_graphs and device.type == "cuda" and not worker._head_graph:
+        print(f"warning: {precision}: the step ran without CUDA graphs (capture failed or not possible)")
     return samples_per_s
 
 

@@ -135,6 +135,7 @@ def run_training(config: TrainConfig) -> dict:
         copies = pool.submit(_prepare_column_copies, files["train"] + files["eval"])
         dashboard = connect_ray(config.ray_address)
         copies.result()
+    loop_config["ray_ready_at"] = time.time()  # startup_s splits the time before the workers' start here
     if dashboard:
         print(f"[terarec] Ray dashboard: {dashboard if is_uri(dashboard) else 'http://' + dashboard}")
     per_worker, use_gpu = worker_request(config)
