@@ -6,11 +6,15 @@ one (`store` section: device, or cached_host / cached_ssd when the table outgrow
 the server's GPU when it has one. `EmbeddingShard` is the plain class (testable without Ray); `start_servers`
 runs one detached Ray actor per shard (`EmbeddingServer`: the shard plus its cache hit rate as a Ray metric);
 `ServerRows` is the row backend the inference model's Embedding front reads through: one call per owning
-server, all in flight together, behind an optional replica-local cache of recent rows (`RecentRows`).
+server, all in flight together, behind an optional replica-local cache of recent rows (`RecentRows`). A replica
+fetches a batch's rows on its event loop before the forward (`ServerRows.fetch`), fills its cache with every row
+of a server whose rows fit in it when it starts (`warm`), and renews the cached rows from the servers in the
+background before they get too old (`refresh`), so a steady stream of requests does not wait on a server.
 Lookups only: unseen IDs read zero rows and are never inserted.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -54,6 +58,14 @@ class EmbeddingShard:
     def rows(self) -> int:
         return len(self.store)
 
+    def all_rows(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (key, row) of the shard, if it holds at most `limit` rows (a replica's cache share); else none:
+        which rows of a larger shard are hot, the replica learns from its own requests."""
+        if len(self.store) > limit:
+            return torch.empty(0, dtype=torch.int64), torch.empty((0, self.dim))
+        keys, values = self.store.export()
+        return keys, values[:, : self.dim].float()
+
     def metrics(self) -> dict[str, float]:
         """The store's counters: rows, lookups, and for a tiered store each cache level's hits and hit rate."""
         return self.store.metrics()
@@ -85,8 +97,10 @@ class EmbeddingServer(EmbeddingShard):
 class RecentRows:
     """A replica-local cache of rows read from the servers: at most `capacity` rows, none older than `max_age_s`.
 
-    It empties itself whole (one generation) when it is full or its oldest row passes `max_age_s`, so a row
-    a server changes is seen at most `max_age_s` later, and no per-row bookkeeping is needed.
+    Rows come in generations: a generation is born when its rows were asked of the servers; it empties itself
+    whole when it is full or older than `max_age_s` (no per-row bookkeeping), so a row a server changes is seen
+    at most `max_age_s` later. Past half that age `renewal_due()`: the replica asks the servers for the held
+    keys again and `renew` starts a new generation with their answers, before the old one has to be dropped.
     """
 
     def __init__(self, dim: int, capacity: int, max_age_s: float):
@@ -94,10 +108,10 @@ class RecentRows:
         self.hits = self.lookups = 0
         self._clear()
 
-    def _clear(self) -> None:
+    def _clear(self, born: float | None = None) -> None:
         self.encoder = IdEncoder(capacity=2 * self.capacity)
         self.values = torch.empty((self.capacity, self.dim))
-        self.born = time.monotonic()
+        self.born = time.monotonic() if born is None else born
 
     def find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N] unique keys -> the cached ones' positions in `keys` [H] and their rows [H, D]."""
@@ -116,11 +130,25 @@ class RecentRows:
             keys, rows = keys[: self.capacity], rows[: self.capacity]
         self.values[self.encoder.find_or_insert(keys)] = rows
 
+    def held_keys(self) -> torch.Tensor:
+        return self.encoder.items()[0]  # in slot order
+
+    def renewal_due(self) -> bool:
+        return len(self.encoder) > 0 and time.monotonic() - self.born > self.max_age_s / 2
+
+    def renew(self, keys: torch.Tensor, rows: torch.Tensor, asked_at: float) -> None:
+        """A new generation of `rows` [N, D] for unique `keys`, as the servers answered when asked at `asked_at`
+        (time.monotonic): their age counts from then."""
+        self._clear(born=asked_at)
+        self.add(keys, rows)
+
 
 class ServerRows:
     """Row backend over the embedding servers: splits keys by owner, asks each server, reassembles.
 
     Read-only: `lookup` never inserts (a serving model must not grow its tables); there is no training lookup.
+    `fetch` gets a batch's rows on the caller's event loop and holds them for the forward's `lookup` of the same
+    keys; a lookup of other keys asks the servers from the calling thread.
     """
 
     def __init__(self, servers: list, num_buckets: int, dim: int, recent: RecentRows | None = None):
@@ -128,43 +156,104 @@ class ServerRows:
         self.bucket_map = BucketMap(num_buckets, len(servers))
         self.dim = dim
         self.recent = recent
+        self._fetched: tuple[torch.Tensor, torch.Tensor] | None = None  # the last fetch's keys and rows
+        self._renewal = None  # the running renewal task (held: the event loop keeps only a weak reference)
 
     def lookup(self, keys: torch.Tensor, insert: bool = False) -> torch.Tensor:
-        """[N] unique keys -> [N, D] rows: the recent ones from the local cache, the rest from their servers."""
+        """[N] unique keys -> [N, D] rows: those of the last `fetch` if it was of these keys, else the recent
+        ones from the local cache and the rest from their servers."""
         if insert:
             raise ValueError("serving embeddings are read-only: lookup(insert=True) is not allowed")
         device, keys = keys.device, keys.cpu()  # a GPU replica's keys; servers take and give CPU tensors
-        if self.recent is None:
-            return self._ask_servers(keys).to(device)
-        rows = torch.empty((keys.numel(), self.dim), dtype=torch.float32)
-        held, held_rows = self.recent.find(keys)
-        rows[held] = held_rows
-        missing = torch.ones(keys.numel(), dtype=torch.bool)
-        missing[held] = False
-        if bool(missing.any()):
-            fetched = self._ask_servers(keys[missing])
-            rows[missing] = fetched
-            self.recent.add(keys[missing], fetched)
+        fetched, self._fetched = self._fetched, None
+        if fetched is not None and torch.equal(fetched[0], keys):
+            return fetched[1].to(device)
+        rows, missing = self._cached(keys)
+        if missing is not None:
+            import ray
+
+            asked = self._ask(keys[missing])
+            rows[missing] = self._kept(keys[missing], self._rows_of(asked, ray.get([ref for _, ref in asked])))
         return rows.to(device)
 
-    def _ask_servers(self, keys: torch.Tensor) -> torch.Tensor:
-        """One call per owning server, all in flight together."""
-        import ray
+    async def fetch(self, keys: torch.Tensor) -> bool:
+        """Get the rows of [N] unique CPU keys without blocking the event loop (the missing ones from their servers,
+        all in flight together) and hold them for the next `lookup`; True if every row was cached already."""
+        rows, missing = self._cached(keys)
+        if missing is not None:
+            asked = self._ask(keys[missing])
+            rows[missing] = self._kept(keys[missing], self._rows_of(asked, await _answers(asked)))
+        self._fetched = (keys, rows)
+        return missing is None
 
-        owners = self.bucket_map.owner(keys)
+    def _cached(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[N, D] rows with the cached ones filled in, and the mask of those still missing (None if none)."""
         rows = torch.empty((keys.numel(), self.dim), dtype=torch.float32)
+        missing = torch.ones(keys.numel(), dtype=torch.bool)
+        if self.recent is not None:
+            held, held_rows = self.recent.find(keys)
+            if held.numel() == keys.numel():
+                return held_rows, None  # find returns them in key order when all are held
+            rows[held] = held_rows
+            missing[held] = False
+        return rows, missing
+
+    def _ask(self, keys: torch.Tensor) -> list[tuple[torch.Tensor, object]]:
+        """One call per owning server, all in flight: (mask of its keys, ObjectRef of its rows)."""
+        owners = self.bucket_map.owner(keys)
         asked = [(owner, owners == owner) for owner in range(len(self.servers))]
-        asked = [(owner, mask) for owner, mask in asked if bool(mask.any())]
-        answers = ray.get([self.servers[owner].lookup.remote(keys[mask]) for owner, mask in asked])
-        for (_, mask), answer in zip(asked, answers):
+        return [(mask, self.servers[owner].lookup.remote(keys[mask])) for owner, mask in asked if bool(mask.any())]
+
+    def _rows_of(self, asked: list, answers: list) -> torch.Tensor:
+        """The servers' answers to one `_ask` as [N, D] rows in the order of its keys."""
+        rows = torch.empty((len(asked[0][0]) if asked else 0, self.dim), dtype=torch.float32)  # masks span the keys
+        for (mask, _), answer in zip(asked, answers):
             rows[mask] = answer
         return rows
+
+    def _kept(self, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` of `keys`, kept in the recent cache."""
+        if self.recent is not None:
+            self.recent.add(keys, rows)
+        return rows
+
+    def warm(self) -> int:
+        """Fill the recent cache with every row of each server whose rows fit in its share of the cache (before
+        the replica serves: blocking); the rows cached."""
+        import ray
+
+        if self.recent is None:
+            return 0
+        share = self.recent.capacity // len(self.servers)
+        for keys, rows in ray.get([server.all_rows.remote(share) for server in self.servers]):
+            if keys.numel():
+                self.recent.add(keys, rows)
+        return len(self.recent.encoder)
+
+    def renew_when_due(self) -> None:
+        """Once the cached rows are half their max age, ask the servers for them again in the background (on the
+        running event loop); the answers become the cache's new generation."""
+        if self.recent is not None and self._renewal is None and self.recent.renewal_due():
+            self._renewal = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            keys, asked_at = self.recent.held_keys(), time.monotonic()
+            asked = self._ask(keys)
+            self.recent.renew(keys, self._rows_of(asked, await _answers(asked)), asked_at)
+        finally:
+            self._renewal = None
 
     def lookup_for_update(self, keys: torch.Tensor):
         raise ValueError("serving embeddings are read-only: a serving model runs in eval mode")
 
     def update(self, lookup, grads: torch.Tensor) -> None:
         raise ValueError("serving embeddings are read-only")
+
+
+async def _answers(asked: list) -> list:
+    """The answers of one `_ask`'s calls, awaited on the event loop."""
+    return list(await asyncio.gather(*(ref for _, ref in asked)))
 
 
 def checkpoint_tag(checkpoint: CheckpointContents) -> str:
