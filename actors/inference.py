@@ -98,7 +98,7 @@ class InferenceModel:
     def describe(self) -> dict:
         recent = self.rows.recent
         hit_rate = recent.hits / recent.lookups if recent and recent.lookups else None
-        return self.info | {"recent_hit_rate": hit_rate}
+        return self.info | {"recent_hit_rate": hit_rate, "recent_rows": len(recent.encoder) if recent else None}
 
     def spec(self) -> dict:
         return self._spec

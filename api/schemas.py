@@ -108,6 +108,8 @@ class ModelView(BaseModel):
     servers: int | None = Field(default=None, description="embedding server actors holding the rows")
     device: str | None = Field(default=None, description="where a replica runs the dense model (cpu or cuda)")
     recent_hit_rate: float | None = Field(default=None, description="share of rows a replica found in its own cache")
+    recent_rows: int | None = Field(default=None, description="rows a replica holds in its cache (it starts with every "
+                                    "row of the servers whose rows fit)")
 
 
 class ModelList(BaseModel):

@@ -4,12 +4,13 @@ terarec: the control plane (`terarec serve`, uvicorn) -> Ray Serve handle -> the
 (`@serve.batch`, recent rows cached) -> embedding server actors. Baseline: one uvicorn process with a FastAPI
 route that parses the same request body and runs the same model in-process (the checkpoint's rows in a local
 store). Both score the same checkpoint (DLRM, trained here for a few steps on synthetic data) and the same eval
-rows (each client walks through distinct bodies). For each batch size (1, 256 rows per request) and
+rows (each client walks through distinct bodies); terarec's cells run again with Arrow IPC bodies (the Criteo
+columns; the baseline keeps JSON, as a plain FastAPI endpoint would). For each batch size (1, 256 rows per request) and
 concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`, whichever ends first;
 figures are p50/p99 latency and rows/s. Two more terarec deployments run the 1-client cells: without the
 replica's row cache (every request asks the servers), and with the servers on `cached_host` whose cache holds
 a quarter of the table (its hit rate is read from the servers). `hops` times the pieces of one single-row
-request: the local forward, one embedding-server call, the Serve handle call. JSON goes to
+request: reading its body, the local forward, one embedding-server call, the Serve handle call. JSON goes to
 bench/results/serve_load.json, a table to bench/results/serve_load.md.
 
     python bench/serve_load.py [--seconds 4] [--max-requests 4000]
@@ -32,6 +33,7 @@ import httpx
 import numpy as np
 
 from results import RESULTS, device_name, record  # bench/results.py
+from terarec.api.predict_bodies import ARROW, read_arrow, read_json
 from terarec.api.schemas import PredictRequest, PredictResponse  # module level: the bare route's annotations
 
 CONCURRENCY = (1, 8, 64)
@@ -76,12 +78,26 @@ def eval_rows(data: str) -> tuple[np.ndarray, np.ndarray]:
     return dense, sparse
 
 
-def request_bodies(dense: np.ndarray, sparse: np.ndarray) -> dict[int, list[bytes]]:
-    """Distinct JSON bodies per batch size, cycling through the eval rows (`transformed`: stored values)."""
+def request_bodies(dense: np.ndarray, sparse: np.ndarray, arrow: bool = False) -> dict[int, list[bytes]]:
+    """Distinct bodies per batch size, cycling through the eval rows (stored values: `transformed`): JSON, or Arrow
+    IPC streams of the I1..I13, C1..C26 columns."""
+    import pyarrow as pa
+
+    from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+
+    def arrow_body(rows: np.ndarray) -> bytes:
+        table = pa.table({name: dense[rows, i] for i, name in enumerate(DENSE_COLUMNS)}
+                         | {name: sparse[rows, i] for i, name in enumerate(SPARSE_COLUMNS)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
     bodies = {}
     for batch, count in BODIES_PER_BATCH.items():
         picks = np.arange(batch * count).reshape(count, batch) % len(dense)
-        bodies[batch] = [json.dumps({"rows": [{"dense": dense[i].tolist(), "sparse": sparse[i].tolist()} for i in rows],
+        bodies[batch] = [arrow_body(rows) if arrow else
+                         json.dumps({"rows": [{"dense": dense[i].tolist(), "sparse": sparse[i].tolist()} for i in rows],
                                      "transformed": True}).encode() for rows in picks]
     return bodies
 
@@ -126,7 +142,7 @@ def wait_up(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     raise RuntimeError(f"the server at {url} did not come up in {timeout} s")
 
 
-async def load(url: str, bodies: list[bytes], headers: dict, concurrency: int, seconds: float,
+async def load(url: str, bodies: list[bytes], batch: int, headers: dict, concurrency: int, seconds: float,
                max_requests: int) -> dict:
     """`concurrency` clients send the bodies in turn, back to back, until the time or the request budget runs out."""
     latencies: list[float] = []
@@ -154,7 +170,6 @@ async def load(url: str, bodies: list[bytes], headers: dict, concurrency: int, s
         elapsed = time.perf_counter() - started
     if not latencies:
         raise RuntimeError(f"every request to {url} failed ({errors} errors)")
-    batch = len(json.loads(bodies[0])["rows"])
     ms = np.array(latencies) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "rows_per_s": len(latencies) * batch / elapsed, "requests": len(latencies), "errors": errors}
@@ -165,7 +180,7 @@ def run_cells(name: str, url: str, bodies: dict[int, list[bytes]], headers: dict
     figures = {}
     for batch in BATCHES:
         for concurrency in concurrencies:
-            cell = asyncio.run(load(url, bodies[batch], headers, concurrency, args.seconds, args.max_requests))
+            cell = asyncio.run(load(url, bodies[batch], batch, headers, concurrency, args.seconds, args.max_requests))
             figures[f"batch{batch}_c{concurrency}"] = cell
             print(f"{name:8s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
                   f"{cell['rows_per_s']:9.0f} rows/s  ({cell['requests']} requests, {cell['errors']} errors)", flush=True)
@@ -173,9 +188,9 @@ def run_cells(name: str, url: str, bodies: dict[int, list[bytes]], headers: dict
 
 
 def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray, bodies: dict[int, list[bytes]],
-         repeats: int = 200) -> dict:
-    """Median ms of the pieces of a request, timed from this driver (servers of `model`): parsing the JSON body (1 and
-    256 rows), the forward in-process, embedding-server calls, the Serve handle call."""
+         arrow_bodies: dict[int, list[bytes]], repeats: int = 200) -> dict:
+    """Median ms of the pieces of a request, timed from this driver (servers of `model`): reading the JSON body (1 and
+    256 rows) and the Arrow one (256 rows) into arrays as the control plane does, the forward in-process, embedding-server calls, the Serve handle call."""
     import ray
     import torch
     from ray import serve
@@ -200,8 +215,9 @@ def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray,
     keys = torch.unique(feature_keys(torch.from_numpy(row_sparse)))
     servers = server_handles(server_names(model, checkpoint, 2))
     handle = serve.get_app_handle(model)
-    return {"json_body_1_row": median_ms(lambda: PredictRequest.model_validate_json(bodies[1][0])),
-            "json_body_256_rows": median_ms(lambda: PredictRequest.model_validate_json(bodies[256][0])),
+    return {"json_body_1_row": median_ms(lambda: read_json(bodies[1][0])),
+            "json_body_256_rows": median_ms(lambda: read_json(bodies[256][0])),
+            "arrow_body_256_rows": median_ms(lambda: read_arrow(arrow_bodies[256][0])),
             "forward_in_process": median_ms(lambda: score(local, torch.from_numpy(row_dense), torch.from_numpy(row_sparse))),
             "one_server_call": median_ms(lambda: ray.get(servers[0].lookup.remote(keys))),
             "both_servers_in_flight": median_ms(lambda: ray.get([server.lookup.remote(keys) for server in servers])),
@@ -211,18 +227,20 @@ def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray,
 def markdown(figures: dict, settings: dict) -> str:
     lines = ["# Online inference under load (bench/serve_load.py)", "",
              f"{device_name()}, {settings['date']}; {settings['model']} checkpoint, {settings['seconds']} s or "
-             f"{settings['max_requests']} requests per cell, loopback HTTP, JSON bodies; load generator, servers and "
+             f"{settings['max_requests']} requests per cell, loopback HTTP, JSON bodies (and Arrow ones to terarec); load generator, servers and "
              f"Ray share the {settings['cpus']} cores (load average {settings['load_average_1m']:.1f} at the end).", "",
              "terarec: control plane -> Ray Serve (@serve.batch, 1 replica of 1 CPU, recent rows cached) -> 2 embedding "
-             "servers. bare: FastAPI + torch in one process (same schema, same model, rows in a local store).", "",
-             "| rows/request | clients | terarec p50 ms | terarec p99 ms | terarec rows/s | bare p50 ms | bare p99 ms | bare rows/s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "servers. bare: FastAPI + torch in one process (same schema as a declared JSON body, same model, rows in a local "
+             "store). terarec Arrow: the same deployment, Arrow IPC bodies of the Criteo columns, Arrow replies.", "",
+             "| rows/request | clients | terarec p50 ms | terarec p99 ms | terarec rows/s | bare p50 ms | bare p99 ms | "
+             "bare rows/s | terarec Arrow p50 ms | Arrow p99 ms | Arrow rows/s |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for batch in BATCHES:
         for concurrency in CONCURRENCY:
             key = f"batch{batch}_c{concurrency}"
-            ours, bare = figures["terarec"][key], figures["bare"][key]
-            lines.append(f"| {batch} | {concurrency} | {ours['p50_ms']:.2f} | {ours['p99_ms']:.2f} | {ours['rows_per_s']:,.0f} "
-                         f"| {bare['p50_ms']:.2f} | {bare['p99_ms']:.2f} | {bare['rows_per_s']:,.0f} |")
+            cells = [figures[name][key] for name in ("terarec", "bare", "terarec_arrow")]
+            lines.append(f"| {batch} | {concurrency} | " + " | ".join(
+                f"{cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} | {cell['rows_per_s']:,.0f}" for cell in cells) + " |")
     tiered = figures["tiered_servers"]
     lines += ["", "One client, three terarec deployments: the replica's row cache on (above), off (every request asks the "
               f"servers), and off with the servers on cached_host whose caches hold {tiered['cache_rows']:,.0f} of the "
@@ -279,7 +297,7 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="serve-load-")
     data, checkpoint = make_checkpoint(workdir, args.rows, args.steps)
     dense, sparse = eval_rows(data)
-    bodies = request_bodies(dense, sparse)
+    bodies, arrow_bodies = request_bodies(dense, sparse), request_bodies(dense, sparse, arrow=True)
     figures: dict = {}
 
     port = free_port()
@@ -307,7 +325,9 @@ def main() -> None:
         on_gpu = {"server_gpus": args.gpus / 4, "serving": {"gpus": args.gpus / 2, "max_batch_rows": 65536}} if args.gpus else {}
         deploy(base, headers, "bench", checkpoint, **on_gpu)
         figures["terarec"] = run_cells("terarec", f"{base}/v1/models/bench/predict", bodies, headers, args)
-        figures["hops"] = hops("bench", checkpoint, dense, sparse, bodies)
+        figures["terarec_arrow"] = run_cells("arrow", f"{base}/v1/models/bench/predict?transformed=true", arrow_bodies,
+                                             headers | {"Content-Type": ARROW}, args)
+        figures["hops"] = hops("bench", checkpoint, dense, sparse, bodies, arrow_bodies)
         deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0})
         figures["terarec_no_recent"] = run_cells("direct", f"{base}/v1/models/direct/predict", bodies, headers, args,
                                                  concurrencies=(1,))

@@ -112,6 +112,9 @@ def test_a_tiered_server_reads_what_an_in_memory_one_reads(local_checkpoint, tmp
                   {"kind": "cached_ssd", "cache_bytes": len(keys) * slot_bytes / 4, "path": str(tmp_path)}):
         tiered = EmbeddingShard(local_checkpoint, rank=1, num_servers=2, store=store)
         assert tiered.rows() == in_memory.rows() == len(keys) > 0
+        all_keys, all_rows = tiered.all_rows(limit=len(keys))  # what a replica's cache starts with
+        assert torch.equal(all_keys, keys) and torch.equal(all_rows, in_memory.lookup(keys))
+        assert tiered.all_rows(limit=len(keys) - 1)[0].numel() == 0  # more than the replica's share: none
         assert tiered.metrics()["cache_capacity_rows"] < len(keys) / 3  # the table is 4x the cache
         for piece in torch.split(keys[torch.randperm(len(keys))], 97):
             torch.testing.assert_close(tiered.lookup(piece), in_memory.lookup(piece), rtol=0, atol=0)
@@ -135,6 +138,18 @@ def test_recent_rows_answer_what_they_hold_until_full_or_too_old():
     assert recent.find(keys)[0].numel() == 0 and recent.find(torch.tensor([8]))[0].tolist() == [0]
     time.sleep(0.3)
     assert recent.find(torch.tensor([7, 8]))[0].numel() == 0  # older than max_age_s: asked again
+
+
+def test_recent_rows_are_renewed_past_half_their_max_age():
+    recent = RecentRows(dim=3, capacity=4, max_age_s=0.4)
+    keys, rows = torch.tensor([5, -9, 2**40]), torch.arange(9, dtype=torch.float32).reshape(3, 3)
+    assert not recent.renewal_due()  # nothing held
+    recent.add(keys, rows)
+    assert not recent.renewal_due()
+    time.sleep(0.25)
+    assert recent.renewal_due() and sorted(recent.held_keys().tolist()) == sorted(keys.tolist())
+    recent.renew(keys, rows + 1, asked_at=time.monotonic())  # the servers' answers: a generation as old as the ask
+    assert not recent.renewal_due() and torch.equal(recent.find(keys)[1], rows + 1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -191,6 +206,23 @@ def predict(api, dense, sparse, model=MODEL, transformed=True, **kwargs):
     return api.call("POST", f"/v1/models/{model}/predict", json={"rows": rows, "transformed": transformed}, **kwargs)
 
 
+ARROW = {"Content-Type": "application/vnd.apache.arrow.stream"}
+
+
+def arrow_stream(columns: dict) -> bytes:
+    table = pa.table(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def arrow_body(dense: np.ndarray, sparse: np.ndarray, **more) -> bytes:
+    """The rows as an Arrow IPC stream of terarec's parquet columns (plus `more` columns)."""
+    return arrow_stream({name: dense[:, i] for i, name in enumerate(DENSE_COLUMNS)}
+                        | {name: sparse[:, i] for i, name in enumerate(SPARSE_COLUMNS)} | more)
+
+
 def server_rows(model: str, checkpoint_dir: str, servers: int) -> list[int]:
     names = server_names(model, open_checkpoint(checkpoint_dir), servers)
     return ray.get([ray.get_actor(name, namespace=NAMESPACE).rows.remote() for name in names])
@@ -199,12 +231,19 @@ def server_rows(model: str, checkpoint_dir: str, servers: int) -> list[int]:
 def test_served_scores_equal_the_offline_model(api, served, checkpoints, synth_data):
     assert served["status"] == "RUNNING" and served["step"] == 20 and served["servers"] == 2
     assert served["tasks"] == ["label"]
+    assert served["recent_rows"] == sum(server_rows(MODEL, checkpoints[20], 2)) > 0  # the replica started warm
     dense, sparse = eval_rows(synth_data, 300)
     response = predict(api, dense, sparse)
     assert response.status_code == 200, response.text
     scores = np.array(response.json()["scores"])
     assert scores.shape == (300, 1)
     np.testing.assert_allclose(scores, offline_scores(checkpoints[20], dense, sparse), atol=1e-5, rtol=0)
+    # the same rows as an Arrow body (with a label column, ignored): an Arrow reply of the same scores
+    body = arrow_body(dense, sparse, label=np.zeros(300, dtype=np.int8))
+    response = api.call("POST", f"/v1/models/{MODEL}/predict?transformed=true", data=body, headers=ARROW)
+    assert response.status_code == 200 and response.headers["content-type"] == ARROW["Content-Type"], response.text
+    replied = pa.ipc.open_stream(response.content).read_all()
+    np.testing.assert_allclose(np.stack(replied.column("scores").to_numpy(zero_copy_only=False)), scores, atol=1e-6, rtol=0)
 
 
 def test_raw_dense_values_get_the_converter_transform(api, served, checkpoints, synth_data):
@@ -251,6 +290,19 @@ def test_bad_predict_requests(api, served):
     assert response.status_code == 413 and "at most 4096" in response.json()["detail"]
     response = api.call("POST", f"/v1/models/{MODEL}/predict", json={"rows": [good] * 120_000})
     assert response.status_code == 413
+    dense, sparse = np.full((2, 13), 0.5, dtype=np.float32), np.arange(52).reshape(2, 26)
+    arrow_cases = {"not an Arrow IPC stream": json.dumps({"rows": [good]}).encode(),
+                   "lacks the column(s) C26": arrow_stream({name: dense[:, 0] for name in DENSE_COLUMNS}
+                                                           | {name: sparse[:, 0] for name in SPARSE_COLUMNS[:-1]}),
+                   "column C3 is double": arrow_body(dense, sparse, C3=np.full(2, 0.5)),
+                   "column I2 has 1 null": arrow_body(dense, sparse, I2=pa.array([0.5, None])),
+                   "rows.1.dense.0: not finite": arrow_body(dense, sparse, I1=np.array([0.5, np.inf]))}
+    for detail, body in arrow_cases.items():
+        response = api.call("POST", f"/v1/models/{MODEL}/predict?transformed=true", data=body, headers=ARROW)
+        assert response.status_code == 422 and detail in response.json()["detail"], (detail, response.text)
+    response = api.call("POST", f"/v1/models/{MODEL}/predict", data=arrow_body(np.zeros((5000, 13)),
+                        np.zeros((5000, 26), dtype=np.int64)), headers=ARROW)
+    assert response.status_code == 413 and "at most 4096" in response.json()["detail"]
 
 
 def test_unknown_model_is_a_404(api, served):

@@ -1,10 +1,11 @@
 """/v1/models: checkpoints served by Ray Serve and the predict route (the work is in services/models.py)."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request, Response
 
 from ..auth import bearer_scheme
 from ..dependencies import Models
+from ..predict_bodies import ARROW, arrow_scores, is_arrow, read_arrow, read_json
 from ..responses import AsciiJSONResponse
 from ..schemas import ModelList, ModelRequest, ModelView, PredictRequest, PredictResponse
 
@@ -31,7 +32,31 @@ def delete_model(name: str, models: Models) -> None:
     models.delete(name)
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, summary="click probabilities of raw Criteo rows")
-async def predict(name: str, body: PredictRequest, models: Models) -> AsciiJSONResponse:
-    # the scores are plain floats already: a response FastAPI sends as it is, without validating it again
-    return AsciiJSONResponse({"model": name, "scores": await models.predict(name, body)})
+def _inline(schema: dict, defs: dict) -> dict:
+    """A JSON schema with its local `$defs` references written in place (for the OpenAPI page)."""
+    if "$ref" in schema:
+        return _inline(defs[schema["$ref"].rsplit("/", 1)[1]], defs)
+    return {key: _inline(value, defs) if isinstance(value, dict) else
+            [_inline(item, defs) if isinstance(item, dict) else item for item in value] if isinstance(value, list) else value
+            for key, value in schema.items() if key != "$defs"}
+
+
+# the body is read by predict_bodies.py, not declared: documented here for both content types
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _inline(PredictRequest.model_json_schema(), PredictRequest.model_json_schema()["$defs"])},
+    ARROW: {"schema": {"type": "string", "format": "binary", "description": "an Arrow IPC stream with columns "
+                       "I1..I13 (numbers) and C1..C26 (integers); the reply is an Arrow stream of `scores`"}}}}}
+
+
+@router.post("/{name}/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY,
+             summary="click probabilities of raw Criteo rows (a JSON or an Arrow body)")
+async def predict(name: str, request: Request, models: Models,
+                  transformed: bool = Query(False, description="Arrow bodies: dense values are already log(1 + "
+                                            "max(x, 0)) (a JSON body says it in its own `transformed`)")) -> Response:
+    body = await request.body()
+    if is_arrow(request.headers.get("content-type")):
+        dense, sparse = read_arrow(body)
+        return Response(arrow_scores(await models.predict(name, dense, sparse, transformed)), media_type=ARROW)
+    dense, sparse, transformed = read_json(body)
+    # the scores are plain floats: a response FastAPI sends as it is, without validating it again
+    return AsciiJSONResponse({"model": name, "scores": (await models.predict(name, dense, sparse, transformed)).tolist()})

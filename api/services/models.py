@@ -12,7 +12,7 @@ from terarec.core.resources import ResourceError
 from ..errors import NotFound, TooLarge, Unavailable, Unprocessable
 from ..job_records import JobRecords
 from ..ray_cluster import RayCluster
-from ..schemas import ModelRequest, ModelView, PredictRequest
+from ..schemas import ModelRequest, ModelView
 from ..settings import Settings
 from ..telemetry import Telemetry
 
@@ -120,27 +120,28 @@ class ServedModels:
             self._handles.pop(name, None)
         self._loop_handles.pop(name, None)
 
-    def model_inputs(self, body: PredictRequest) -> tuple[np.ndarray, np.ndarray]:
-        """dense [n, 13] float32 (transformed as in training) and sparse [n, 26] int64; every dense value finite."""
-        if len(body.rows) > self.settings.max_predict_rows:
-            raise TooLarge(f"{len(body.rows)} rows in one request; at most {self.settings.max_predict_rows} "
+    def model_inputs(self, dense: np.ndarray, sparse: np.ndarray, transformed: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A body's rows (`predict_bodies.py`) -> dense [n, 13] float32 (transformed as in training) and sparse
+        [n, 26] int64; every dense value finite."""
+        if len(dense) > self.settings.max_predict_rows:
+            raise TooLarge(f"{len(dense)} rows in one request; at most {self.settings.max_predict_rows} "
                            "(TERAREC_MAX_PREDICT_ROWS)")
-        dense = np.asarray([row.dense for row in body.rows], dtype=np.float64)
         with np.errstate(over="ignore"):
-            dense = dense.astype(np.float32) if body.transformed else transform_dense(dense)
+            dense = dense.astype(np.float32) if transformed else transform_dense(dense)
         bad = np.argwhere(~np.isfinite(dense))
         if len(bad):
             row, column = bad[0]
             raise Unprocessable(f"rows.{row}.dense.{column}: not finite as float32 (transformed values must stay "
                                 "within ±3.4e38)")
-        return dense, np.asarray([row.sparse for row in body.rows], dtype=np.int64)
+        return dense, sparse
 
-    async def predict(self, name: str, body: PredictRequest) -> list[list[float]]:
-        dense, sparse = self.model_inputs(body)
+    async def predict(self, name: str, dense: np.ndarray, sparse: np.ndarray, transformed: bool) -> np.ndarray:
+        """[n, T] click probabilities of the rows: dense [n, 13] as sent, sparse [n, 26] raw IDs."""
+        dense, sparse = self.model_inputs(dense, sparse, transformed)
         handle = await self.predict_handle(name)
         scores = await handle.predict.remote((dense, sparse))
-        self.telemetry.predicted_rows.labels(name).inc(len(body.rows))
-        return scores.tolist()
+        self.telemetry.predicted_rows.labels(name).inc(len(dense))
+        return scores
 
 
 def check_checkpoint(directory: str) -> None:
