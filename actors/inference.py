@@ -49,7 +49,7 @@ def score(model: nn.Module, dense: torch.Tensor, sparse: torch.Tensor) -> torch.
     return torch.sigmoid(logits.reshape(dense.shape[0], -1).float()).cpu()
 
 
-INLINE_ROWS = 256  # a forward of at most this many rows runs on the replica's event loop (about a millisecond on CPU)
+INLINE_ROWS = 256  # a forward of at most this many rows may run on the replica's event loop (~1 ms on a CPU)
 
 
 def rows_in(requests: list[tuple[np.ndarray, np.ndarray]]) -> int:
@@ -86,10 +86,11 @@ class InferenceModel:
         sizes = [len(dense) for dense, _ in requests]
         dense = torch.from_numpy(np.concatenate([d for d, _ in requests]).astype(np.float32, copy=False))
         sparse = torch.from_numpy(np.concatenate([s for _, s in requests]).astype(np.int64, copy=False))
-        # the rows the forward's Embedding front will look up, fetched here without holding the event loop
-        cached = await self.rows.fetch(torch.unique(feature_keys(sparse)))
-        if cached and len(dense) <= INLINE_ROWS:
-            scores = score(self.model, dense, sparse)  # shorter than the hop to a worker thread and back
+        # a small batch's rows, which the forward's Embedding front will look up, fetched here without holding the
+        # event loop; then, if they were all cached, its forward runs on the loop: shorter than the hop to a worker
+        # thread and back. A large batch's forward runs in a thread, which asks the servers for what is not cached.
+        if len(dense) <= INLINE_ROWS and await self.rows.fetch(torch.unique(feature_keys(sparse))):
+            scores = score(self.model, dense, sparse)
         else:
             scores = await asyncio.to_thread(score, self.model, dense, sparse)
         self.rows.renew_when_due()
