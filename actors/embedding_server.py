@@ -100,7 +100,7 @@ class RecentRows:
     Rows come in generations: a generation is born when its rows were asked of the servers; it empties itself
     whole when it is full or older than `max_age_s` (no per-row bookkeeping), so a row a server changes is seen
     at most `max_age_s` later. Past half that age `renewal_due()`: the replica asks the servers for the held
-    keys again and `renew` starts a new generation with their answers, before the old one has to be dropped.
+    keys again and `renew` writes their answers over the held rows, before the generation has to be dropped.
     """
 
     def __init__(self, dim: int, capacity: int, max_age_s: float):
@@ -130,17 +130,22 @@ class RecentRows:
             keys, rows = keys[: self.capacity], rows[: self.capacity]
         self.values[self.encoder.find_or_insert(keys)] = rows
 
+    def __len__(self) -> int:
+        return len(self.encoder)
+
     def held_keys(self) -> torch.Tensor:
         return self.encoder.items()[0]  # in slot order
 
     def renewal_due(self) -> bool:
-        return len(self.encoder) > 0 and time.monotonic() - self.born > self.max_age_s / 2
+        return len(self) > 0 and time.monotonic() - self.born > self.max_age_s / 2
 
     def renew(self, keys: torch.Tensor, rows: torch.Tensor, asked_at: float) -> None:
-        """A new generation of `rows` [N, D] for unique `keys`, as the servers answered when asked at `asked_at`
-        (time.monotonic): their age counts from then."""
-        self._clear(born=asked_at)
-        self.add(keys, rows)
+        """`rows` [N, D] the servers answered for held `keys` when asked at `asked_at` (time.monotonic), written
+        over the cached ones in place; the generation's age counts from the ask (rows cached since are newer)."""
+        slots = self.encoder.find(keys)
+        held = slots >= 0  # a key dropped since the ask (a new generation) stays dropped
+        self.values[slots[held]] = rows[held]
+        self.born = asked_at
 
 
 class ServerRows:
@@ -228,11 +233,12 @@ class ServerRows:
         for keys, rows in ray.get([server.all_rows.remote(share) for server in self.servers]):
             if keys.numel():
                 self.recent.add(keys, rows)
-        return len(self.recent.encoder)
+        return len(self.recent)
 
     def renew_when_due(self) -> None:
         """Once the cached rows are half their max age, ask the servers for them again in the background (on the
-        running event loop); the answers become the cache's new generation."""
+        running event loop); their answers overwrite the cached rows (a serving table changes only by a rollout,
+        which starts new replicas, so a forward reading a row meanwhile reads the same values)."""
         if self.recent is not None and self._renewal is None and self.recent.renewal_due():
             self._renewal = asyncio.ensure_future(self._renew())
 

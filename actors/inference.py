@@ -98,8 +98,10 @@ class InferenceModel:
 
     def describe(self) -> dict:
         recent = self.rows.recent
-        hit_rate = recent.hits / recent.lookups if recent and recent.lookups else None
-        return self.info | {"recent_hit_rate": hit_rate, "recent_rows": len(recent.encoder) if recent else None}
+        if recent is None:
+            return self.info | {"recent_hit_rate": None, "recent_rows": None}
+        return self.info | {"recent_hit_rate": recent.hits / recent.lookups if recent.lookups else None,
+                            "recent_rows": len(recent)}
 
     def spec(self) -> dict:
         return self._spec
