@@ -4,9 +4,10 @@ terarec: the control plane (`terarec serve`, uvicorn) -> Ray Serve handle -> the
 (`@serve.batch`, recent rows cached) -> embedding server actors. Baseline: one uvicorn process with a FastAPI
 route that parses the same request body and runs the same model in-process (the checkpoint's rows in a local
 store). Both score the same checkpoint (DLRM, trained here for a few steps on synthetic data) and the same eval
-rows (each client walks through distinct bodies); terarec's cells run again with Arrow IPC bodies (the Criteo
-columns; the baseline keeps JSON, as a plain FastAPI endpoint would). For each batch size (1, 256 rows per request) and
-concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`, whichever ends first;
+rows (each client walks through distinct bodies); each cell runs the bare endpoint, terarec and terarec with Arrow
+IPC bodies back to back, so that their figures see the same load on a shared machine (Arrow bodies: the Criteo
+columns; the baseline keeps JSON, as a plain FastAPI endpoint would). For each batch size (1, 256 rows per request)
+and concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`, whichever ends first;
 figures are p50/p99 latency and rows/s. Two more terarec deployments run the 1-client cells: without the
 replica's row cache (every request asks the servers), and with the servers on `cached_host` whose cache holds
 a quarter of the table (its hit rate is read from the servers). `hops` times the pieces of one single-row
@@ -175,15 +176,18 @@ async def load(url: str, bodies: list[bytes], batch: int, headers: dict, concurr
             "rows_per_s": len(latencies) * batch / elapsed, "requests": len(latencies), "errors": errors}
 
 
-def run_cells(name: str, url: str, bodies: dict[int, list[bytes]], headers: dict, args,
-              concurrencies=CONCURRENCY) -> dict:
-    figures = {}
+def run_cells(targets: dict[str, tuple[str, dict[int, list[bytes]], dict]], args, concurrencies=CONCURRENCY) -> dict:
+    """Every cell (rows per request, clients) for each target (name: url, bodies, headers) in turn: the targets a
+    cell compares run within seconds of each other (on a shared machine the load drifts over minutes)."""
+    figures: dict = {name: {} for name in targets}
     for batch in BATCHES:
         for concurrency in concurrencies:
-            cell = asyncio.run(load(url, bodies[batch], batch, headers, concurrency, args.seconds, args.max_requests))
-            figures[f"batch{batch}_c{concurrency}"] = cell
-            print(f"{name:8s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
-                  f"{cell['rows_per_s']:9.0f} rows/s  ({cell['requests']} requests, {cell['errors']} errors)", flush=True)
+            for name, (url, bodies, headers) in targets.items():
+                cell = asyncio.run(load(url, bodies[batch], batch, headers, concurrency, args.seconds, args.max_requests))
+                figures[name][f"batch{batch}_c{concurrency}"] = cell
+                print(f"{name:13s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 "
+                      f"{cell['p99_ms']:7.2f} ms  {cell['rows_per_s']:9.0f} rows/s  ({cell['requests']} requests, "
+                      f"{cell['errors']} errors)", flush=True)
     return figures
 
 
@@ -300,17 +304,9 @@ def main() -> None:
     bodies, arrow_bodies = request_bodies(dense, sparse), request_bodies(dense, sparse, arrow=True)
     figures: dict = {}
 
-    port = free_port()
+    bare_port = free_port()
     bare_env = os.environ | ({} if args.gpus else {"CUDA_VISIBLE_DEVICES": ""})  # the same device as terarec
-    bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port), checkpoint], env=bare_env)
-    try:
-        wait_up(f"http://127.0.0.1:{port}/docs", bare)
-        figures["bare"] = run_cells("bare", f"http://127.0.0.1:{port}/predict", bodies,
-                                    {"Content-Type": "application/json"}, args)
-    finally:
-        bare.terminate()
-        bare.wait()
-
+    bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port), checkpoint], env=bare_env)
     context = ray.init(num_cpus=args.cpus, include_dashboard=False, namespace="terarec")
     token, port = secrets.token_hex(16), free_port()
     env = os.environ | {"TERAREC_API_TOKEN": token, "TERAREC_DB_PATH": os.path.join(workdir, "jobs.db"),
@@ -321,24 +317,27 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     table_bytes = sum(os.path.getsize(path) for path in glob.glob(os.path.join(checkpoint, "shard-*")))
     try:
+        wait_up(f"http://127.0.0.1:{bare_port}/docs", bare)
         wait_up(f"{base}/healthz", api)
         on_gpu = {"server_gpus": args.gpus / 4, "serving": {"gpus": args.gpus / 2, "max_batch_rows": 65536}} if args.gpus else {}
         deploy(base, headers, "bench", checkpoint, **on_gpu)
-        figures["terarec"] = run_cells("terarec", f"{base}/v1/models/bench/predict", bodies, headers, args)
-        figures["terarec_arrow"] = run_cells("arrow", f"{base}/v1/models/bench/predict?transformed=true", arrow_bodies,
-                                             headers | {"Content-Type": ARROW}, args)
+        figures |= run_cells({"bare": (f"http://127.0.0.1:{bare_port}/predict", bodies, {"Content-Type": "application/json"}),
+                              "terarec": (f"{base}/v1/models/bench/predict", bodies, headers),
+                              "terarec_arrow": (f"{base}/v1/models/bench/predict?transformed=true", arrow_bodies,
+                                                headers | {"Content-Type": ARROW})}, args)
         figures["hops"] = hops("bench", checkpoint, dense, sparse, bodies, arrow_bodies)
         deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0})
-        figures["terarec_no_recent"] = run_cells("direct", f"{base}/v1/models/direct/predict", bodies, headers, args,
-                                                 concurrencies=(1,))
         store = {"kind": "cached_host", "cache_bytes": table_bytes / 2 / 4}  # per server: a quarter of its half
         deploy(base, headers, "tiered", checkpoint, serving={"recent_rows": 0}, store=store)
-        figures["terarec_tiered"] = run_cells("tiered", f"{base}/v1/models/tiered/predict", bodies, headers, args,
-                                              concurrencies=(1,))
+        figures |= run_cells({"terarec_no_recent": (f"{base}/v1/models/direct/predict", bodies, headers),
+                              "terarec_tiered": (f"{base}/v1/models/tiered/predict", bodies, headers)}, args,
+                             concurrencies=(1,))
         figures["tiered_servers"] = tiered_servers("tiered", checkpoint)
         for name in ("bench", "direct", "tiered"):
             httpx.delete(f"{base}/v1/models/{name}", headers=headers, timeout=120)
     finally:
+        bare.terminate()
+        bare.wait()
         api.terminate()
         api.wait()
         ray.shutdown()
