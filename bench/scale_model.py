@@ -23,6 +23,7 @@ import json
 import math
 import os
 import socket
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -38,7 +39,8 @@ from timing import median_ms  # bench/timing.py
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config
 from terarec.core.cost_model import (KEY_BYTES, LINK_EFFICIENCY, WIRES, DeviceCosts, Fabric, KeyDistribution, Link,
-                                     all_to_all_terms, bytes_sent_per_step, fabric_for, predict_step, wire_row_bytes)
+                                     all_to_all_terms, bytes_sent_per_step, fabric_for, predict_step,
+                                     slowest_worker_wait_ms, wire_row_bytes)
 from terarec.core.data.reader import BatchReader
 from terarec.core.data.synth import ZIPF_EXPONENT, cardinalities_for, write_synthetic
 from terarec.kernels.comm import Communicator, GlooCommunicator, LocalCommunicator
@@ -168,16 +170,18 @@ EXCHANGE_PARTS = ("keys", "rows", "grads")  # a training step's all-to-alls, in 
 class CountingCommunicator(Communicator):
     """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others,
     and times each collective by part (`seconds`): the count exchange of every all-to-all ("counts"), the payload of
-    the keys, rows and gradients (named by their order in a step), the dense all-reduce ("all_reduce").
+    the keys, rows and gradients (named by their order in a step), the dense all-reduce ("all_reduce");
+    `spans` holds each all-to-all's (start, end) on the host clock.
 
-    With `synchronize`, a barrier before each all-to-all takes the wait for the slowest worker out of it (the
-    model has no such wait); its seconds are the part "barrier"."""
+    With `synchronize`, a barrier before each collective takes the wait for the slowest worker out of it (the
+    model has that wait as a term of its own); its seconds are the part "barrier"."""
 
     def __init__(self, inner: Communicator, synchronize: bool = False):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
         self.synchronize = synchronize
         self.to_self = self.to_peers = 0
         self.seconds: collections.Counter = collections.Counter()
+        self.spans: list[tuple[float, float]] = []
         self.calls = 0
         exchange_counts = inner.exchange_counts
 
@@ -197,6 +201,12 @@ class CountingCommunicator(Communicator):
     def reset(self) -> None:
         self.to_self = self.to_peers = self.calls = 0
         self.seconds.clear()
+        self.spans.clear()
+
+    def wait_for_all(self) -> None:
+        if self.synchronize:
+            with self.timed("barrier"):
+                dist.barrier()
 
     def all_to_all(self, send, send_counts):
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
@@ -205,16 +215,17 @@ class CountingCommunicator(Communicator):
         self.to_peers += sum(send_counts) * row_bytes - own
         part = EXCHANGE_PARTS[self.calls % len(EXCHANGE_PARTS)]
         self.calls += 1
-        if self.synchronize:
-            with self.timed("barrier"):
-                dist.barrier()
+        self.wait_for_all()
         counts_before = self.seconds["counts"]
+        started = time.perf_counter()
         with self.timed(part):
             received = self.inner.all_to_all(send, send_counts)
+        self.spans.append((started, time.perf_counter()))
         self.seconds[part] -= self.seconds["counts"] - counts_before
         return received
 
     def all_reduce(self, tensor):
+        self.wait_for_all()
         with self.timed("all_reduce"):
             return self.inner.all_reduce(tensor)
 
@@ -300,62 +311,115 @@ def wire_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def all_to_all_fit(comm: Communicator, sizes: list[int], repeats: int, compute=None) -> tuple[float, float]:
-    """(seconds of latency, bytes/s) of `comm.all_to_all` by least squares of the relative error over payloads of
-    `sizes` bytes (the small ones would count for nothing in absolute terms).
-
-    With `compute` (a callable), each call is issued as a step issues it: after that compute and a barrier (not
-    timed), so that a rank meets the call busy, not spinning in the previous one. On a shared CPU this is what a
-    call costs in a step: a process that computed wakes from a blocking receive later than one that only waited."""
-    world = comm.world_size
-    points = []
-    for nbytes in sizes:
-        payload = torch.zeros(nbytes // 4 // world * world)
-        counts = [payload.numel() // world] * world
-        times = []
-        for _ in range(repeats + 1):
-            if compute is not None:
-                compute()
-                dist.barrier()
-            started = time.perf_counter()
-            comm.all_to_all(payload, counts)
-            times.append(time.perf_counter() - started)
-        mean = torch.tensor([float(np.median(times[1:]))])
-        comm.all_reduce(mean)  # the sum; the mean over workers is what one all-to-all takes
-        points.append((payload.numel() * 4 * (world - 1) / world, mean.item() / world))
-    x, y = np.array(points).T
+def fit_link(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(seconds of latency, bytes/s) of a payload: least squares of the relative error over (bytes to the peers,
+    seconds) points (in absolute terms the small payloads would count for nothing)."""
+    x, y = np.array(points, dtype=float).T
     per_byte, fixed = np.polyfit(x, y, 1, w=1 / y)
-    return max(float(fixed), 1e-6), 1.0 / max(float(per_byte), 1e-12)
+    return max(float(fixed), 0.0), 1.0 / max(float(per_byte), 1e-12)
 
 
-@contextlib.contextmanager
-def timing_rows(worker: TrainWorker, comm: CountingCommunicator):
-    """Times the step's `ShardedRows` calls (lookup + update: store, routing, codec and collectives) as the part
-    "sharded_rows" of `comm.seconds`."""
-    rows = worker.rows
-    plain = rows.lookup_for_update, rows.update
+def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: CountingCommunicator, step,
+                     comm: CountingCommunicator, sizes: list[int], turns: int) -> dict:
+    """One round of `turns` turns, each taking every measurement once, so that all of them meet the same load (on
+    a shared machine it moves within seconds; measured one after the other, a component and the steps saw
+    different machines). A turn, on every rank:
 
-    def timed(method):
-        def call(*args):
-            with comm.timed("sharded_rows"):
-                return method(*args)
-        return call
-    rows.lookup_for_update, rows.update = (timed(m) for m in plain)
-    try:
-        yield
-    finally:
-        del rows.lookup_for_update, rows.update  # the class's methods again
+    - the one-worker trainer's step through `ShardedRows` over `alone_comm` (a world of one): the compute between
+      the step's all-to-alls, where a sharded step waits for the other workers (its `spans`);
+    - the components: that trainer's step without the store (`ServedRows`), the store's lookup + update, the
+      same through `ShardedRows` (its routing);
+    - one gloo all-to-all after that compute and a barrier, as a step issues it (a process that computed wakes
+      from a blocking receive later than one spinning in back-to-back calls), its size taken in turn from
+      `sizes`, the count exchange (a few bytes) timed apart from the payload;
+    - a real step with a barrier before each collective (the exchange by part, the wait taken out: "barrier"),
+      then a real step as built.
+
+    Means over the turns (a run pays every call, bursts included); the link's over the workers too. The first
+    turn is a warm-up."""
+    world, dim = comm.world_size, alone.store.dim
+    keys = [torch.unique(feature_keys(batch.sparse)) for batch in alone_batches]
+    grads = torch.randn(max(k.numel() for k in keys), dim) * 1e-3
+    served = ServedRows(dim, torch.device("cpu"), grads.shape[0])
+    sharded = ShardedRows(alone.store, alone_comm, alone.config.embedding.num_buckets)
+    alone_step = cycle_steps(alone, alone_batches, "fp32")
+    link_sums = torch.zeros(len(sizes) + 1, dtype=torch.float64)  # the payload at each size, then the count exchange
+    segments, samples, parts = [], collections.defaultdict(list), collections.Counter()
+
+    def timed(fn) -> float:
+        started = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - started)
+
+    for turn in range(turns + 1):
+        recording = turn > 0
+        k = keys[turn % len(keys)]
+        with row_backend(alone, sharded):
+            alone_comm.reset()
+            started = time.perf_counter()
+            alone_step()
+            ended = time.perf_counter()
+        (keys_start, keys_end), (rows_start, rows_end), (grads_start, grads_end) = alone_comm.spans
+        # the updates and the forward up to its unique keys; the owner's store lookup; forward and backward
+        segment = [1e3 * (keys_start - started + ended - grads_end), 1e3 * (rows_start - keys_end),
+                   1e3 * (grads_start - rows_end)]
+        with row_backend(alone, served):
+            dense_ms = timed(alone_step)
+        store_ms = timed(lambda: alone.store.update(alone.store.lookup_for_update(k), grads[: k.numel()]))
+        sharded_ms = timed(lambda: sharded.update(sharded.lookup_for_update(k), grads[: k.numel()]))
+        size = turn % len(sizes)
+        payload = torch.zeros(max(1, sizes[size] // 4 // world) * world)
+        dist.barrier()
+        comm.reset()
+        link_ms = timed(lambda: comm.inner.all_to_all(payload, [payload.numel() // world] * world))
+        counts_ms = 1e3 * comm.seconds["counts"]
+        comm.reset()
+        comm.synchronize = True
+        synchronized_ms = timed(step)
+        comm.synchronize = False
+        turn_parts = dict(comm.seconds, bytes_sent=comm.to_self + comm.to_peers, wire_bytes=comm.to_peers)
+        as_built_ms = timed(step)
+        if recording:
+            segments.append(segment)
+            for name, ms in (("dense", dense_ms), ("store", store_ms), ("sharded", sharded_ms),
+                             ("synchronized_step", synchronized_ms), ("step", as_built_ms)):
+                samples[name].append(ms)
+            link_sums[size] += (link_ms - counts_ms) / 1e3
+            link_sums[-1] += counts_ms / 1e3
+            parts.update(turn_parts)
+    comm.inner.all_reduce(link_sums)
+    calls = [world * sum(1 for turn in range(1, turns + 1) if turn % len(sizes) == size) for size in range(len(sizes))]
+    link_s = [float(total) / max(1, n) for total, n in zip(link_sums[:-1].tolist(), calls)]
+    points = [(max(1, n // 4 // world) * 4 * (world - 1), s) for n, s, c in zip(sizes, link_s, calls) if c]
+    latency, bandwidth = fit_link(points)
+    mean = {name: statistics.fmean(values) for name, values in samples.items()}
+    unique = int(np.mean([k.numel() for k in keys]))
+    costs = DeviceCosts(device_name(), alone_batches[0].dense.shape[0], dim, unique,
+                        sum(p.numel() for p in alone.dense_params), {"fp32": mean["dense"]}, mean["store"],
+                        max(0.0, mean["sharded"] - mean["store"]), {"fp32": 0.0})
+    return {"costs": asdict(costs), "segments_ms": segments, "step_ms": mean["step"], "step_ms_each": samples["step"],
+            "synchronized_step_ms": mean["synchronized_step"],
+            "parts_ms": {part: 1e3 * seconds / turns for part, seconds in parts.items() if not part.endswith("bytes")},
+            "bytes_sent": parts["bytes_sent"] / turns, "wire_bytes": parts["wire_bytes"] / turns,
+            "link": {"count_latency_s": float(link_sums[-1]) / (world * turns), "latency_s": latency,
+                     "bytes_per_s": bandwidth, "points": points}}
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds every process of the machine has used since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as stream:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in stream.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, out) -> None:
-    """On every rank at once, so that all see the same load, in rounds that alternate: the components on a
-    one-worker TrainWorker of the same per-worker batch, the link (gloo all-to-all fits: calls back to back, and
-    calls issued from that one-worker step's compute), then real TrainWorker steps over gloo, each collective timed by part."""
-    comm = start_gloo(rank, world, port, settings["threads"], synchronize=True)
-    shape, repeats = settings["shape"], settings["repeats"]
-    alone = TrainWorker(job(data, dict(shape, batch=shape["batch"] // world), 1), LocalCommunicator(), torch.device("cpu"))
+    """On every rank at once, so that all see the same load: `validation_round`s on a one-worker TrainWorker of
+    the same per-worker batch and a TrainWorker of `world` workers over gloo, with the machine's load of each."""
+    comm = start_gloo(rank, world, port, settings["threads"])
+    shape, cpu = settings["shape"], torch.device("cpu")
+    alone = TrainWorker(job(data, dict(shape, batch=shape["batch"] // world), 1), LocalCommunicator(), cpu)
     alone_batches = read_batches(alone, shape["batch"] // world, settings["batches"])
-    worker = TrainWorker(job(data, shape, world), comm, torch.device("cpu"))
+    worker = TrainWorker(job(data, shape, world), comm, cpu)
     batches = read_batches(worker, shape["batch"], settings["batches"], rank, world)
     keys = [torch.unique(feature_keys(batch.sparse)) for batch in batches]
     owned = np.mean([torch.unique(torch.cat(comm.inner.all_gather(k))).numel() / world for k in keys])
@@ -364,25 +428,13 @@ def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, o
         step()
     rounds = []
     for _ in range(settings["rounds"]):
-        measured = measure_device(alone, alone_batches, ["fp32"], repeats)
         dist.barrier()
-        links = {"back_to_back": all_to_all_fit(comm.inner, settings["link_sizes"], repeats),
-                 "from_compute": all_to_all_fit(comm.inner, settings["link_sizes"], repeats,
-                                                cycle_steps(alone, alone_batches, "fp32"))}
-        worker.rows.stats.bytes_sent, worker.rows.stats.seconds = 0, 0.0
-        comm.reset()
-        with timing_rows(worker, comm):
-            step_s = median_ms(step, iters=repeats, device="cpu") / 1e3
-        steps = repeats + 1  # median_ms warms up once
-        parts_ms = {part: 1e3 * seconds / steps for part, seconds in comm.seconds.items()}
-        rounds.append({"costs": measured["costs"], "alone_step_ms": measured["step_ms"]["fp32"],
-                       "links": {name: {"latency_s": latency, "bytes_per_s": bandwidth}
-                                 for name, (latency, bandwidth) in links.items()},
-                       "step_ms": 1e3 * step_s,
-                       "exchange_ms": 1e3 * worker.rows.stats.seconds / steps - parts_ms.get("barrier", 0.0),
-                       "parts_ms": parts_ms,
-                       "bytes_sent": worker.rows.stats.bytes_sent / steps, "wire_bytes": comm.to_peers / steps})
+        started, cpu_started, busy_started = time.perf_counter(), time.process_time(), cpu_busy_s()
+        measured = validation_round(alone, alone_batches, CountingCommunicator(LocalCommunicator()), step, comm,
+                                    settings["link_sizes"], settings["turns"])
         dist.barrier()
+        rounds.append(measured | {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
+                                  "machine_busy_s": cpu_busy_s() - busy_started, "load_average": os.getloadavg()})
     out[rank] = {"rounds": rounds, "unique_keys": float(np.mean([k.numel() for k in keys])), "owned_keys": float(owned)}
     dist.destroy_process_group()
 
@@ -397,70 +449,82 @@ def mean_costs(costs: list[dict]) -> DeviceCosts:
                    codec_ms={w: float(np.mean([c["codec_ms"][w] for c in costs])) for w in first.codec_ms})
 
 
-# The model's inputs in the validation, as first built (calls timed back to back, the mean worker's compute) and
-# as measured now (calls issued from compute, the slowest worker's compute: a synchronous step waits for it).
-VALIDATION_INPUTS = {"first": ("back_to_back", "mean"), "link_from_compute": ("from_compute", "mean"),
-                     "slowest_worker": ("from_compute", "slowest")}
-
-
 def exchange_parts_ms(unique_keys: float, dim: int, world: int, fabric: Fabric, wire: str = "fp32") -> dict[str, float]:
-    """The model's exchange by the parts `CountingCommunicator` times: three count exchanges (one latency each),
-    then the payloads of keys, rows and gradients (a latency and their bytes each)."""
+    """The model's exchange by the parts `CountingCommunicator` times: three count exchanges, then the payloads
+    of keys, rows and gradients (a latency and their bytes each)."""
     parts = {"counts": 0.0}
     for part, row_bytes in zip(EXCHANGE_PARTS, (KEY_BYTES, wire_row_bytes(wire, dim), wire_row_bytes(wire, dim))):
-        latency, transfer = all_to_all_terms(unique_keys * row_bytes, world, fabric)
-        parts["counts"] += latency
+        counts, latency, transfer = all_to_all_terms(unique_keys * row_bytes, world, fabric)
+        parts["counts"] += counts
         parts[part] = latency + transfer
     return {part: 1e3 * seconds for part, seconds in parts.items()}
 
 
+EXCHANGE_MEASURED = ("counts", *EXCHANGE_PARTS)
+
+
+def validation_row(world: int, run: int, index: int, cells: list[dict], unique: float, owned: float, dim: int,
+                   cores: int, threads: int) -> dict:
+    """One round of one worker count: the model on that round's inputs against that round's steps."""
+    mean = lambda values: float(np.mean(list(values)))  # noqa: E731 (over the workers)
+    link = cells[0]["link"]  # the sweep averaged it over the workers
+    gloo = Link("gloo over loopback, calls issued from compute", link["bytes_per_s"] / 1e9, link["latency_s"] * 1e6,
+                count_latency_us=link["count_latency_s"] * 1e6)
+    fabric = Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0)
+    costs = mean_costs([c["costs"] for c in cells])
+    wait = slowest_worker_wait_ms([c["segments_ms"] for c in cells])
+    predicted = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned, wait_ms=wait)
+    synchronized = [c["parts_ms"] for c in cells]
+    measured = {
+        "exchange": mean(sum(parts.get(p, 0.0) for p in EXCHANGE_MEASURED) for parts in synchronized),
+        "all_reduce": mean(parts["all_reduce"] for parts in synchronized),
+        "wait": mean(parts["barrier"] for parts in synchronized),
+        "step": mean(c["step_ms"] for c in cells),
+        "compute": mean(np.sum(c["segments_ms"], axis=1).mean() for c in cells)}
+    modelled = dict(predicted.ms, compute=sum(predicted.ms[k] for k in ("dense", "store", "pack", "codec")),
+                    step_without_wait=predicted.ms["step"] - wait)
+    wall = mean(c["wall_s"] for c in cells)
+    return {"workers": world, "run": run, "round": index, "cores": cores, "threads_per_worker": threads,
+            "oversubscribed": world * threads > cores, "unique_keys": unique, "owned_keys": owned,
+            "bytes_sent_measured": mean(c["bytes_sent"] for c in cells),
+            "bytes_sent_model": bytes_sent_per_step(unique, dim, "fp32"),
+            "wire_bytes_measured": mean(c["wire_bytes"] for c in cells),
+            "link": {"count_latency_us": gloo.counts_us, "latency_us": gloo.latency_us, "gbs": gloo.gbs,
+                     "points": link["points"]},
+            "costs": asdict(costs), "wait_ms": wait,
+            "measured_ms": measured, "predicted_ms": modelled,
+            "parts_ms": {"measured": {p: mean(parts.get(p, 0.0) for parts in synchronized) for p in EXCHANGE_MEASURED},
+                         "predicted": exchange_parts_ms(unique, dim, world, fabric)},
+            "errors": {what: modelled[what] / measured[what] - 1 for what in ("exchange", "all_reduce", "compute", "step")}
+            | {"step_without_wait": modelled["step_without_wait"] / measured["step"] - 1},
+            "step_ms_each": [c["step_ms_each"] for c in cells],
+            "synchronized_step_ms": mean(c["synchronized_step_ms"] for c in cells),
+            "machine": {"load_average": cells[0]["load_average"], "wall_s": wall,
+                        "our_cores": sum(c["cpu_s"] for c in cells) / wall,
+                        "others_cores": (cells[0]["machine_busy_s"] - sum(c["cpu_s"] for c in cells)) / wall}}
+
+
 def validate_cpu(args) -> None:
-    """Per worker count and round: the prediction from that round's inputs against that round's steps."""
+    """Runs of every worker count in turn (so that each count meets the machine's load at several times), rounds
+    in each: the prediction from a round's inputs against that round's steps."""
     cores = os.cpu_count() or 1
     shape = dict(CPU_SHAPE, batch=args.cpu_batch)
     rows = []
     with tempfile.TemporaryDirectory() as data:
         write_synthetic(data, rows=shape["batch"] * (args.batches + 1), cardinality_scale=args.cardinality_scale)
-        for world in args.workers:
-            settings = {"threads": max(1, cores // world), "shape": shape, "batches": args.batches,
-                        "repeats": args.repeats, "link_sizes": args.link_sizes, "rounds": args.rounds}
+        for run, world in itertools.product(range(args.runs), args.workers):
+            threads = max(1, cores // world)
+            settings = {"threads": threads, "shape": shape, "batches": args.batches, "turns": args.turns,
+                        "link_sizes": args.link_sizes, "rounds": args.rounds}
             ranks = spawn(validate_rank, world, data, settings)
             unique, owned = (float(np.mean([r[k] for r in ranks])) for k in ("unique_keys", "owned_keys"))
             for index, cells in enumerate(zip(*(r["rounds"] for r in ranks))):
-                row = {"workers": world, "round": index, "batch_per_worker": shape["batch"] // world, "threads": settings["threads"],
-                       "unique_keys": unique, "owned_keys": owned,
-                       "bytes_sent_measured": float(np.mean([c["bytes_sent"] for c in cells])),
-                       "bytes_sent_model": bytes_sent_per_step(unique, shape["dim"], "fp32"),
-                       "wire_bytes_measured": float(np.mean([c["wire_bytes"] for c in cells])),
-                       "exchange_ms_measured": max(c["exchange_ms"] for c in cells),
-                       "step_ms_measured": max(c["step_ms"] for c in cells),
-                       "parts_ms_measured": {part: {"mean": float(np.mean([c["parts_ms"].get(part, 0.0) for c in cells])),
-                                                    "max": max(c["parts_ms"].get(part, 0.0) for c in cells)}
-                                             for part in cells[0]["parts_ms"]},
-                       "alone_step_ms": [c["alone_step_ms"] for c in cells],
-                       "load_average": os.getloadavg()[0], "inputs": {}}
-                for name, (link, worker) in VALIDATION_INPUTS.items():
-                    gloo = Link(f"gloo over loopback ({link})",
-                                float(np.mean([c["links"][link]["bytes_per_s"] for c in cells])) / 1e9,
-                                float(np.mean([c["links"][link]["latency_s"] for c in cells])) / 2 * 1e6)  # 2 per call
-                    fabric = Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0)
-                    costs = (mean_costs([c["costs"] for c in cells]) if worker == "mean" else
-                             max((DeviceCosts(**c["costs"]) for c in cells),
-                                 key=lambda c: predict_step(c, None, world, fabric, unique_keys=unique,
-                                                            owned_keys=owned).ms["step"]))
-                    predicted = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned)
-                    row["inputs"][name] = {
-                        "link": link, "worker": worker, "latency_us": gloo.latency_us, "gbs": gloo.gbs,
-                        "costs": asdict(costs), "predicted_ms": predicted.ms,
-                        "exchange_parts_ms": exchange_parts_ms(unique, shape["dim"], world, fabric),
-                        "exchange_error": predicted.ms["exchange"] / row["exchange_ms_measured"] - 1,
-                        "step_error": predicted.ms["step"] / row["step_ms_measured"] - 1}
-                rows.append(row)
-                print(json.dumps({k: row[k] for k in ("workers", "round", "exchange_ms_measured", "step_ms_measured",
-                                                      "parts_ms_measured", "inputs", "alone_step_ms", "load_average")}),
-                      flush=True)
-    record("scale_model-validate-cpu", {"rows": rows}, dict(shape=shape, batches=args.batches, repeats=args.repeats,
-                                                            rounds=args.rounds, cardinality_scale=args.cardinality_scale))
+                rows.append(validation_row(world, run, index, list(cells), unique, owned, shape["dim"], cores, threads))
+                print(json.dumps({k: rows[-1][k] for k in ("workers", "run", "round", "measured_ms", "predicted_ms",
+                                                           "errors", "link", "machine")}), flush=True)
+    record("scale_model-validate-cpu", {"rows": rows},
+           dict(shape=shape, batches=args.batches, turns=args.turns, rounds=args.rounds, runs=args.runs,
+                link_sizes=args.link_sizes, cardinality_scale=args.cardinality_scale))
 
 
 # ---- what it says -------------------------------------------------------------------------------------------
@@ -598,53 +662,47 @@ def markdown(origin: dict, costs: DeviceCosts, table: list[dict], oneflow: list[
     return "\n".join(lines)
 
 
-INPUT_TITLES = {"first": "link timed back to back, mean worker (as first built)",
-                "link_from_compute": "link timed from compute, mean worker",
-                "slowest_worker": "link timed from compute, slowest worker"}
-
-
 def cpu_validation_lines(rows: list[dict]) -> list[str]:
-    """Per worker count, medians over rounds: the measured exchange and step against the model on each set of
-    inputs, then the exchange by part (measured: mean over ranks)."""
+    """Per worker count, over every round of every run: the measured exchange, all-reduce, wait, compute and step
+    against the model (median and range of the rounds' errors), the machine's load, then the exchange by part."""
     if not rows:
         return []
     median = lambda values: float(np.median(list(values)))  # noqa: E731
-    lines = ["", "CPU, gloo workers on 2 cores (medians over rounds; error: predicted / measured - 1, the rounds' range "
-             "in brackets):", "",
-             "| workers | load average | what | measured ms | " + " | ".join(INPUT_TITLES.values()) + " |",
-             "| ---: | ---: | --- | ---: |" + " ---: |" * len(INPUT_TITLES)]
+    span = lambda values: f"{min(values):.1f} to {max(values):.1f}"  # noqa: E731
+    titles = {"exchange": "exchange (barriers before each call: no wait)", "all_reduce": "dense all-reduce (no wait)",
+              "wait": "wait for the slowest worker (barriers / model)", "compute": "compute (no collective)",
+              "step": "step as built", "step_without_wait": "step as built, model without its wait term"}
+    lines = ["", "CPU, gloo workers on 2 cores: predicted / measured - 1 per round (median, and the range over rounds "
+             "and runs); ms are medians over rounds; load: the 1-minute load average and the cores other processes "
+             "used during the round:", "",
+             "| workers | rounds | load (others' cores) | what | measured ms | predicted ms | error | error range |",
+             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     worlds = sorted({r["workers"] for r in rows})
     for world in worlds:
         rounds = [r for r in rows if r["workers"] == world]
-        load = " to ".join(sorted({f"{r['load_average']:.0f}" for r in rounds}, key=float))
-        for what in ("exchange", "step"):
-            cells = []
-            for name in INPUT_TITLES:
-                errors = [r["inputs"][name][f"{what}_error"] for r in rounds]
-                predicted = median(r["inputs"][name]["predicted_ms"][what] for r in rounds)
-                cells.append(f"{predicted:.1f} ({median(errors):+.0%}; {min(errors):+.0%} to {max(errors):+.0%})")
-            lines.append(f"| {world} | {load} | {what} | {median(r[f'{what}_ms_measured'] for r in rounds):.1f} | "
-                         + " | ".join(cells) + " |")
-    lines += ["", "The exchange by part, ms per step (measured: `CountingCommunicator`'s timers in the real steps, mean "
-              "over ranks; the model's: a latency per count exchange, a latency + bytes / bandwidth per payload):", "",
-              "| workers | part | measured | " + " | ".join(INPUT_TITLES[n] for n in ("first", "link_from_compute")) + " |",
-              "| ---: | --- | ---: | ---: | ---: |"]
+        load = (span([r["machine"]["load_average"][0] for r in rounds])
+                + f" ({span([r['machine']['others_cores'] for r in rounds])})")
+        for what, title in titles.items():
+            measured_key = "step" if what == "step_without_wait" else what
+            errors = [r["errors"][what] if what != "wait" else r["predicted_ms"]["wait"] / r["measured_ms"]["wait"] - 1
+                      for r in rounds]
+            lines.append(f"| {world} | {len(rounds)} | {load} | {title} | "
+                         f"{median(r['measured_ms'][measured_key] for r in rounds):.1f} | "
+                         f"{median(r['predicted_ms'][what] for r in rounds):.1f} | {median(errors):+.0%} | "
+                         f"{min(errors):+.0%} to {max(errors):+.0%} |")
+    lines += ["", "The model's inputs (medians over rounds) and the exchange by part, ms per step (measured: "
+              "`CountingCommunicator`'s timers in the steps with barriers, mean over workers; the model's: the "
+              "count exchange's latency, a latency + bytes / bandwidth per payload):", "",
+              "| workers | link: count exchange µs / payload latency µs / MB/s | compute ms | wait ms | counts | keys | "
+              "rows | grads |", "| ---: | --- | ---: | ---: | --- | --- | --- | --- |"]
     for world in worlds:
         rounds = [r for r in rows if r["workers"] == world]
-        for part in ("counts", *EXCHANGE_PARTS):
-            lines.append(f"| {world} | {part} | {median(r['parts_ms_measured'][part]['mean'] for r in rounds):.1f} | "
-                         + " | ".join(f"{median(r['inputs'][n]['exchange_parts_ms'][part] for r in rounds):.1f}"
-                                      for n in ("first", "link_from_compute")) + " |")
-        lines.append(f"| {world} | ShardedRows calls (store, routing, codec, exchange; the barriers taken out) | "
-                     f"{median(r['parts_ms_measured']['sharded_rows']['mean'] - r['parts_ms_measured']['barrier']['mean'] for r in rounds):.1f} | " + " | ".join(
-                         f"{median(sum(r['inputs'][n]['predicted_ms'][k] for k in ('store', 'pack', 'codec', 'exchange')) for r in rounds):.1f}"
-                         for n in ("first", "link_from_compute")) + " |")
-        for part, modelled in (("barrier", None), ("all_reduce", "all_reduce")):
-            measured = median(r["parts_ms_measured"][part]["mean"] for r in rounds)
-            lines.append(f"| {world} | {'wait for the slowest (barrier, not modelled)' if modelled is None else part} | "
-                         f"{measured:.1f} | " + " | ".join(
-                             "-" if modelled is None else f"{median(r['inputs'][n]['predicted_ms'][modelled] for r in rounds):.1f}"
-                             for n in ("first", "link_from_compute")) + " |")
+        link = " / ".join(f"{median(r['link'][k] * scale for r in rounds):,.0f}"
+                          for k, scale in (("count_latency_us", 1), ("latency_us", 1), ("gbs", 1e3)))
+        parts = " | ".join(f"{median(r['parts_ms']['measured'][p] for r in rounds):.1f} vs "
+                           f"{median(r['parts_ms']['predicted'][p] for r in rounds):.1f}" for p in EXCHANGE_MEASURED)
+        lines.append(f"| {world} | {link} | {median(r['predicted_ms']['compute'] for r in rounds):.1f} | "
+                     f"{median(r['wait_ms'] for r in rounds):.1f} | {parts} |")
     return lines
 
 
@@ -686,10 +744,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per figure (medians)")
     parser.add_argument("--cardinality-scale", type=float, default=0.1, help="of the synthetic data (Kaggle x this)")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 3, 4], help="--validate-cpu: worker counts")
-    parser.add_argument("--rounds", type=int, default=3, help="--validate-cpu: rounds of components, link, steps")
+    parser.add_argument("--runs", type=int, default=3, help="--validate-cpu: runs of every worker count, in turn")
+    parser.add_argument("--rounds", type=int, default=2, help="--validate-cpu: rounds a run (one prediction each)")
+    parser.add_argument("--turns", type=int, default=15, help="--validate-cpu: turns a round, each of every measurement")
     parser.add_argument("--cpu-batch", type=int, default=CPU_SHAPE["batch"], help="--validate-cpu: global batch")
-    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**16, 2**18, 2**20, 2**22],
-                        help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit, around the step's")
+    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**10, 2**14, 2**17, 2**20, 2**22],
+                        help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit, from a few "
+                             "messages' worth to above the step's")
     parser.add_argument("--wire-workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--wire-batches", type=int, nargs="+", default=[512, 2048, 8192], help="samples per worker")
     parser.add_argument("--zipf", type=float, nargs="+", default=[0.0, 1.05, 1.2], help="exponents (0: uniform)")

@@ -5,9 +5,10 @@ scaled by counts the model derives (unique keys, bytes on the wire); links are p
 from public specs. One step of `TrainWorker.train_step` on each of N workers, per-worker batch b:
 
     compute  = dense(b) + store(u_owned) + [N > 1] (pack(u) + codec_wire(u))
+    wait     = the wait for the slowest worker at the step's collectives (a measured input; 0 where not measured)
     exchange = all-to-all(8 u) + all-to-all(r u) + all-to-all(r u)       keys, rows, gradients
     reduce   = all-reduce(4 P)                                           dense gradients, fp32
-    step     = compute + exchange + reduce   (as built)   or   max(compute, exchange + reduce)   (overlapped)
+    step     = compute + wait + exchange + reduce   (as built)   or   max(compute, exchange + reduce) + wait   (overlapped)
 
 u is the unique keys of one worker's batch, u_owned = unique(N b) / N the keys an owner serves after the
 rows of all workers are merged, r the bytes of one row on the wire (4D fp32, 2D bf16/fp16, D + 4 int8).
@@ -33,13 +34,20 @@ class Link:
     a call issued from compute (on a shared CPU, a process that computed wakes from a blocking receive later
     than one spinning in back-to-back calls; bench/scale_model.py --validate-cpu measures it so).
 
-    `host_bus`: the GPU's PCIe link, which its traffic to the network also crosses."""
+    `host_bus`: the GPU's PCIe link, which its traffic to the network also crosses. `count_latency_us`: the
+    latency of the count exchange's message of a few bytes where it was measured apart from the payload's
+    (bench/scale_model.py --validate-cpu); `latency_us` otherwise."""
 
     name: str
     gbs: float
     latency_us: float
     source: str = ""
     host_bus: bool = False
+    count_latency_us: float | None = None
+
+    @property
+    def counts_us(self) -> float:
+        return self.latency_us if self.count_latency_us is None else self.count_latency_us
 
 
 # Public specs, one direction per GPU. `efficiency` in `Fabric` scales them to what a collective gets.
@@ -102,24 +110,23 @@ def all_to_all_seconds(payload_bytes: float, world: int, fabric: Fabric) -> floa
     """One variable-size all-to-all: the count exchange and the payload, each paying the slowest link's
     latency; the node's link and the network move their shares at once (over PCIe, the network's share
     crosses the GPU's PCIe link too)."""
-    latency, transfer = all_to_all_terms(payload_bytes, world, fabric)
-    return transfer + 2 * latency
+    return sum(all_to_all_terms(payload_bytes, world, fabric))
 
 
-def all_to_all_terms(payload_bytes: float, world: int, fabric: Fabric) -> tuple[float, float]:
-    """(seconds of one message's latency, seconds to move the payload) of one all-to-all."""
+def all_to_all_terms(payload_bytes: float, world: int, fabric: Fabric) -> tuple[float, float, float]:
+    """(seconds of the count exchange, of the payload's latency, to move the payload) of one all-to-all."""
     if world == 1:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     in_node = min(world, fabric.gpus_per_node)
     intra_bytes = payload_bytes * (in_node - 1) / world
     inter_bytes = payload_bytes * (world - in_node) / world
     node_link_bytes = intra_bytes + (inter_bytes if fabric.intra.host_bus else 0.0)
     seconds = node_link_bytes / (fabric.intra.gbs * fabric.efficiency * 1e9)
-    latency = fabric.intra.latency_us
+    links = [fabric.intra]
     if inter_bytes:
         seconds = max(seconds, inter_bytes / (fabric.inter_gbs() * fabric.efficiency * 1e9))
-        latency = max(latency, fabric.inter.latency_us)
-    return latency * 1e-6, seconds
+        links.append(fabric.inter)
+    return max(link.counts_us for link in links) * 1e-6, max(link.latency_us for link in links) * 1e-6, seconds
 
 
 def all_reduce_seconds(nbytes: float, world: int, fabric: Fabric) -> float:
@@ -203,10 +210,11 @@ class Prediction:
 
 def predict_step(costs: DeviceCosts, keys: KeyDistribution | None, world: int, fabric: Fabric, wire: str = "fp32",
                  precision: str = "fp32", overlap: bool = False, unique_keys: float | None = None,
-                 owned_keys: float | None = None) -> Prediction:
+                 owned_keys: float | None = None, wait_ms: float = 0.0) -> Prediction:
     """One step on each of `world` workers at `costs.batch` samples per worker.
 
-    Unique keys per worker come from `keys` (or `unique_keys` / `owned_keys` when measured)."""
+    Unique keys per worker come from `keys` (or `unique_keys` / `owned_keys` when measured); `wait_ms` is the
+    wait for the slowest worker per step (`slowest_worker_wait_ms`), where it was measured."""
     b = costs.batch
     u = unique_keys if unique_keys is not None else keys.expected_unique(b)
     owned = owned_keys if owned_keys is not None else (keys.expected_unique(b * world) / world if keys else u)
@@ -217,12 +225,31 @@ def predict_step(costs: DeviceCosts, keys: KeyDistribution | None, world: int, f
           "pack": costs.per_key(costs.pack_ms) * u if sharded else 0.0,
           "codec": costs.per_key(costs.codec_ms[wire]) * u if sharded else 0.0,
           "exchange": 1e3 * sum(all_to_all_seconds(payload, world, fabric) for payload in (KEY_BYTES * u, row * u, row * u)),
-          "all_reduce": 1e3 * all_reduce_seconds(4 * costs.dense_params, world, fabric)}
+          "all_reduce": 1e3 * all_reduce_seconds(4 * costs.dense_params, world, fabric),
+          "wait": wait_ms if sharded else 0.0}
     compute = ms["dense"] + ms["store"] + ms["pack"] + ms["codec"]
     communicate = ms["exchange"] + ms["all_reduce"]
-    ms["step"] = max(compute, communicate) if overlap else compute + communicate
+    ms["step"] = (max(compute, communicate) if overlap else compute + communicate) + ms["wait"]
     return Prediction(world, wire, precision, u, owned, bytes_sent_per_step(u, costs.dim, wire) * (world - 1) / world,
                       ms, b / ms["step"] * 1e3)
+
+
+def slowest_worker_wait_ms(segments: list[list[list[float]]]) -> float:
+    """The expected wait per step for the slowest worker: `segments[r][s][k]` is worker r's time (ms) in step s
+    between collective k - 1 and k (measured without waiting, each worker on its own). At each collective every
+    worker waits for the last one; if the workers' times are independent draws from their own samples, a step
+    takes the sum over k of E[max over r] where the model's compute is the mean; the difference is the wait.
+    Exact over the samples: P(max <= v) is the product of the workers' empirical distribution functions."""
+    import numpy as np
+
+    wait = 0.0
+    for k in range(len(segments[0][0])):
+        samples = [np.sort([step[k] for step in worker]) for worker in segments]
+        values = np.unique(np.concatenate(samples))
+        below = np.prod([np.searchsorted(s, values, side="right") / len(s) for s in samples], axis=0)
+        expected_max = float(np.sum(values * np.diff(below, prepend=0.0)))
+        wait += expected_max - float(np.mean([s.mean() for s in samples]))
+    return wait
 
 
 def pick_wire(predictions: dict[str, Prediction], margin: float = 0.03) -> tuple[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from terarec.core.cost_model import (DeviceCosts, Fabric, KeyDistribution, Link, bytes_sent_per_step, memory_per_gpu,
-                                     pick_wire, predict_step, wire_row_bytes)
+                                     pick_wire, predict_step, slowest_worker_wait_ms, wire_row_bytes)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -32,6 +32,24 @@ def test_four_gpus_on_two_nodes_by_hand():
     assert p.wire_bytes == pytest.approx((8 + 2 * 8) * 100 * 3 / 4)  # 3/4 of what it sends leaves the GPU
     overlapped = predict_step(COSTS, None, 4, FABRIC, "int8", overlap=True, unique_keys=100, owned_keys=50)
     assert overlapped.ms["step"] == pytest.approx(3.2)
+    # the wait for the slowest worker adds to the step as given, overlapped or not
+    waiting = predict_step(COSTS, None, 4, FABRIC, "int8", unique_keys=100, owned_keys=50, wait_ms=0.5)
+    assert waiting.ms["step"] == pytest.approx(p.ms["step"] + 0.5) and waiting.ms["wait"] == 0.5
+    # a count exchange measured apart (30 µs) replaces the payload's latency in the first half of each all-to-all
+    counted = Fabric(Link("node", 1.0, 10.0), Link("net", 0.5, 20.0, count_latency_us=30.0), gpus_per_node=2,
+                     nics_per_node=2, efficiency=1.0)
+    assert predict_step(COSTS, None, 4, counted, "int8", unique_keys=100).ms["exchange"] == pytest.approx(3 * 50.8e-3)
+
+
+def test_wait_for_the_slowest_worker_by_hand():
+    # one stretch of compute a step; worker 0 takes 1 or 3 ms, worker 1 always 2: the slower of the two takes
+    # max(1, 2) = 2 or max(3, 2) = 3, equally likely: 2.5 ms where the mean worker takes 2
+    assert slowest_worker_wait_ms([[[1.0], [3.0]], [[2.0], [2.0]]]) == pytest.approx(0.5)
+    # a second stretch where both always take 4 ms adds nothing; three workers of 1 or 3 ms: the max is 1 only
+    # when all three draw 1 (1/8), so E[max] = 1/8 + 3 * 7/8 = 2.75 against a mean of 2
+    assert slowest_worker_wait_ms([[[1.0, 4.0], [3.0, 4.0]], [[2.0, 4.0], [2.0, 4.0]]]) == pytest.approx(0.5)
+    assert slowest_worker_wait_ms([[[1.0], [3.0]]] * 3) == pytest.approx(0.75)
+    assert slowest_worker_wait_ms([[[5.0], [5.0]]] * 4) == 0.0  # no spread, no wait
 
 
 def test_one_gpu_has_no_exchange_and_pcie_carries_the_network_share():
@@ -85,6 +103,9 @@ def test_bytes_per_step_match_the_exchange_counters(monkeypatch):
     parts = scale_model.exchange_parts_ms(100, 4, 4, FABRIC, "int8")
     assert parts["counts"] == pytest.approx(3 * 20e-3) and parts["rows"] == pytest.approx(20.8e-3)
     assert sum(parts.values()) == pytest.approx(predict_step(COSTS, None, 4, FABRIC, "int8", unique_keys=100).ms["exchange"])
+    # the link fit recovers a latency and a bandwidth from points on their line (1 ms + bytes / 100 MB/s)
+    latency, bandwidth = scale_model.fit_link([(n, 1e-3 + n / 1e8) for n in (512, 65536, 2**20, 2**22)])
+    assert latency == pytest.approx(1e-3) and bandwidth == pytest.approx(1e8)
 
 
 def test_plan_prints_a_prediction_and_rejects_bad_input(tmp_path, capsys):
