@@ -171,14 +171,16 @@ class CountingCommunicator(Communicator):
     """Passes every collective to `inner`; counts the bytes each all-to-all sends to this worker and to the others,
     and times each collective by part (`seconds`): the count exchange of every all-to-all ("counts"), the payload of
     the keys, rows and gradients (named by their order in a step), the dense all-reduce ("all_reduce");
-    `spans` holds each all-to-all's (start, end) on the host clock.
+    `spans` holds each all-to-all's (start, end) on the host clock. `probe`, if given, is called at the start of
+    each all-to-all (inside its span).
 
     With `synchronize`, a barrier before each collective takes the wait for the slowest worker out of it (the
     model has that wait as a term of its own); its seconds are the part "barrier"."""
 
-    def __init__(self, inner: Communicator, synchronize: bool = False):
+    def __init__(self, inner: Communicator, synchronize: bool = False, probe=None):
         self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
         self.synchronize = synchronize
+        self.probe = probe
         self.to_self = self.to_peers = 0
         self.seconds: collections.Counter = collections.Counter()
         self.spans: list[tuple[float, float]] = []
@@ -218,6 +220,8 @@ class CountingCommunicator(Communicator):
         self.wait_for_all()
         counts_before = self.seconds["counts"]
         started = time.perf_counter()
+        if self.probe is not None:
+            self.probe()
         with self.timed(part):
             received = self.inner.all_to_all(send, send_counts)
         self.spans.append((started, time.perf_counter()))
@@ -319,19 +323,20 @@ def fit_link(points: list[tuple[float, float]]) -> tuple[float, float]:
     return max(float(fixed), 0.0), 1.0 / max(float(per_byte), 1e-12)
 
 
-def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: CountingCommunicator, step,
-                     comm: CountingCommunicator, sizes: list[int], turns: int) -> dict:
+def validation_round(alone: TrainWorker, alone_batches: list, step, comm: CountingCommunicator, sizes: list[int],
+                     turns: int) -> dict:
     """One round of `turns` turns, each taking every measurement once, so that all of them meet the same load (on
     a shared machine it moves within seconds; measured one after the other, a component and the steps saw
     different machines). A turn, on every rank:
 
-    - the one-worker trainer's step through `ShardedRows` over `alone_comm` (a world of one): the compute between
-      the step's all-to-alls, where a sharded step waits for the other workers (its `spans`);
+    - the one-worker trainer's step through `ShardedRows` over a world of one: the compute between the step's
+      all-to-alls, where a sharded step waits for the other workers; at each of those points, where a step
+      issues its all-to-alls, a probe: a barrier, then one gloo all-to-all of a size taken in turn from `sizes`
+      (the link as a step meets it: on a shared CPU a process wakes from a blocking receive later the longer it
+      computed before; calls back to back were 2-4x faster), the count exchange (a few bytes) timed apart from
+      the payload;
     - the components: that trainer's step without the store (`ServedRows`), the store's lookup + update, the
-      same through `ShardedRows` (its routing);
-    - one gloo all-to-all after that compute and a barrier, as a step issues it (a process that computed wakes
-      from a blocking receive later than one spinning in back-to-back calls), its size taken in turn from
-      `sizes`, the count exchange (a few bytes) timed apart from the payload;
+      same through its own `ShardedRows` over a world of one (the routing; no probes);
     - a real step with a barrier before each collective (the exchange by part, the wait taken out: "barrier"),
       then a real step as built.
 
@@ -341,9 +346,9 @@ def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: Counti
     keys = [torch.unique(feature_keys(batch.sparse)) for batch in alone_batches]
     grads = torch.randn(max(k.numel() for k in keys), dim) * 1e-3
     served = ServedRows(dim, torch.device("cpu"), grads.shape[0])
-    sharded = ShardedRows(alone.store, alone_comm, alone.config.embedding.num_buckets)
+    recording, turn = False, 0
     alone_step = cycle_steps(alone, alone_batches, "fp32")
-    link_sums = torch.zeros(len(sizes) + 1, dtype=torch.float64)  # the payload at each size, then the count exchange
+    link_sums = torch.zeros(2, len(sizes) + 1, dtype=torch.float64)  # seconds and calls per size, then the counts
     segments, samples, parts = [], collections.defaultdict(list), collections.Counter()
 
     def timed(fn) -> float:
@@ -351,6 +356,18 @@ def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: Counti
         fn()
         return 1e3 * (time.perf_counter() - started)
 
+    def probe() -> None:  # every size at every point of the step over the turns
+        size = (turn + alone_comm.calls) % len(sizes)
+        payload = torch.zeros(max(1, sizes[size] // 4 // world) * world)
+        dist.barrier()
+        comm.reset()
+        seconds = timed(lambda: comm.inner.all_to_all(payload, [payload.numel() // world] * world)) / 1e3
+        if recording:
+            link_sums[:, size] += torch.tensor([seconds - comm.seconds["counts"], 1.0], dtype=torch.float64)
+            link_sums[:, -1] += torch.tensor([comm.seconds["counts"], 1.0], dtype=torch.float64)
+
+    alone_comm = CountingCommunicator(LocalCommunicator(), probe=probe)
+    sharded = ShardedRows(alone.store, alone_comm, alone.config.embedding.num_buckets)
     for turn in range(turns + 1):
         recording = turn > 0
         k = keys[turn % len(keys)]
@@ -366,13 +383,7 @@ def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: Counti
         with row_backend(alone, served):
             dense_ms = timed(alone_step)
         store_ms = timed(lambda: alone.store.update(alone.store.lookup_for_update(k), grads[: k.numel()]))
-        sharded_ms = timed(lambda: sharded.update(sharded.lookup_for_update(k), grads[: k.numel()]))
-        size = turn % len(sizes)
-        payload = torch.zeros(max(1, sizes[size] // 4 // world) * world)
-        dist.barrier()
-        comm.reset()
-        link_ms = timed(lambda: comm.inner.all_to_all(payload, [payload.numel() // world] * world))
-        counts_ms = 1e3 * comm.seconds["counts"]
+        sharded_ms = timed(lambda: alone.rows.update(alone.rows.lookup_for_update(k), grads[: k.numel()]))
         comm.reset()
         comm.synchronize = True
         synchronized_ms = timed(step)
@@ -384,13 +395,11 @@ def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: Counti
             for name, ms in (("dense", dense_ms), ("store", store_ms), ("sharded", sharded_ms),
                              ("synchronized_step", synchronized_ms), ("step", as_built_ms)):
                 samples[name].append(ms)
-            link_sums[size] += (link_ms - counts_ms) / 1e3
-            link_sums[-1] += counts_ms / 1e3
             parts.update(turn_parts)
     comm.inner.all_reduce(link_sums)
-    calls = [world * sum(1 for turn in range(1, turns + 1) if turn % len(sizes) == size) for size in range(len(sizes))]
-    link_s = [float(total) / max(1, n) for total, n in zip(link_sums[:-1].tolist(), calls)]
-    points = [(max(1, n // 4 // world) * 4 * (world - 1), s) for n, s, c in zip(sizes, link_s, calls) if c]
+    seconds, counted = link_sums.tolist()
+    points = [(max(1, n // 4 // world) * 4 * (world - 1), total / count)
+              for n, total, count in zip(sizes, seconds, counted) if count]
     latency, bandwidth = fit_link(points)
     mean = {name: statistics.fmean(values) for name, values in samples.items()}
     unique = int(np.mean([k.numel() for k in keys]))
@@ -401,7 +410,7 @@ def validation_round(alone: TrainWorker, alone_batches: list, alone_comm: Counti
             "synchronized_step_ms": mean["synchronized_step"],
             "parts_ms": {part: 1e3 * seconds / turns for part, seconds in parts.items() if not part.endswith("bytes")},
             "bytes_sent": parts["bytes_sent"] / turns, "wire_bytes": parts["wire_bytes"] / turns,
-            "link": {"count_latency_s": float(link_sums[-1]) / (world * turns), "latency_s": latency,
+            "link": {"count_latency_s": seconds[-1] / counted[-1], "latency_s": latency,
                      "bytes_per_s": bandwidth, "points": points}}
 
 
@@ -430,8 +439,7 @@ def validate_rank(rank: int, world: int, port: int, data: str, settings: dict, o
     for _ in range(settings["rounds"]):
         dist.barrier()
         started, cpu_started, busy_started = time.perf_counter(), time.process_time(), cpu_busy_s()
-        measured = validation_round(alone, alone_batches, CountingCommunicator(LocalCommunicator()), step, comm,
-                                    settings["link_sizes"], settings["turns"])
+        measured = validation_round(alone, alone_batches, step, comm, settings["link_sizes"], settings["turns"])
         dist.barrier()
         rounds.append(measured | {"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu_started,
                                   "machine_busy_s": cpu_busy_s() - busy_started, "load_average": os.getloadavg()})
@@ -465,7 +473,12 @@ EXCHANGE_MEASURED = ("counts", *EXCHANGE_PARTS)
 
 def validation_row(world: int, run: int, index: int, cells: list[dict], unique: float, owned: float, dim: int,
                    cores: int, threads: int) -> dict:
-    """One round of one worker count: the model on that round's inputs against that round's steps."""
+    """One round of one worker count: the model on that round's inputs against that round's steps.
+
+    The wait for the slowest worker is charged only where every worker has a core of its own: where the workers
+    and the machine's other processes (measured over the round) ask for more cores than there are, a worker that
+    waits gives its core to the others, and the compute measured with all workers at once already ran at that
+    shared speed. Both predictions are kept."""
     mean = lambda values: float(np.mean(list(values)))  # noqa: E731 (over the workers)
     link = cells[0]["link"]  # the sweep averaged it over the workers
     gloo = Link("gloo over loopback, calls issued from compute", link["bytes_per_s"] / 1e9, link["latency_s"] * 1e6,
@@ -473,7 +486,14 @@ def validation_row(world: int, run: int, index: int, cells: list[dict], unique: 
     fabric = Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0)
     costs = mean_costs([c["costs"] for c in cells])
     wait = slowest_worker_wait_ms([c["segments_ms"] for c in cells])
-    predicted = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned, wait_ms=wait)
+    wall = mean(c["wall_s"] for c in cells)
+    ours, others = sum(c["cpu_s"] for c in cells) / wall, (cells[0]["machine_busy_s"] - sum(c["cpu_s"] for c in cells)) / wall
+    shared = world * threads + others > cores
+    dedicated = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned, wait_ms=wait)
+    predicted = dict(dedicated.ms, step_dedicated_cores=dedicated.ms["step"],
+                     step_shared_cores=dedicated.ms["step"] - dedicated.ms["wait"],
+                     compute=sum(dedicated.ms[k] for k in ("dense", "store", "pack", "codec")))
+    predicted["step"] = predicted["step_shared_cores" if shared else "step_dedicated_cores"]
     synchronized = [c["parts_ms"] for c in cells]
     measured = {
         "exchange": mean(sum(parts.get(p, 0.0) for p in EXCHANGE_MEASURED) for parts in synchronized),
@@ -481,27 +501,22 @@ def validation_row(world: int, run: int, index: int, cells: list[dict], unique: 
         "wait": mean(parts["barrier"] for parts in synchronized),
         "step": mean(c["step_ms"] for c in cells),
         "compute": mean(np.sum(c["segments_ms"], axis=1).mean() for c in cells)}
-    modelled = dict(predicted.ms, compute=sum(predicted.ms[k] for k in ("dense", "store", "pack", "codec")),
-                    step_without_wait=predicted.ms["step"] - wait)
-    wall = mean(c["wall_s"] for c in cells)
     return {"workers": world, "run": run, "round": index, "cores": cores, "threads_per_worker": threads,
-            "oversubscribed": world * threads > cores, "unique_keys": unique, "owned_keys": owned,
+            "cores_shared": shared, "unique_keys": unique, "owned_keys": owned,
             "bytes_sent_measured": mean(c["bytes_sent"] for c in cells),
             "bytes_sent_model": bytes_sent_per_step(unique, dim, "fp32"),
             "wire_bytes_measured": mean(c["wire_bytes"] for c in cells),
             "link": {"count_latency_us": gloo.counts_us, "latency_us": gloo.latency_us, "gbs": gloo.gbs,
                      "points": link["points"]},
-            "costs": asdict(costs), "wait_ms": wait,
-            "measured_ms": measured, "predicted_ms": modelled,
+            "costs": asdict(costs), "wait_ms": wait, "measured_ms": measured, "predicted_ms": predicted,
             "parts_ms": {"measured": {p: mean(parts.get(p, 0.0) for parts in synchronized) for p in EXCHANGE_MEASURED},
                          "predicted": exchange_parts_ms(unique, dim, world, fabric)},
-            "errors": {what: modelled[what] / measured[what] - 1 for what in ("exchange", "all_reduce", "compute", "step")}
-            | {"step_without_wait": modelled["step_without_wait"] / measured["step"] - 1},
+            "errors": {what: predicted[what] / measured[what] - 1 for what in ("exchange", "all_reduce", "wait", "compute", "step")}
+            | {f"step_{cores}_cores": predicted[f"step_{cores}_cores"] / measured["step"] - 1 for cores in ("shared", "dedicated")},
             "step_ms_each": [c["step_ms_each"] for c in cells],
             "synchronized_step_ms": mean(c["synchronized_step_ms"] for c in cells),
-            "machine": {"load_average": cells[0]["load_average"], "wall_s": wall,
-                        "our_cores": sum(c["cpu_s"] for c in cells) / wall,
-                        "others_cores": (cells[0]["machine_busy_s"] - sum(c["cpu_s"] for c in cells)) / wall}}
+            "machine": {"load_average": cells[0]["load_average"], "wall_s": wall, "our_cores": ours,
+                        "others_cores": others}}
 
 
 def validate_cpu(args) -> None:
@@ -520,8 +535,8 @@ def validate_cpu(args) -> None:
             unique, owned = (float(np.mean([r[k] for r in ranks])) for k in ("unique_keys", "owned_keys"))
             for index, cells in enumerate(zip(*(r["rounds"] for r in ranks))):
                 rows.append(validation_row(world, run, index, list(cells), unique, owned, shape["dim"], cores, threads))
-                print(json.dumps({k: rows[-1][k] for k in ("workers", "run", "round", "measured_ms", "predicted_ms",
-                                                           "errors", "link", "machine")}), flush=True)
+                print(json.dumps({k: rows[-1][k] for k in ("workers", "run", "round", "cores_shared", "measured_ms",
+                                                           "predicted_ms", "errors", "link", "machine")}), flush=True)
     record("scale_model-validate-cpu", {"rows": rows},
            dict(shape=shape, batches=args.batches, turns=args.turns, rounds=args.rounds, runs=args.runs,
                 link_sizes=args.link_sizes, cardinality_scale=args.cardinality_scale))
@@ -669,12 +684,14 @@ def cpu_validation_lines(rows: list[dict]) -> list[str]:
         return []
     median = lambda values: float(np.median(list(values)))  # noqa: E731
     span = lambda values: f"{min(values):.1f} to {max(values):.1f}"  # noqa: E731
-    titles = {"exchange": "exchange (barriers before each call: no wait)", "all_reduce": "dense all-reduce (no wait)",
-              "wait": "wait for the slowest worker (barriers / model)", "compute": "compute (no collective)",
-              "step": "step as built", "step_without_wait": "step as built, model without its wait term"}
-    lines = ["", "CPU, gloo workers on 2 cores: predicted / measured - 1 per round (median, and the range over rounds "
-             "and runs); ms are medians over rounds; load: the 1-minute load average and the cores other processes "
-             "used during the round:", "",
+    titles = {"exchange": "exchange (a barrier before each call: no wait)", "all_reduce": "dense all-reduce (no wait)",
+              "compute": "compute between the collectives", "wait": "wait for the slowest worker (barriers / model)",
+              "step": "**step as built** (model: wait charged if cores are not shared)",
+              "step_dedicated_cores": "step, model with the wait charged",
+              "step_shared_cores": "step, model without the wait"}
+    lines = ["", "CPU, gloo workers on 2 cores: error = predicted / measured - 1 per round (median, and the range over "
+             "rounds and runs); ms are medians over rounds; load: the 1-minute load average, and the cores the "
+             "machine's other processes used during the round:", "",
              "| workers | rounds | load (others' cores) | what | measured ms | predicted ms | error | error range |",
              "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     worlds = sorted({r["workers"] for r in rows})
@@ -683,11 +700,9 @@ def cpu_validation_lines(rows: list[dict]) -> list[str]:
         load = (span([r["machine"]["load_average"][0] for r in rounds])
                 + f" ({span([r['machine']['others_cores'] for r in rounds])})")
         for what, title in titles.items():
-            measured_key = "step" if what == "step_without_wait" else what
-            errors = [r["errors"][what] if what != "wait" else r["predicted_ms"]["wait"] / r["measured_ms"]["wait"] - 1
-                      for r in rounds]
-            lines.append(f"| {world} | {len(rounds)} | {load} | {title} | "
-                         f"{median(r['measured_ms'][measured_key] for r in rounds):.1f} | "
+            errors = [r["errors"][what] for r in rounds]
+            measured = median(r["measured_ms"]["step" if what.startswith("step") else what] for r in rounds)
+            lines.append(f"| {world} | {len(rounds)} | {load} | {title} | {measured:.1f} | "
                          f"{median(r['predicted_ms'][what] for r in rounds):.1f} | {median(errors):+.0%} | "
                          f"{min(errors):+.0%} to {max(errors):+.0%} |")
     lines += ["", "The model's inputs (medians over rounds) and the exchange by part, ms per step (measured: "
@@ -748,7 +763,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="--validate-cpu: rounds a run (one prediction each)")
     parser.add_argument("--turns", type=int, default=15, help="--validate-cpu: turns a round, each of every measurement")
     parser.add_argument("--cpu-batch", type=int, default=CPU_SHAPE["batch"], help="--validate-cpu: global batch")
-    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**10, 2**14, 2**17, 2**20, 2**22],
+    parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**10, 2**18, 2**21],
                         help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit, from a few "
                              "messages' worth to above the step's")
     parser.add_argument("--wire-workers", type=int, nargs="+", default=[2, 4])
