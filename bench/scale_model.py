@@ -406,7 +406,8 @@ def validation_round(alone: TrainWorker, alone_batches: list, step, comm: Counti
     costs = DeviceCosts(device_name(), alone_batches[0].dense.shape[0], dim, unique,
                         sum(p.numel() for p in alone.dense_params), {"fp32": mean["dense"]}, mean["store"],
                         max(0.0, mean["sharded"] - mean["store"]), {"fp32": 0.0})
-    return {"costs": asdict(costs), "segments_ms": segments, "step_ms": mean["step"], "step_ms_each": samples["step"],
+    return {"costs": asdict(costs), "segments_ms": segments, "step_ms": mean["step"],
+            "step_ms_each": samples["step"],
             "synchronized_step_ms": mean["synchronized_step"],
             "parts_ms": {part: 1e3 * seconds / turns for part, seconds in parts.items() if not part.endswith("bytes")},
             "bytes_sent": parts["bytes_sent"] / turns, "wire_bytes": parts["wire_bytes"] / turns,
@@ -480,14 +481,15 @@ def validation_row(world: int, run: int, index: int, cells: list[dict], unique: 
     waits gives its core to the others, and the compute measured with all workers at once already ran at that
     shared speed. Both predictions are kept."""
     mean = lambda values: float(np.mean(list(values)))  # noqa: E731 (over the workers)
-    link = cells[0]["link"]  # the sweep averaged it over the workers
-    gloo = Link("gloo over loopback, calls issued from compute", link["bytes_per_s"] / 1e9, link["latency_s"] * 1e6,
+    link = cells[0]["link"]  # the probes' sums were all-reduced: every worker holds the mean
+    gloo = Link("gloo over loopback, probed where a step calls", link["bytes_per_s"] / 1e9, link["latency_s"] * 1e6,
                 count_latency_us=link["count_latency_s"] * 1e6)
     fabric = Fabric(gloo, gloo, gpus_per_node=world, efficiency=1.0)
     costs = mean_costs([c["costs"] for c in cells])
     wait = slowest_worker_wait_ms([c["segments_ms"] for c in cells])
     wall = mean(c["wall_s"] for c in cells)
-    ours, others = sum(c["cpu_s"] for c in cells) / wall, (cells[0]["machine_busy_s"] - sum(c["cpu_s"] for c in cells)) / wall
+    ours = sum(c["cpu_s"] for c in cells) / wall
+    others = cells[0]["machine_busy_s"] / wall - ours
     shared = world * threads + others > cores
     dedicated = predict_step(costs, None, world, fabric, unique_keys=unique, owned_keys=owned, wait_ms=wait)
     predicted = dict(dedicated.ms, step_dedicated_cores=dedicated.ms["step"],
@@ -511,8 +513,10 @@ def validation_row(world: int, run: int, index: int, cells: list[dict], unique: 
             "costs": asdict(costs), "wait_ms": wait, "measured_ms": measured, "predicted_ms": predicted,
             "parts_ms": {"measured": {p: mean(parts.get(p, 0.0) for parts in synchronized) for p in EXCHANGE_MEASURED},
                          "predicted": exchange_parts_ms(unique, dim, world, fabric)},
-            "errors": {what: predicted[what] / measured[what] - 1 for what in ("exchange", "all_reduce", "wait", "compute", "step")}
-            | {f"step_{cores}_cores": predicted[f"step_{cores}_cores"] / measured["step"] - 1 for cores in ("shared", "dedicated")},
+            "errors": {what: predicted[what] / measured[what] - 1
+                       for what in ("exchange", "all_reduce", "wait", "compute", "step")}
+            | {f"step_{kind}_cores": predicted[f"step_{kind}_cores"] / measured["step"] - 1
+               for kind in ("shared", "dedicated")},
             "step_ms_each": [c["step_ms_each"] for c in cells],
             "synchronized_step_ms": mean(c["synchronized_step_ms"] for c in cells),
             "machine": {"load_average": cells[0]["load_average"], "wall_s": wall, "our_cores": ours,

@@ -8,7 +8,8 @@ from public specs. One step of `TrainWorker.train_step` on each of N workers, pe
     wait     = the wait for the slowest worker at the step's collectives (a measured input; 0 where not measured)
     exchange = all-to-all(8 u) + all-to-all(r u) + all-to-all(r u)       keys, rows, gradients
     reduce   = all-reduce(4 P)                                           dense gradients, fp32
-    step     = compute + wait + exchange + reduce   (as built)   or   max(compute, exchange + reduce) + wait   (overlapped)
+    step     = compute + wait + exchange + reduce                  (as built)
+             max(compute, exchange + reduce) + wait                (overlapped)
 
 u is the unique keys of one worker's batch, u_owned = unique(N b) / N the keys an owner serves after the
 rows of all workers are merged, r the bytes of one row on the wire (4D fp32, 2D bf16/fp16, D + 4 int8).
