@@ -764,8 +764,8 @@ def main() -> None:
     parser.add_argument("--cardinality-scale", type=float, default=0.1, help="of the synthetic data (Kaggle x this)")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 3, 4], help="--validate-cpu: worker counts")
     parser.add_argument("--runs", type=int, default=3, help="--validate-cpu: runs of every worker count, in turn")
-    parser.add_argument("--rounds", type=int, default=2, help="--validate-cpu: rounds a run (one prediction each)")
-    parser.add_argument("--turns", type=int, default=15, help="--validate-cpu: turns a round, each of every measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="--validate-cpu: rounds a run (one prediction each)")
+    parser.add_argument("--turns", type=int, default=30, help="--validate-cpu: turns a round, each of every measurement")
     parser.add_argument("--cpu-batch", type=int, default=CPU_SHAPE["batch"], help="--validate-cpu: global batch")
     parser.add_argument("--link-sizes", type=int, nargs="+", default=[2**10, 2**18, 2**21],
                         help="--validate-cpu: all-to-all payloads (bytes per worker) for the link fit, from a few "
