@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from terarec.core.cost_model import (DeviceCosts, Fabric, KeyDistribution, Link, bytes_sent_per_step, memory_per_gpu,
                                      pick_wire, predict_step, slowest_worker_wait_ms, wire_row_bytes)
+from terarec.kernels.comm import LocalCommunicator
+from terarec.store import DeviceStore, SparseSGD
+from terarec.store.sharded import ShardedRows
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -125,3 +129,19 @@ def test_plan_prints_a_prediction_and_rejects_bad_input(tmp_path, capsys):
             main(["plan", "--config", str(config), *bad])
         err = capsys.readouterr().err
         assert done.value.code == 2 and err.count("\n") == 1 and err.startswith("terarec plan: error:"), err
+
+
+def test_counting_communicator_probes_and_spans_each_all_to_all(monkeypatch):
+    """The validation's one-worker step: a probe at each point where a sharded step calls an all-to-all, inside
+    that call's span (so that the compute between spans leaves the probes out)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scale_model
+
+    probed = []
+    comm = scale_model.CountingCommunicator(LocalCommunicator(), probe=lambda: probed.append(comm.calls))
+    rows = ShardedRows(DeviceStore(4, SparseSGD()), comm, 16)
+    rows.update(rows.lookup_for_update(torch.arange(10)), torch.ones(10, 4))
+    assert probed == [1, 2, 3]  # keys, rows, gradients: one probe each
+    assert len(comm.spans) == 3 and all(start <= end for start, end in comm.spans)
+    assert comm.spans[0][1] <= comm.spans[1][0] and comm.spans[1][1] <= comm.spans[2][0]
+    assert comm.to_self == bytes_sent_per_step(10, 4, "fp32") and comm.to_peers == 0  # a world of one
