@@ -207,7 +207,10 @@ class TrainWorker:
                     self.first_step_at = time.time()
                 window_steps += 1
                 last = self.step == self.total_steps
-                if config.eval_every and (self.step % config.eval_every == 0 or last):
+                # Every epoch's end too: CTR models peak there and overfit as the next epoch begins (the
+                # "one-epoch phenomenon"), so a cadence that steps over the boundary misses the best model.
+                epoch_end = self.step % reader.steps_per_epoch == 0
+                if config.eval_every and (self.step % config.eval_every == 0 or epoch_end or last):
                     eval_started = time.perf_counter()
                     self._evaluate_and_steer(on_eval)
                     window_start += time.perf_counter() - eval_started  # samples/s counts training time only

@@ -2,10 +2,11 @@
 regression's and against DeepCTR-Torch's best epoch; and the default batch size against batch sizes chosen by hand.
 
 Part `zoo`: synthetic data (`terarec data synth --rows 200000 --seed 7`), batch 1024, 300 steps (about 1.7
-epochs), an evaluation every 50 steps, on one training worker (the code `terarec train` runs on each Ray worker,
-without Ray). DeepCTR-Torch 0.3.0's models (`--peers`: DeepFM, DCN, DCN-V2, PNN, xDeepFM) train on the same
-batches (same sizes and optimizers as bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each
-epoch's end.
+epochs), an evaluation every 50 steps and at the epoch's end, on one training worker (the code `terarec train` runs
+on each Ray worker, without Ray). Multi-task models (MMoE) and a logistic regression to compare them with train on
+the same rows with two label columns (click, conversion; the figures are the click task's). DeepCTR-Torch 0.3.0's
+models (`--peers`: DeepFM, DCN, DCN-V2, PNN, xDeepFM, MMoE) train on the same batches (same sizes and optimizers
+as bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each epoch's end.
 Part `batch`: one epoch of DeepFM at the default batch size (core/steering.py's rule) and at hand-picked ones,
 on 100k and 200k rows.
 Part `sparse_lr`: the zoo part's run of LR, DLRM and DeepFM at several sparse lrs, on the zoo's data (rare IDs),
@@ -18,6 +19,7 @@ Writes bench/results/steer_quality.json.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import tempfile
@@ -34,18 +36,22 @@ from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
 from terarec.core.steering import choose_sparse_lr, key_recurrence
 from terarec.kernels.comm import LocalCommunicator
+from terarec.models import DCNConfig, DeepFMConfig, XDeepFMConfig
 from terarec.models.registry import MODELS
 
 from results import RESULTS, record  # bench/results.py
 from zoo_cpu import DeepCTR, configs, load  # bench/zoo_cpu.py: the peer harness
 
-PEER_MODELS = ("deepfm", "dcn", "dcnv2", "pnn", "xdeepfm")
+PEER_MODELS = ("deepfm", "dcn", "dcnv2", "pnn", "xdeepfm", "mmoe")
+MULTI_TASK = ("click", "conversion")  # the label columns of the multi-task models' data
+PEER_SIZES = {"deep_mlp": DeepFMConfig().deep_mlp, "cin_layers": XDeepFMConfig().cin_layers,
+              "cross_layers": DCNConfig().cross_layers}
 
 
 def train_terarec(data: str, run_dir: str, model: str, steps: int | None, batch_size: int | None,
-                  eval_every: int, sparse_lr: float | None = None) -> dict:
+                  eval_every: int, sparse_lr: float | None = None, seed: int = 0) -> dict:
     """One run with periodic evaluation and keep_best; returns its eval curve and final figures."""
-    config = load_config(flags={"data": data, "run_dir": run_dir, "model": model, "steps": steps, "seed": 0,
+    config = load_config(flags={"data": data, "run_dir": run_dir, "model": model, "steps": steps, "seed": seed,
                                 "batch_size": batch_size, "eval_every": eval_every, "keep_best": eval_every > 0,
                                 "log_every": 10_000, "embedding.lr": sparse_lr})
     worker = TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
@@ -59,14 +65,19 @@ def train_terarec(data: str, run_dir: str, model: str, steps: int | None, batch_
             "mean_label": round(final["mean_label"], 4), "curve": curve, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: int) -> dict:
-    """DeepCTR-Torch on the same rows in the same order: eval AUC every `eval_every` steps and at each epoch's end."""
-    train, evaluation = load(data, "train"), load(data, "eval")
+def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: int, seed: int = 0) -> dict:
+    """DeepCTR-Torch on the same rows in the same order: eval AUC every `eval_every` steps and at each epoch's end
+    (the click task's for a multi-task model, which learns every label column as terarec's does). Seed 0 draws
+    the initial weights from DeepCTR-Torch's default seed (1024), another seed from that seed."""
+    tasks = len(MULTI_TASK) if MODELS[model].multi_task else 1
+    train, evaluation = load(data, "train", tasks), load(data, "eval", tasks)
     batches = [train.slice(i, i + batch_size) for i in range(0, len(train) - batch_size + 1, batch_size)]
     vocabularies = [np.unique(train.sparse[:, f].numpy()) for f in range(len(SPARSE_COLUMNS))]
-    section = load_config(flags={"data": data, "model": model}).model_section()
-    _, make = configs(section.deep_mlp, [32, 32], getattr(section, "cross_layers", 3), 0.05 / 3**0.5)[model]
-    torch.manual_seed(0)
+    # the sizes of terarec's model (its config section), the other models' defaults for the sizes it has not
+    sizes = PEER_SIZES | load_config(flags={"data": data, "model": model}).model_section().model_dump(include=set(PEER_SIZES))
+    _, make = configs(sizes["deep_mlp"], sizes["cin_layers"], sizes["cross_layers"], 0.05 / 3**0.5, tasks,
+                      seed or 1024)[model]
+    torch.manual_seed(seed)
     peer = DeepCTR(make, vocabularies, 16, MODELS[model].sparse_lr, 3e-3)
     encoded_eval = peer.encode(evaluation)
     labels = evaluation.labels[:, 0]
@@ -84,17 +95,35 @@ def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: 
 
 
 def zoo_part(workdir: str, args, save) -> None:
-    """Each run is saved as it ends (a long xDeepFM run on a busy CPU loses nothing before it)."""
-    data = os.path.join(workdir, "zoo-data")
-    write_synthetic(data, rows=args.rows, seed=7)
-    for model in args.models:
-        run = train_terarec(data, os.path.join(workdir, model), model, args.steps, args.batch_size, args.eval_every)
-        print({key: value for key, value in run.items() if key != "curve"}, flush=True)
-        save({"zoo": {"terarec": {model: run}}})
-    for model in args.peers:
-        peer = train_peer(data, model, args.batch_size, args.peer_epochs, args.eval_every)
-        print({key: value for key, value in peer.items() if key != "curve"}, flush=True)
-        save({"zoo": {"deepctr_torch": {model: peer}}})
+    """Single-task models under "zoo"; multi-task ones under "zoo_multi_task", on the same rows with two label
+    columns, beside a logistic regression on those; with another training seed than 0 under "zoo seed N" and
+    "zoo_multi_task seed N". Each run is saved as it ends (a long xDeepFM run on a busy CPU loses nothing before it)."""
+    for seed in args.seeds:
+        zoo_runs(workdir, args, save, seed)
+
+
+def zoo_runs(workdir: str, args, save, seed: int) -> None:
+    multi = [model for model in args.models if MODELS[model].multi_task]
+    for key, tasks, models, peers in (
+            ("zoo", ("click",), [model for model in args.models if model not in multi],
+             [model for model in args.peers if not MODELS[model].multi_task]),
+            ("zoo_multi_task", MULTI_TASK, ["lr", *multi] if multi else [],
+             [model for model in args.peers if MODELS[model].multi_task])):
+        if not models and not peers:
+            continue
+        data = os.path.join(workdir, f"{key}-data")
+        if not os.path.isdir(data):
+            write_synthetic(data, rows=args.rows, seed=7, tasks=tasks)
+        key = key if seed == 0 else f"{key} seed {seed}"
+        for model in models:
+            run = train_terarec(data, os.path.join(workdir, key, model), model, args.steps, args.batch_size,
+                                args.eval_every, seed=seed)
+            print(key, {name: value for name, value in run.items() if name != "curve"}, flush=True)
+            save({key: {"terarec": {model: run}}})
+        for model in peers:
+            peer = train_peer(data, model, args.batch_size, args.peer_epochs, args.eval_every, seed)
+            print(key, {name: value for name, value in peer.items() if name != "curve"}, flush=True)
+            save({key: {"deepctr_torch": {model: peer}}})
 
 
 def compare(zoo: dict) -> dict:
@@ -172,10 +201,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the zoo part")
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
-    parser.add_argument("--models", nargs="*", default=[name for name in MODELS if not MODELS[name].multi_task])
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--peers", nargs="*", default=["deepfm", "dcn"], choices=PEER_MODELS)
     parser.add_argument("--lr-datasets", nargs="+", default=["1e-3", "1e-4", "1e-4:1:400000"],
                         help="SCALE[:SEED[:ROWS]] synth data of the sparse_lr part (seed 7, --rows by default)")
@@ -183,18 +213,23 @@ def main() -> None:
     parser.add_argument("--sparse-lrs", type=float, nargs="*", default=[0.2, 0.1, 0.05, 0.03],
                         help="none: only record how often keys recur and the lr each model's default takes")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--note", default="", help="recorded with the settings: which invocations made the figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = os.path.join(RESULTS, "steer_quality.json")
 
     def save(figures: dict) -> None:
-        """Merge into the recorded figures (a run of some parts or models keeps the others') and rewrite."""
-        if os.path.isfile(path):
-            with open(path) as stream:
-                figures = merge(json.load(stream)["figures"], figures)
-        figures["zoo_comparison"] = compare(figures.get("zoo", {}))
-        figures["batch_summary"] = batch_summary(figures.get("batch", {}))
-        record("steer_quality", figures, dict(vars(args)))
+        """Merge into the recorded figures (a run of some parts or models keeps the others') and rewrite, under a
+        lock: invocations running side by side (one per core) keep each other's figures."""
+        with open(os.path.join(tempfile.gettempdir(), "terarec-steer_quality.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.isfile(path):
+                with open(path) as stream:
+                    figures = merge(json.load(stream)["figures"], figures)
+            for key in [key for key in figures if key.startswith("zoo") and not key.endswith("comparison")]:
+                figures[f"{key} comparison" if " seed " in key else f"{key}_comparison"] = compare(figures[key])
+            figures["batch_summary"] = batch_summary(figures.get("batch", {}))
+            record("steer_quality", figures, dict(vars(args)))
 
     with tempfile.TemporaryDirectory() as workdir:
         if "zoo" in args.parts:

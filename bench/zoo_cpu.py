@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from terarec.models import (Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, PNNConfig,
+from terarec.models import (Batch, DCNConfig, DCNv2Config, DeepFMConfig, Embedding, MMoEConfig, PNNConfig,
                             SparseDenseOptimizer, XDeepFMConfig, build_model, model_spec)
 from terarec.core.data.reader import BatchReader, list_split_files
 from terarec.core.data.schema import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
@@ -36,6 +36,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # deepctr_torch prints a versio
     import deepctr_torch
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import DCN as PeerDCN
+    from deepctr_torch.models import MMOE as PeerMMoE
     from deepctr_torch.models import PNN as PeerPNN
     from deepctr_torch.models import DeepFM as PeerDeepFM
     from deepctr_torch.models import xDeepFM as PeerXDeepFM
@@ -43,9 +44,13 @@ with contextlib.redirect_stdout(io.StringIO()):  # deepctr_torch prints a versio
 CHUNK = 25  # batches per lockstep turn
 
 
-def configs(deep: list[int], cin: list[int], cross_layers: int, init_std: float) -> dict:
-    """terarec config and DeepCTR-Torch constructor of each model, at the same sizes."""
-    no_l2 = dict(l2_reg_embedding=0.0, l2_reg_dnn=0.0, init_std=init_std)
+def configs(deep: list[int], cin: list[int], cross_layers: int, init_std: float, tasks: int = 2,
+            seed: int = 1024) -> dict:
+    """terarec config and DeepCTR-Torch constructor of each model, at the same sizes (MMoE: terarec's default
+    sizes, a linear gate as terarec's, `tasks` label columns: DeepCTR's MMOE needs at least two). `seed`: DeepCTR's
+    initial weights (its default, 1024)."""
+    no_l2 = dict(l2_reg_embedding=0.0, l2_reg_dnn=0.0, init_std=init_std, seed=seed)
+    mmoe = MMoEConfig()
     return {
         "deepfm": (DeepFMConfig(deep_mlp=deep),
                    lambda lin, dnn: PeerDeepFM(lin, dnn, dnn_hidden_units=deep, l2_reg_linear=0.0, **no_l2)),
@@ -61,13 +66,19 @@ def configs(deep: list[int], cin: list[int], cross_layers: int, init_std: float)
                                            dnn_hidden_units=deep, l2_reg_linear=0.0, l2_reg_cross=0.0, **no_l2)),
         "pnn": (PNNConfig(product="inner", deep_mlp=deep),
                 lambda lin, dnn: PeerPNN(dnn, dnn_hidden_units=deep, use_inner=True, use_outter=False, **no_l2)),
+        "mmoe": (mmoe,
+                 lambda lin, dnn: PeerMMoE(dnn, num_experts=mmoe.num_experts, expert_dnn_hidden_units=mmoe.expert_mlp,
+                                           gate_dnn_hidden_units=(), tower_dnn_hidden_units=mmoe.tower_mlp,
+                                           task_types=("binary",) * tasks, task_names=[f"task{t}" for t in range(tasks)],
+                                           l2_reg_linear=0.0, **no_l2)),
     }
 
 
-def load(data_dir: str, split: str) -> Batch:
+def load(data_dir: str, split: str, tasks: int = 1) -> Batch:
+    """The whole split as one batch, with its first `tasks` label columns."""
     with BatchReader(list_split_files(data_dir, split), 1 << 30, epochs=1, shuffle=False, drop_last=False) as reader:
         (batch,) = list(reader)
-    return Batch(batch.dense, batch.sparse, batch.labels[:, :1])
+    return Batch(batch.dense, batch.sparse, batch.labels[:, :tasks])
 
 
 class Terarec:
@@ -129,6 +140,7 @@ class DeepCTR:
             optimizer.step()
 
     def scores(self, encoded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The first task's (click) predictions."""
         self.model.eval()
         with torch.no_grad():
             return self.model(encoded[0])[:, 0]

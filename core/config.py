@@ -129,8 +129,8 @@ class TrainConfig(Strict):
                                    "default: at least 1000 steps per epoch, a power of two in [32, 4096]")
     eval_batch_size: int = Field(default=16384, gt=0)
     eval_rows: int | None = Field(default=None, gt=0, description="evaluate on at most this many eval rows")
-    eval_every: int | None = Field(default=None, ge=0, description="steps between evaluations (0: only at the "
-                                   "end); default: 10 evaluations per run")
+    eval_every: int | None = Field(default=None, ge=0, description="steps between evaluations, and one at "
+                                   "each epoch's end (0: only at the end); default: 10 evaluations per run")
     keep_best: bool = Field(default=False, description="keep the checkpoint of the best eval AUC in RUN_DIR/best")
     early_stopping: EarlyStoppingConfig | None = Field(default=None, description="stop when eval AUC stops improving")
     seed: int = 0

@@ -71,6 +71,18 @@ def test_worker_sets_the_scheduled_learning_rates(synth_data, tmp_path):
     assert len(seen) == 12
 
 
+def test_evaluations_come_every_eval_every_steps_and_at_each_epochs_end(synth_data, tmp_path):
+    steps_per_epoch = count_rows(list_split_files(synth_data, "train")) // 4096  # drop_last: whole batches
+    assert steps_per_epoch % 3 != 0  # the epoch ends between two eval_every evaluations
+    worker = worker_for(synth_data, tmp_path, steps=2 * steps_per_epoch + 1, batch_size=4096, eval_every=3,
+                        eval_rows=1000, model="lr")  # the cadence does not depend on the model: the fastest
+    evaluated = []
+    worker.train(on_eval=lambda step, metrics, is_best: evaluated.append(step))
+    expected = [step for step in range(1, 2 * steps_per_epoch + 2)
+                if step % 3 == 0 or step % steps_per_epoch == 0 or step == 2 * steps_per_epoch + 1]
+    assert steps_per_epoch in evaluated and evaluated == expected
+
+
 def test_early_stopping_stops_where_the_rule_says(synth_data, tmp_path):
     patience, min_delta = 2, 0.003
     worker = worker_for(synth_data, tmp_path, steps=400, batch_size=128, eval_every=5, eval_rows=1000,
