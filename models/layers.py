@@ -65,14 +65,21 @@ class DotInteraction(nn.Module):
 
 
 class CrossNet(nn.Module):
-    """DCN cross network: `num_layers` cross layers over x0 [B, D] (v1 vector or v2 matrix form)."""
+    """DCN cross network: `num_layers` cross layers over x0 [B, D] (v1 vector or v2 matrix form).
+
+    Kernels start Glorot-normal as in DeepCTR-Torch's and torchrec's cross networks: std sqrt(2 / (fan_in +
+    fan_out)), 1/sqrt(D) for the D x D matrix and sqrt(2 / (D + 1)) for the vector (a D x 1 kernel); biases zero.
+    """
 
     def __init__(self, dim: int, num_layers: int, matrix: bool = False):
         super().__init__()
         self.matrix = matrix
-        shape = (dim, dim) if matrix else (dim,)
-        bound = 1.0 / math.sqrt(dim)
-        self.weights = nn.ParameterList(nn.Parameter(torch.empty(shape).uniform_(-bound, bound)) for _ in range(num_layers))
+
+        def glorot_kernel() -> torch.Tensor:
+            kernel = nn.init.xavier_normal_(torch.empty(dim, dim if matrix else 1))
+            return kernel if matrix else kernel.squeeze(1)
+
+        self.weights = nn.ParameterList(nn.Parameter(glorot_kernel()) for _ in range(num_layers))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in range(num_layers))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
