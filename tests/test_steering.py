@@ -24,9 +24,9 @@ from terarec.kernels.comm import LocalCommunicator
 CLI = [sys.executable, "-m", "terarec.platform.cli"]
 
 
-def worker_for(data: str, run_dir, **settings) -> TrainWorker:
+def worker_for(data: str, run_dir, model: str = "deepfm", **settings) -> TrainWorker:
     overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
-    config = load_config(flags={"data": data, "run_dir": str(run_dir), "model": "deepfm"}, overrides=overrides)
+    config = load_config(flags={"data": data, "run_dir": str(run_dir), "model": model}, overrides=overrides)
     return TrainWorker(config, LocalCommunicator(), torch.device("cpu"))
 
 
@@ -75,7 +75,7 @@ def test_evaluations_come_every_eval_every_steps_and_at_each_epochs_end(synth_da
     steps_per_epoch = count_rows(list_split_files(synth_data, "train")) // 4096  # drop_last: whole batches
     assert steps_per_epoch % 3 != 0  # the epoch ends between two eval_every evaluations
     worker = worker_for(synth_data, tmp_path, steps=2 * steps_per_epoch + 1, batch_size=4096, eval_every=3,
-                        eval_rows=1000, model="lr")  # the cadence does not depend on the model: the fastest
+                        eval_rows=1000, model="lr")  # the cadence does not depend on the model: the fastest one
     evaluated = []
     worker.train(on_eval=lambda step, metrics, is_best: evaluated.append(step))
     expected = [step for step in range(1, 2 * steps_per_epoch + 2)
