@@ -30,7 +30,7 @@ from terarec.core.errors import CheckpointError
 from terarec.core.data.reader import BatchReader, count_rows, list_split_files
 from terarec.core.data.schema import label_columns_of, read_data_meta
 from terarec.core.metrics import calibration, log_loss, roc_auc
-from terarec.core.steering import BestTracker, fit_to_data, lr_factor
+from terarec.core.steering import BestTracker, fit_to_data, key_recurrence, lr_factor
 from terarec.store import feature_keys
 from terarec.store.sharded import BucketMap, ShardedRows
 
@@ -54,17 +54,13 @@ def with_next(batches: Iterable[Batch]) -> Iterator[tuple[Batch, Batch | None]]:
         current = following
 
 
-def expected_shard_rows(meta: dict, world_size: int) -> int | None:
-    """A shard's share of the IDs the data can hold (the sum of meta.json's per-feature cardinalities, which
-    `terarec data synth` writes), or None: the device store starts that large instead of doubling through the
-    first steps (each doubling copies the rows and rehashes the index while the GPU waits)."""
-    cardinalities = meta.get("cardinalities")
-    if not isinstance(cardinalities, dict) or not cardinalities:
-        return None
-    try:
-        return -(-sum(int(c) for c in cardinalities.values()) // world_size)
-    except (TypeError, ValueError):
-        return None
+def expected_shard_rows(meta: dict, train_rows: int, world_size: int) -> int | None:
+    """A shard's share of the distinct keys the training data holds, as meta.json tells it (convert's vocabulary
+    sizes, or the distinct keys expected from synth's cardinalities and Zipf exponent among train_rows draws:
+    `core.steering.key_recurrence`), or None: the device store starts that large instead of doubling through
+    the first steps (each doubling copies the rows and rehashes the index while the GPU waits)."""
+    recurrence = key_recurrence(meta, train_rows)
+    return None if recurrence is None else max(1, math.ceil(recurrence.distinct_keys / world_size))
 
 
 class TrainWorker:
@@ -81,12 +77,14 @@ class TrainWorker:
         self.train_files = list_split_files(config.data, "train")
         self.eval_files = list_split_files(config.data, "eval")
         meta = read_data_meta(config.data)
-        self.config = config = fit_to_data(config, count_rows(self.train_files), meta)
+        train_rows = count_rows(self.train_files)
+        self.config = config = fit_to_data(config, train_rows, meta)
         self.label_columns = label_columns_for(config, label_columns_of(open_parquet(self.train_files[0]).schema_arrow))
-        self.total_steps = config.steps or max(1, count_rows(self.train_files) // config.batch_size)
+        self.total_steps = config.steps or max(1, train_rows // config.batch_size)
 
         torch.manual_seed(config.seed)  # identical dense replicas on every rank
-        self.store = store_from_config(config, device, self.rank, expected_rows=expected_shard_rows(meta, self.world_size))
+        self.store = store_from_config(config, device, self.rank,
+                                       expected_rows=expected_shard_rows(meta, train_rows, self.world_size))
         self.rows = ShardedRows(self.store, comm, config.embedding.num_buckets,
                                 config.embedding.comm_dtype, config.embedding.grad_comm_dtype)
         backend = self.rows if self.world_size > 1 else self.store
