@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from terarec.kernels.comm import Communicator, LocalCommunicator
+from terarec.kernels.dispatch import autocast_dtype
 from terarec.kernels.precision import autocast, matmul_precision
 from terarec.models import Batch, SparseDenseOptimizer
 from terarec.models.graphed import GraphedHead, graphable
@@ -154,7 +155,7 @@ class TrainWorker:
         if not (self.config.cuda_graphs and self.device.type == "cuda" and graphable(self.model)):
             return False
         sparse_shape = (*batch.sparse.shape, self.model.embedding.dim)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        dtype = autocast_dtype(batch.dense) or torch.float32  # what the Embedding's gather hands the head
         try:
             return GraphedHead(self.model, batch.dense, torch.zeros(sparse_shape, device=self.device, dtype=dtype,
                                                                     requires_grad=True))

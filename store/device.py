@@ -24,8 +24,10 @@ class DeviceStore(EmbeddingStore):
     torch.Size([2, 4])
     """
 
+    INITIAL_ROWS = 1024  # the rows a store of no expected size starts with
+
     def __init__(self, dim: int, optimizer: SparseOptimizer, seed: int = 0, init_scale: float = 0.05,
-                 device: torch.device | str = "cpu", initial_capacity: int = 1024):
+                 device: torch.device | str = "cpu", initial_capacity: int = INITIAL_ROWS):
         super().__init__(dim, optimizer, seed, init_scale)
         self.device = torch.device(device)
         self.encoder = IdEncoder(capacity=2 * initial_capacity, device=self.device)

@@ -13,8 +13,7 @@ from .tiered import TieredStore
 
 STORE_KINDS = ("device", "cached_host", "cached_ssd")
 DEFAULT_CACHE_FRACTION = 0.25
-DEVICE_INITIAL_ROWS = 1024          # a device store with no expected size starts here and doubles
-DEVICE_INDEX_BYTES_PER_ROW = 32     # its encoder: two 8-byte cells a row at load 0.5
+DEVICE_INDEX_BYTES_PER_ROW = 32  # a device store's encoder: two 8-byte cells a row at load 0.5
 
 
 def free_bytes(device: torch.device) -> int:
@@ -50,17 +49,17 @@ def make_store(kind: str, dim: int, optimizer: SparseOptimizer, seed: int = 0, i
     cache of `host_bytes` (none if not given), in front of the SSD table under `path`, reopened at its
     last snapshot if one is there.
     """
-    if kind == "device":
-        initial = DEVICE_INITIAL_ROWS
-        if expected_rows:  # sized up front, but never past a share of free memory (the rows may be an overestimate)
-            row_bytes = dim * (1 + len(optimizer.state_names)) * 4 + DEVICE_INDEX_BYTES_PER_ROW
-            fits = budget_rows(DEFAULT_CACHE_FRACTION, row_bytes, torch.device(device), "store.cache_bytes")
-            initial = max(DEVICE_INITIAL_ROWS, min(expected_rows, fits))
-        return DeviceStore(dim, optimizer, seed, init_scale, device=device, initial_capacity=initial)
     if kind not in STORE_KINDS:
         raise ValueError(f"store.kind {kind!r} is not available; choose one of {', '.join(STORE_KINDS)}")
     device = torch.device(device)
     width = dim * (1 + len(optimizer.state_names))
+    if kind == "device":
+        initial = DeviceStore.INITIAL_ROWS
+        if expected_rows:  # sized up front, but never past a share of free memory (the rows may be an overestimate)
+            fits = budget_rows(DEFAULT_CACHE_FRACTION, width * 4 + DEVICE_INDEX_BYTES_PER_ROW, device,
+                               "the device store's first size")
+            initial = max(initial, min(expected_rows, fits))
+        return DeviceStore(dim, optimizer, seed, init_scale, device=device, initial_capacity=initial)
     slot_bytes = width * 4 + METADATA_BYTES_PER_SLOT
     gpu = device.type == "cuda"  # rows read on the CPU go on to the GPU: read them into page-locked memory
     cache_rows = budget_rows(DEFAULT_CACHE_FRACTION if cache_bytes is None else cache_bytes, slot_bytes, device,
