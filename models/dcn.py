@@ -15,7 +15,7 @@ from torch import nn
 
 from .batch import Batch
 from .embedding import Embedding
-from .layers import CrossNet, FusedMLP, flat_input
+from .layers import CrossNet, FusedMLP, LogitLinear, flat_input
 
 
 class DCNConfig(BaseModel):
@@ -57,7 +57,7 @@ class DCN(nn.Module):
             self.deep = FusedMLP([input_dim, *config.deep_mlp, 1], dropout=config.dropout)
         else:
             self.deep = FusedMLP([input_dim, *config.deep_mlp], last_activation=True, dropout=config.dropout)
-            self.out = nn.Linear(input_dim + config.deep_mlp[-1], 1)
+            self.out = LogitLinear(input_dim + config.deep_mlp[-1], 1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         x0 = flat_input(self.embedding(batch.sparse), batch.dense)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .batch import Batch
 from .embedding import Embedding
-from .layers import FMInteraction, FusedMLP, flat_input
+from .layers import FMInteraction, FusedMLP, LogitLinear, flat_input
 
 
 class FirstOrderRows(nn.Module):
@@ -30,7 +30,7 @@ class FirstOrderRows(nn.Module):
                              f"embedding.dim + 1 >= 2, got {embedding.dim}")
         self.embedding = embedding
         self.dim = embedding.dim - 1
-        self.dense_linear = nn.Linear(num_dense, 1)
+        self.dense_linear = LogitLinear(num_dense, 1)
 
     def lookup(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """batch -> (linear term [B, 1], vectors [B, F, D])."""

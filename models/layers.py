@@ -1,7 +1,10 @@
-"""PyTorch-like layers of the zoo: FusedMLP, DotInteraction, CrossNet.
+"""PyTorch-like layers of the zoo: FusedMLP, DotInteraction, CrossNet, LogitLinear.
 
 Each calls an op of `terarec.kernels`, which runs the fused GPU kernel on CUDA
-and the torch reference elsewhere.
+and the torch reference elsewhere. Layers that end in a logit compute that last projection in fp32 even under
+bf16 autocast (`fp32_linear`): a bf16 logit takes only 128 values between 1 and 2, and the ties it makes among
+an evaluation's predictions cost AUC (0.001-0.003 on the quickstart data), as mixed-precision recipes keep the
+output layer and the loss in fp32.
 """
 from __future__ import annotations
 
@@ -12,6 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from terarec.kernels import cross_v1, cross_v2, dot_interaction, fused_mlp, interaction_output_dim
+from terarec.kernels.dispatch import autocast_dtype
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear in fp32 whatever the autocast state (the weights are fp32 masters already)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight, bias)
+
+
+class LogitLinear(nn.Linear):
+    """nn.Linear for a projection to logits: fp32 under autocast too (see the module's note)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp32_linear(x, self.weight, self.bias)
 
 
 class FusedMLP(nn.Module):
@@ -43,7 +60,14 @@ class FusedMLP(nn.Module):
         self.sizes[0] = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_mlp(x, list(self.weights), list(self.biases), self.last_activation, self.dropout, self.training)
+        weights, biases = list(self.weights), list(self.biases)
+        if self.sizes[-1] != 1 or self.last_activation or autocast_dtype(x) is None:
+            return fused_mlp(x, weights, biases, self.last_activation, self.dropout, self.training)
+        # a logit under autocast: the hidden layers fused in the autocast dtype, the projection to 1 in fp32
+        if len(weights) > 1:
+            x = fused_mlp(x, weights[:-1], biases[:-1], True, self.dropout, self.training)
+            x = F.dropout(x, self.dropout, self.training) if self.dropout > 0.0 else x  # the fused op's last
+        return fp32_linear(x, weights[-1], biases[-1])
 
     def extra_repr(self) -> str:
         return f"sizes={self.sizes}, last_activation={self.last_activation}, dropout={self.dropout}"

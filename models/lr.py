@@ -7,6 +7,7 @@ from torch import nn
 
 from .batch import Batch
 from .embedding import Embedding
+from .layers import LogitLinear
 
 
 class LRConfig(BaseModel):
@@ -21,7 +22,7 @@ class LogisticRegression(nn.Module):
         if embedding.dim != 1:
             raise ValueError(f"logistic regression needs embedding dim 1, got {embedding.dim}")
         self.embedding = embedding
-        self.dense = nn.Linear(num_dense, 1)
+        self.dense = LogitLinear(num_dense, 1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.dense(batch.dense) + self.embedding(batch.sparse).sum(dim=1)

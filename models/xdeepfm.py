@@ -9,12 +9,11 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from .batch import Batch
 from .deepfm import FirstOrderRows
 from .embedding import Embedding
-from .layers import CIN, FusedMLP, flat_input
+from .layers import CIN, FusedMLP, LogitLinear, flat_input
 
 
 class XDeepFMConfig(BaseModel):
@@ -42,7 +41,7 @@ class XDeepFM(FirstOrderRows):
     def __init__(self, embedding: Embedding, num_dense: int, num_sparse: int, config: XDeepFMConfig = XDeepFMConfig()):
         super().__init__(embedding, num_dense)
         self.cin = CIN(num_sparse, config.cin_layers, config.cin_split_half, config.cin_activation)
-        self.cin_out = nn.Linear(self.cin.output_dim, 1, bias=False)
+        self.cin_out = LogitLinear(self.cin.output_dim, 1, bias=False)
         self.deep = FusedMLP([num_sparse * self.dim + num_dense, *config.deep_mlp, 1], dropout=config.dropout)
 
     def forward(self, batch: Batch) -> torch.Tensor:

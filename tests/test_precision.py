@@ -143,14 +143,16 @@ def forward_backward(model, batch, autocast: bool):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_zoo_runs_under_bf16_autocast(name):
-    """Forward and backward of every zoo model under CPU autocast: bf16 logits near fp32's, fp32 gradients on
-    the fp32 parameters (the master weights) and fp32 rows in the store."""
+    """Forward and backward of every zoo model under CPU autocast: logits near fp32's, and fp32 themselves (not
+    on bf16's grid, whose ties would cost eval AUC), fp32 gradients on the fp32 parameters (the master weights)
+    and fp32 rows in the store."""
     batch = random_batch()
     reference = small_model(name)
     expected = forward_backward(reference, batch, autocast=False)
     model = small_model(name)
     logits = forward_backward(model, batch, autocast=True)
     assert relative_error(logits, expected) < 0.05
+    assert logits.dtype == torch.float32 and (logits != logits.to(torch.bfloat16).float()).float().mean() > 0.5
     for (param_name, param), ref_param in zip(model.named_parameters(), reference.parameters()):
         assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, param_name
         assert relative_error(param.grad, ref_param.grad) < 0.1, f"{name}: gradient of {param_name}"
@@ -168,7 +170,7 @@ def test_dlrm_fused_kernels_under_autocast():
         with fused_kernels(fused):
             model = small_model("dlrm")
             results[fused] = model, forward_backward(model, batch, autocast=True)
-    assert results[True][1].dtype == torch.bfloat16
+    assert results[True][1].dtype == torch.float32  # the logit layer is fp32 (models/layers.py)
     assert relative_error(results[True][1], results[False][1]) < BF16_TOLERANCE
     for (param_name, param), ref_param in zip(results[True][0].named_parameters(), results[False][0].parameters()):
         assert relative_error(param.grad, ref_param.grad) < 0.05, param_name
