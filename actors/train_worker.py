@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from terarec.kernels.precision import autocast, matmul_precision
 from terarec.models import Batch, SparseDenseOptimizer
 from terarec.models.graphed import GraphedHead, graphable
 from terarec.core.build import label_columns_for, model_from_config, store_from_config
-from terarec.core.checkpoints import open_checkpoint, save_checkpoint
+from terarec.core.checkpoints import CHECKPOINTS_KEPT, open_checkpoint, save_checkpoint
 from terarec.core.config import TrainConfig
 from terarec.core.data.parquet import open_parquet
 from terarec.core.errors import CheckpointError
@@ -343,9 +344,15 @@ class TrainWorker:
 
 
 def log_line(message: str) -> None:
-    """One line to the driver's output. Ray Train routes print() to both the raw stream and its logger
-    (the line shows twice); the root logger alone shows it once."""
-    logging.getLogger().info(message)
+    """One line to the driver's output. In a Ray Train worker actor, Ray Train routes print() to both the raw
+    stream and its logger (the line shows twice): the root logger alone shows it once. In the driver itself
+    (launch=in_process) the line is printed."""
+    import ray
+
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        logging.getLogger().info(message)
+    else:
+        print(message, flush=True)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -361,7 +368,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    in_actor = ray.get_runtime_context().get_actor_id() is not None  # else the driver (launch=in_process)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if in_actor else None
     worker = TrainWorker(config, comm, device, reader_threads=max(1, int(cpus)) if cpus else None)
     built_at = time.time()
     rank = worker.rank
@@ -426,9 +434,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if worker.first_step_at is not None:
                 metrics["time_to_first_step_s"] = worker.first_step_at - loop_config["launched_at"]
                 metrics["startup_s"] = startup()
-        with tempfile.TemporaryDirectory() as directory:
-            worker.save(directory)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        root = loop_config.get("checkpoint_root")
+        if root is None:  # Ray Train's workers: it copies the reported directory into the run's storage
+            with tempfile.TemporaryDirectory() as directory:
+                worker.save(directory)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            return
+        # in process (Ray Train's local mode keeps only a reference): written where Ray Train would put it
+        directory = os.path.join(root, f"checkpoint_{step:09d}")
+        os.makedirs(directory, exist_ok=True)
+        worker.save(directory)
+        for old in sorted(glob.glob(os.path.join(root, "checkpoint_*")))[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     if worker.step >= worker.total_steps:
         on_checkpoint(worker.step, True)

@@ -26,6 +26,7 @@ from .data.schema import DENSE_TRANSFORM
 from .errors import CheckpointError
 
 DENSE_FILE, META_FILE = "dense.pt", "meta.json"
+CHECKPOINTS_KEPT = 3  # a run's newest checkpoints kept under RUN_DIR/<run name>/ (Ray Train's num_to_keep)
 BEST_DIR = "best"  # RUN_DIR/best: the checkpoint of the best eval AUC (keep_best)
 META_KEYS = ("step", "world_size", "num_buckets", "model", "label_columns", "config", "files")
 

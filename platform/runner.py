@@ -1,7 +1,9 @@
 """Runs a training job on Ray Train: a local Ray when no cluster is given, one worker per shard."""
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import sys
 import threading
@@ -9,7 +11,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-from terarec.core.checkpoints import CheckpointNotFound, find_checkpoint
+from terarec.core.checkpoints import CHECKPOINTS_KEPT, CheckpointNotFound, find_checkpoint
 from terarec.core.config import ConfigError, TrainConfig
 from terarec.core.data.errors import DataNotFoundError
 from terarec.core.data.reader import count_rows, list_split_files
@@ -104,15 +106,19 @@ def worker_request(config: TrainConfig) -> tuple[dict[str, float], bool]:
     return worker_resources(config, cluster), uses_gpu(config, cluster)
 
 
+def runs_in_process(config: TrainConfig) -> bool:
+    """Whether the loop runs in this process (Ray Train's local mode) rather than in worker actors: asked for, or
+    `auto` with nothing the actors would add: one worker, no restarts, and a Ray that this job starts itself
+    (so no other job shares its GPUs or cores)."""
+    if config.launch != "auto":
+        return config.launch == "in_process"
+    joins = config.ray_address or os.environ.get("RAY_ADDRESS")
+    return config.workers == 1 and config.max_failures == 0 and not joins
+
+
 def run_training(config: TrainConfig) -> dict:
     """Train, evaluate, checkpoint; write RUN_DIR/metrics.json and return it (with best_auc, best_step and
     best_checkpoint when the run evaluated periodically)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from terarec.actors.train_controller import PendingWatch
-    from terarec.actors.train_worker import train_loop_per_worker
-
     launched_at = process_started_at()  # time_to_first_step_s counts from here
     files = check_data(config.data)
     train_rows, eval_rows = (count_rows(files[split]) for split in ("train", "eval"))
@@ -128,13 +134,25 @@ def run_training(config: TrainConfig) -> dict:
         raise ConfigError(f"run_dir {run_dir}: cannot create it ({error.strerror}); give a writable directory") from None
     config = config.model_copy(update={"run_dir": run_dir,
                                        "data": config.data if is_uri(config.data) else os.path.abspath(config.data)})
+    in_process = runs_in_process(config)
+    run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     loop_config = {"config": config.model_dump(mode="json"), "tty": sys.stdout.isatty(), "launched_at": launched_at,
-                   "resume_dir": resume_checkpoint(run_dir, config.resume_from) if config.resume_from else None}
+                   "resume_dir": resume_checkpoint(run_dir, config.resume_from) if config.resume_from else None,
+                   # in process, Ray Train keeps no checkpoints: the loop writes them where Ray Train would
+                   "checkpoint_root": os.path.join(run_dir, run_name) if in_process else None}
 
-    with ThreadPoolExecutor(1) as pool:  # build the data's column copies while Ray starts: workers only check them
-        copies = pool.submit(_prepare_column_copies, files["train"] + files["eval"])
+    # Ray starts while a side thread lists the data's column copies and imports Ray Train and the training loop
+    # (5-10 s of imports on a slow disk): the start-up costs overlap instead of adding up.
+    with ThreadPoolExecutor(1) as pool:
+        prepared = pool.submit(_prepare_job_side, files["train"] + files["eval"])
         dashboard = connect_ray(config.ray_address)
-        copies.result()
+        prepared.result()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from terarec.actors.train_controller import PendingWatch
+    from terarec.actors.train_worker import train_loop_per_worker
+
     loop_config["ray_ready_at"] = time.time()  # startup_s splits the time before the workers' start here
     if dashboard:
         print(f"[terarec] Ray dashboard: {dashboard if is_uri(dashboard) else 'http://' + dashboard}")
@@ -144,34 +162,46 @@ def run_training(config: TrainConfig) -> dict:
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker=per_worker),
-        run_config=RunConfig(name=f"train-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=run_dir,
+        scaling_config=ScalingConfig(num_workers=0) if in_process else ScalingConfig(
+            num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=run_name, storage_path=run_dir,
                              failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                              callbacks=[PendingWatch(config, per_worker)]),
     )
+    if in_process:  # Ray Train's notice that local mode is on, and its log line for every report
+        for name in ("ray.train.v2.api.config", "ray.train.v2._internal.execution.train_fn_utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     started = time.perf_counter()
     route_worker_logs(os.path.join(run_dir, RAY_LOG))
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
         raise job_error(error, os.path.join(run_dir, ERROR_LOG)) from None
+    except Exception as error:  # in process, the loop's own exception arrives unwrapped
+        if not in_process:
+            raise
+        raise job_error(error, os.path.join(run_dir, ERROR_LOG)) from None
     metrics = dict(result.metrics or {})
     metrics |= {"model": config.model, "steps": metrics.get("step"), "train_rows": (metrics.get("step") or 0) * config.batch_size,
                 "wall_s": time.perf_counter() - started, "checkpoint": result.checkpoint.path if result.checkpoint else None,
-                "use_gpu": use_gpu}
+                "use_gpu": use_gpu, "launch": "in_process" if in_process else "workers"}
     with open(os.path.join(run_dir, "metrics.json"), "w") as stream:
         json.dump(metrics, stream, indent=1, default=str)
     plot_curve(run_dir)
     return metrics
 
 
-def _prepare_column_copies(files: list[str]) -> None:
+def _prepare_job_side(files: list[str]) -> None:
+    """While Ray starts: the data's column copies, and the imports run_training needs next (loaded here, they
+    are found in sys.modules there)."""
     from terarec.core.data.columns import open_all_columns
 
+    for module in ("ray.train.torch", "terarec.actors.train_worker"):
+        importlib.import_module(module)
+
     if not any(is_uri(path) for path in files):  # URIs are read as parquet
-        for column_file in open_all_columns(files, os.cpu_count() or 1):
+        for column_file in open_all_columns(files, os.cpu_count() or 1):  # built if missing or stale
             column_file.close()
 
 

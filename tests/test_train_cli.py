@@ -56,12 +56,47 @@ def test_dlrm_beats_logistic_regression(idle_ray_cluster, clicks, tmp_path):
     (["--set", "workers=[3,2]"], "config field 'workers'"),
     (["--set", "store.kind=cached_ssd"], "needs store.path"),
     (["--config", "/nonexistent/job.yaml"], "config file /nonexistent/job.yaml does not exist"),
+    (["--set", "launch=in_process", "--set", "workers=2"], "launch=in_process runs one worker in the driver"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, args, message):
     result = terarec("train", "--data", str(tmp_path), *args, env={"RAY_ADDRESS": ""})
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_one_worker_in_process_keeps_checkpoints_and_resumes(idle_ray_cluster, clicks, tmp_path):
+    """launch=in_process (what `auto` picks for a one-worker job on its own Ray): the loop runs in the driver,
+    writes its checkpoints where Ray Train would (the newest 3), and a resume continues from the latest."""
+    from terarec.core.checkpoints import find_checkpoints
+
+    run_dir = tmp_path / "run"
+    common = ["--model", "dlrm", "--data", clicks, "--run-dir", str(run_dir), "--batch-size", "1024",
+              "--set", "launch=in_process", "--set", "eval_rows=2000", "--set", "checkpoint_every=10"]
+    result = terarec("train", *common, "--steps", "40")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["launch"] == "in_process" and metrics["startup_s"]["train_workers"] < 1.0
+    assert sorted(find_checkpoints(str(run_dir))) == [20, 30, 40]
+    assert metrics["checkpoint"] == find_checkpoints(str(run_dir))[40]
+    assert "first step" in result.stdout and "Reported metrics" not in result.stdout + result.stderr
+    result = terarec("train", *common, "--steps", "50", "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in result.stdout and json.loads((run_dir / "metrics.json").read_text())["steps"] == 50
+
+
+def test_auto_launch_runs_in_process_only_when_actors_add_nothing(monkeypatch):
+    from terarec.core.config import load_config
+    from terarec.platform.runner import runs_in_process
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    decide = lambda *overrides: runs_in_process(load_config(overrides=list(overrides), flags={"data": "d"}))  # noqa: E731
+    assert decide()
+    assert not decide("workers=2") and not decide("max_failures=1") and not decide("launch=workers")
+    assert not decide("ray_address=127.0.0.1:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert not decide() and decide("launch=in_process")
 
 
 def test_bad_yaml_and_missing_data(tmp_path):
