@@ -9,8 +9,11 @@ warm while another thread runs Python (a training loop holds the GIL between its
 after every call, `chunk-maps` once per touched chunk, `map` once per I/O thread), and written (into the page
 cache; the kernel writes the pages back later either way). Two cases turn it round: the main thread runs small
 torch ops (as a training loop launches kernels) while a side thread reads or writes the batches, and the figure
-is the main thread's time lost per batch moved beside it (GIL and CPU contention; `ms` is still the side
-thread's time per batch). Prints a table; JSON to bench/results/ssd_io-<device>.json.
+is the main thread's time lost per batch moved beside it (`main_ms_lost`, CPU share included, which other
+processes on a shared machine swamp) and the part of it spent blocked, neither running nor waiting for a CPU:
+waiting for the GIL (`main_ms_blocked`, from Linux's schedstat: robust to load). `ms` is still the side's time
+per batch and `side_cpu_ms` the CPU time of every thread but the main one. --chunk-rows below the store's 65536 gives a table of a few GB as many chunks
+as the 40 GB one has. Prints a table; JSON to bench/results/ssd_io-<device>.json.
 
     python bench/ssd_io.py --scratch /tmp/terarec-ssd-io          # a directory on the disk to measure
     python bench/ssd_io.py --rows 200000 --repeats 3 --out /tmp   # a quick look
@@ -18,6 +21,7 @@ thread's time per batch). Prints a table; JSON to bench/results/ssd_io-<device>.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import threading
 import time
@@ -68,10 +72,25 @@ def small_ops(until) -> tuple[int, float]:
     return ops, time.perf_counter() - started
 
 
-def main_thread_loss(table: SsdTable, case: str, slots: list[torch.Tensor]) -> tuple[float, float]:
-    """(side thread's seconds per batch, main thread's seconds lost per batch): the main thread's ops rate
-    alone (before and after), and while a side thread moves the batches; lost = time beside - ops done beside /
-    rate alone."""
+def cpu_seconds() -> float:
+    """CPU time of the whole process (every thread), user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def on_cpu_or_queued() -> float:
+    """Seconds the calling thread has run or waited for a CPU (Linux schedstat); the rest of its time it was
+    blocked: a thread that runs Python without I/O blocks only on the GIL."""
+    run_ns, queued_ns, _ = Path("/proc/thread-self/schedstat").read_text().split()
+    return (int(run_ns) + int(queued_ns)) / 1e9
+
+
+def main_thread_loss(table: SsdTable, case: str, slots: list[torch.Tensor]) -> tuple[float, float, float, float]:
+    """Per batch: (the side thread's seconds, the CPU seconds of every thread but the main one, the main thread's
+    seconds lost, of which blocked on the GIL). The main thread's ops rate is measured alone (before and after)
+    and while a side thread moves the batches; lost = time beside - ops done beside / rate alone, which counts
+    CPU share too (the I/O threads' and other processes'); blocked = time beside neither running nor waiting
+    for a CPU."""
     table.read(torch.cat(slots))
     table.io = table.io
     values = [torch.randn(batch.numel(), WIDTH) for batch in slots]
@@ -97,11 +116,15 @@ def main_thread_loss(table: SsdTable, case: str, slots: list[torch.Tensor]) -> t
         done.set()
 
     side = threading.Thread(target=move)
+    cpu, main_cpu, scheduled = cpu_seconds(), time.thread_time(), on_cpu_or_queued()
     side.start()
     ops, seconds = small_ops(done.is_set)
+    others_cpu = cpu_seconds() - cpu - (time.thread_time() - main_cpu)
+    blocked = seconds - (on_cpu_or_queued() - scheduled)
     side.join()
     rate_alone = (before + ops_per_s_alone()) / 2
-    return side_s[0] / len(slots), (seconds - ops / rate_alone) / len(slots)
+    return (side_s[0] / len(slots), others_cpu / len(slots), (seconds - ops / rate_alone) / len(slots),
+            blocked / len(slots))
 
 
 def seconds_per_batch(table: SsdTable, case: str, slots: list[torch.Tensor], files: list[Path]) -> float:
@@ -136,14 +159,16 @@ def main() -> None:
     parser.add_argument("--batches", default="2048,11264,65536", help="rows per read/write, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="batches timed per size, case and way")
     parser.add_argument("--readers", type=int, default=READERS, help="I/O threads")
+    parser.add_argument("--chunk-rows", type=int, default=1 << 16,
+                        help="rows per chunk file (the store's 65536); fewer: as many chunks as a bigger table has")
     parser.add_argument("--scratch", default="/tmp/terarec-ssd-io")
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     scratch = Path(args.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
-    table = SsdTable(scratch, WIDTH, {"dim": 128}, readers=args.readers)
+    table = SsdTable(scratch, WIDTH, {"dim": 128}, readers=args.readers, chunk_rows=args.chunk_rows)
     table.reserve(args.rows)
-    block = 1 << 16
+    block = args.chunk_rows
     for start in range(0, args.rows, block):
         slots = torch.arange(start, min(start + block, args.rows))
         table.write(slots, torch.randn(slots.numel(), WIDTH))
@@ -157,28 +182,30 @@ def main() -> None:
             for io in IO_MODES:  # the same batches every way, one right after the other
                 table.io = io
                 if case in BESIDE:
-                    seconds, lost = main_thread_loss(table, case, slots)
+                    seconds, side_cpu, lost, blocked = main_thread_loss(table, case, slots)
                 else:
                     seconds, lost = seconds_per_batch(table, case, slots, files), None
                 rows.append({"io": io, "case": case, "batch_rows": size, "ms": round(seconds * 1e3, 2),
                              "rows_per_s": round(size / seconds), "MB_per_s": round(size * ROW_BYTES / seconds / 1e6, 1)})
                 if lost is not None:
-                    rows[-1]["main_ms_lost"] = round(lost * 1e3, 2)
+                    rows[-1].update(side_cpu_ms=round(side_cpu * 1e3, 2), main_ms_lost=round(lost * 1e3, 2),
+                                    main_ms_blocked=round(blocked * 1e3, 2))
                 print(rows[-1], flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    settings = {"table_rows": args.rows, "row_bytes": ROW_BYTES, "repeats": args.repeats, "readers": args.readers,
+    settings = {"table_rows": args.rows, "row_bytes": ROW_BYTES, "chunk_rows": args.chunk_rows, "repeats": args.repeats,
+                "readers": args.readers,
                 "note": "shared machine: timings are noisy; every way on the same batches, one after the other"}
     if args.out == RESULTS:
         slug = device_name().lower().replace("nvidia ", "").split(" (")[0].replace(" ", "-")
         record(f"ssd_io-{slug}", {"rows": rows}, settings)
     print(f"| case | batch rows | {' | '.join(f'{io} rows/s' for io in IO_MODES)} | "
-          f"{' | '.join(f'{io}: main thread ms lost per batch' for io in IO_MODES)} |")
+          f"{' | '.join(f'{io}: main thread ms blocked per batch' for io in IO_MODES)} |")
     print(f"| --- | ---: |{' ---: |' * 2 * len(IO_MODES)}")
     for first in (r for r in rows if r["io"] == IO_MODES[0]):
         same = [next(r for r in rows if r["io"] == io and r["case"] == first["case"]
                      and r["batch_rows"] == first["batch_rows"]) for io in IO_MODES]
         rates = " | ".join(f"{r['rows_per_s']:,}" for r in same)
-        lost = " | ".join(str(r.get("main_ms_lost", "-")) for r in same)
+        lost = " | ".join(str(r.get("main_ms_blocked", "-")) for r in same)
         print(f"| {first['case']} | {first['batch_rows']} | {rates} | {lost} |")
 
 

@@ -336,11 +336,14 @@ class SsdTable:
     def _move(self, sorted_slots: torch.Tensor, rows: torch.Tensor, write: bool) -> None:
         """Rows [N, W] of ascending slots [N] from (or, with `write`, to) the chunk files, the `io` way, split
         among the I/O threads when there is enough to split."""
+        if sorted_slots.numel() == 0:
+            return
         if self.io == "map":
             table = self._rows  # taken once: a new chunk past the range replaces it meanwhile
-            if int(sorted_slots[0]) < 0 or int(sorted_slots[-1]) >= table.shape[0]:
-                raise IndexError(f"SSD table {self.root} has rows [0, {table.shape[0]}); slot {int(sorted_slots[-1])} "
-                                 f"is outside them (reserve first)")
+            first, last = int(sorted_slots[0]), int(sorted_slots[-1])
+            if first < 0 or last >= table.shape[0]:
+                raise IndexError(f"SSD table {self.root} has rows [0, {table.shape[0]}); slots [{first}, {last}] "
+                                 f"reach outside them (reserve first)")
             items, per_thread = self._row_ranges(sorted_slots.numel()), 1
             move = partial(self._move_in_range, table, sorted_slots.numpy())
         elif self.io == "chunk-maps":
