@@ -79,10 +79,9 @@ def cpu_seconds() -> float:
 
 
 def on_cpu_or_queued() -> float:
-    """Seconds the calling thread has run or waited for a CPU (Linux schedstat); the rest of its time it was
-    blocked: a thread that runs Python without I/O blocks only on the GIL."""
-    run_ns, queued_ns, _ = Path("/proc/thread-self/schedstat").read_text().split()
-    return (int(run_ns) + int(queued_ns)) / 1e9
+    """Seconds the calling thread has run (its CPU clock) or waited for a CPU (Linux schedstat); the rest of
+    its time it was blocked: a thread that runs Python without I/O blocks only on the GIL."""
+    return time.thread_time() + int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
 
 
 def main_thread_loss(table: SsdTable, case: str, slots: list[torch.Tensor]) -> tuple[float, float, float, float]:
@@ -116,11 +115,11 @@ def main_thread_loss(table: SsdTable, case: str, slots: list[torch.Tensor]) -> t
         done.set()
 
     side = threading.Thread(target=move)
-    cpu, main_cpu, scheduled = cpu_seconds(), time.thread_time(), on_cpu_or_queued()
+    cpu, main_cpu, scheduled, started = cpu_seconds(), time.thread_time(), on_cpu_or_queued(), time.perf_counter()
     side.start()
     ops, seconds = small_ops(done.is_set)
+    blocked = time.perf_counter() - started - (on_cpu_or_queued() - scheduled)
     others_cpu = cpu_seconds() - cpu - (time.thread_time() - main_cpu)
-    blocked = seconds - (on_cpu_or_queued() - scheduled)
     side.join()
     rate_alone = (before + ops_per_s_alone()) / 2
     return (side_s[0] / len(slots), others_cpu / len(slots), (seconds - ops / rate_alone) / len(slots),
