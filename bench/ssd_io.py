@@ -17,6 +17,7 @@ as the 40 GB one has. Prints a table; JSON to bench/results/ssd_io-<device>.json
 
     python bench/ssd_io.py --scratch /tmp/terarec-ssd-io          # a directory on the disk to measure
     python bench/ssd_io.py --rows 200000 --repeats 3 --out /tmp   # a quick look
+    python bench/ssd_io.py --rows 4000000 --chunk-rows 4096 --batches 11264,200000 --repeats 4   # bench/README.md's
 """
 from __future__ import annotations
 
