@@ -162,7 +162,7 @@ class SsdTable:
         self.chunks: list = []  # an open file per chunk (raw FileIO: `pread` moves rows through its fd)
         self.maps: list[torch.Tensor | None] = []  # `chunk-maps`: [chunk_rows, W] over a chunk's map, made when first used
         self._range: _ChunkRange | None = None  # `map`: every chunk's map, back to back
-        self._rows: np.ndarray | None = None  # `map`: [reserved rows, W] over the range
+        self._rows: np.ndarray | None = None  # `map`: [rows of the chunks so far, W] over the range
         self.retired: list = []  # files of chunks copied on write, closed once no read can hold them (`commit`)
         self.chunk_gens: list[int] = []
         # Per chunk, room for more (grown between writes: the write-back thread indexes them):
