@@ -17,26 +17,37 @@ One process writes a table at a time.
 I/O. A read sorts its slots and moves the rows in ascending slot order into its
 output (pinned memory when `pinned`, so a copy to the GPU needs no staging); slots
 that arrive sorted (a prefetch's) land in place, others are put back in the
-caller's order with one copy. Two ways to move rows (`io`, bench/ssd_io.py measures
-both): `map` gathers each chunk's rows from a memory map of its file with one
-index_select (a page fault is a disk read; one call per chunk, the GIL released
-throughout), `pread` coalesces runs of adjacent records and moves each run with one
+caller's order with one copy. Three ways to move rows (`io`, bench/ssd_io.py
+measures them): `map` maps every chunk file at its place in one reserved range of
+addresses (chunk c at c * chunk_bytes), so the whole table is one [rows, W] array
+and a read is one native gather (a scatter for a write) per I/O thread, the GIL
+released throughout and no Python work per chunk (a page fault is a disk read);
+`chunk-maps` maps each chunk on its own and gathers each touched chunk's rows with
+one call (Python work per touched chunk; `map` falls back to it, with a log line,
+where the range cannot be made: not Linux, or chunks that are not whole pages);
+`pread` coalesces runs of adjacent records and moves each run with one
 `os.preadv`/`os.pwritev` (no faults, no mapping; but one call, and one trip through
-the GIL, per run). Either way the work is split among a pool of READERS threads
-when large, so the disk serves a batch's requests together. A write is queued to
-one background thread and applied in order, so write-back leaves the caller's
-critical path; a read of a slot with a queued write waits for that write, and
-`commit` waits for all of them.
+the GIL, per run). Each way splits the work among a pool of READERS threads when
+large, so the disk serves a batch's requests together. A write is queued to one
+background thread and applied in order, so write-back leaves the caller's critical
+path; a read of a slot with a queued write waits for that write, and `commit`
+waits for all of them. A copy on write maps the chunk's new file over the old one's
+place in the range once the copy is complete: a read beside it sees either file,
+and both hold the same rows until the write that follows.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import mmap
 import os
 import shutil
+import sys
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +60,72 @@ VERSION = 1
 MAX_QUEUED_WRITES = 4  # a write waits for the oldest queued one beyond this, bounding the memory they hold
 READERS = 16  # requests in flight at once: an SSD serves parallel requests far faster
 RUNS_PER_READER = 256  # `pread` moves fewer runs on one thread: a hand-off costs more than it saves
-IO_MODES = ("map", "pread")
+ROWS_PER_READER = 256  # `map` gives a thread no fewer rows, for the same reason
+IO_MODES = ("map", "chunk-maps", "pread")
+RANGE_BYTES = 1 << 36  # the least address space `map` reserves (nothing is allocated); then twice the chunks
+CHANGED = -1  # in chunk_crcs: written since the last snapshot, CRC not known
+MAP_FIXED, PROT_NONE = 0x10, 0x0  # Linux's values on every architecture; Python's mmap module names neither
+
+log = logging.getLogger(__name__)
 
 
 class DamagedTableError(ValueError):
     """A file of an SSD table is missing, truncated or fails its checksum."""
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library's mmap, munmap and madvise, or None where `map` cannot place maps (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+LIBC = _libc()
+
+
+class _ChunkRange:
+    """Address space reserved for `chunks` chunks of `chunk_bytes`, chunk c's file mapped at c * chunk_bytes, so
+    that the table's rows are one array. Unmapped when the last array over it goes (`rows` arrays hold it)."""
+
+    def __init__(self, chunk_bytes: int, chunks: int):
+        self.chunk_bytes, self.chunks, self.size = chunk_bytes, chunks, chunk_bytes * chunks
+        self.address = None
+        address = LIBC.mmap(None, self.size, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"cannot reserve {self.size} bytes of address space for the SSD table")
+        self.address = address
+
+    def map(self, chunk: int, fd: int) -> None:
+        """Map `fd` (a chunk file) at chunk `chunk`'s place, over whatever was there."""
+        at = self.address + chunk * self.chunk_bytes
+        if LIBC.mmap(at, self.chunk_bytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED, fd, 0) != at:
+            raise OSError(ctypes.get_errno(), f"cannot map chunk {chunk} of the SSD table")
+        LIBC.madvise(at, self.chunk_bytes, mmap.MADV_RANDOM)  # no read-ahead of neighbouring, unused pages
+
+    def rows(self, rows: int, width: int) -> np.ndarray:
+        """[rows, width] float32 over the first `rows` rows; the array keeps the range mapped."""
+        return np.asarray(_Rows(self, rows, width))
+
+    def __del__(self):
+        if self.address is not None:
+            LIBC.munmap(self.address, self.size)
+
+
+class _Rows:
+    """What numpy makes an array of (`__array_interface__`), holding the range it points into."""
+
+    def __init__(self, chunk_range: _ChunkRange, rows: int, width: int):
+        self.chunk_range = chunk_range
+        self.__array_interface__ = {"data": (chunk_range.address, False), "shape": (rows, width),
+                                    "typestr": "<f4", "version": 3}
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -88,12 +160,14 @@ class SsdTable:
         self.keep = keep
         self.pinned = pinned  # rows read land in page-locked memory (they go on to a GPU)
         self.chunks: list = []  # an open file per chunk (raw FileIO: `pread` moves rows through its fd)
-        self.maps: list[torch.Tensor | None] = []  # [chunk_rows, W] over a chunk's memory map, made when first used
-        self.io = io
+        self.maps: list[torch.Tensor | None] = []  # `chunk-maps`: [chunk_rows, W] over a chunk's map, made when first used
+        self._range: _ChunkRange | None = None  # `map`: every chunk's map, back to back
+        self._rows: np.ndarray | None = None  # `map`: [rows of the chunks so far, W] over the range
         self.retired: list = []  # files of chunks copied on write, closed once no read can hold them (`commit`)
         self.chunk_gens: list[int] = []
-        self.chunk_crcs: list[int | None] = []
-        self.frozen: list[bool] = []  # named by a snapshot: copy before writing
+        # Per chunk, room for more (grown between writes: the write-back thread indexes them):
+        self.chunk_crcs = np.empty(0, dtype=np.int64)  # the CRC-32 at the last snapshot, or CHANGED
+        self.frozen = np.empty(0, dtype=bool)  # named by a snapshot: copy before writing
         self.snapshot_id = 0
         self.step = 0
         self.keys = torch.empty(0, dtype=torch.int64)  # of the snapshot opened
@@ -104,8 +178,10 @@ class SsdTable:
         self.readers = readers
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="ssd-io")
         self._queued: list[tuple[Future, torch.Tensor]] = []  # (write, its sorted slots), oldest first
+        self._io = None
         if (self.root / "CURRENT").exists():
             self._open(verify)
+        self.io = io  # after opening: the manifest sets chunk_rows, which decides whether `map` can be had
 
     # -- files -------------------------------------------------------------------------------------
 
@@ -122,20 +198,57 @@ class SsdTable:
 
     @io.setter
     def io(self, io: str) -> None:
-        """`map` or `pread`; setting it lets go of the maps (their pages can leave the page cache)."""
+        """One of IO_MODES; setting it lets go of the maps (their pages can leave the page cache) and, for
+        `map`, maps every chunk afresh."""
         if io not in IO_MODES:
             raise ValueError(f"SSD table io {io!r} is unknown; choose one of {', '.join(IO_MODES)}")
+        if io == "map" and (LIBC is None or self.chunk_bytes % mmap.PAGESIZE):
+            log.warning("SSD table %s: its chunks cannot be mapped as one range here (%s); mapping each on its own "
+                        "(io=chunk-maps)", self.root, "not Linux" if LIBC is None else
+                        f"chunks of {self.chunk_bytes} bytes are not whole pages of {mmap.PAGESIZE}")
+            io = "chunk-maps"
+        self.wait_for_writes()
         self._io = io
         self.maps = [None] * len(self.chunks)
+        self._range = self._rows = None
+        if io == "map":
+            self._map_range()
+
+    def _map_range(self) -> None:
+        """Reserve a range for twice the chunks (RANGE_BYTES at least) and map every chunk file in it. A read or
+        write still running on the range before keeps that one mapped until it ends."""
+        self.wait_for_writes()  # a copy on write maps into the range it finds: not one being replaced
+        chunk_range = _ChunkRange(self.chunk_bytes, max(2 * len(self.chunks), RANGE_BYTES // self.chunk_bytes))
+        for chunk, file in enumerate(self.chunks):
+            chunk_range.map(chunk, file.fileno())
+        self._range, self._rows = chunk_range, chunk_range.rows(len(self.chunks) * self.chunk_rows, self.value_width)
 
     def _open_chunk(self, chunk: int) -> None:
-        """Open (or, after a copy on write, reopen) a chunk's file."""
+        """Open (or, after a copy on write, reopen) a chunk's file, and map it in the range under `map`."""
         file = open(self._chunk_path(chunk, self.chunk_gens[chunk]), "r+b", buffering=0)
-        if chunk < len(self.chunks):
+        reopened = chunk < len(self.chunks)
+        if reopened:
             self.chunks[chunk], self.maps[chunk] = file, None
         else:
             self.chunks.append(file)
             self.maps.append(None)
+        if self._range is None:
+            return
+        if chunk >= self._range.chunks:  # a new chunk past the range (a copy on write reopens one inside it)
+            self._map_range()
+            return
+        self._range.map(chunk, file.fileno())
+        if not reopened:  # only the caller's thread adds chunks, and so replaces the array
+            self._rows = self._range.rows(len(self.chunks) * self.chunk_rows, self.value_width)
+
+    def _grow_chunk_state(self, chunks: int) -> None:
+        """Room for `chunks` chunks in `frozen` and `chunk_crcs` (doubling); replaced only between writes."""
+        if chunks <= self.frozen.size:
+            return
+        self.wait_for_writes()
+        more = max(chunks, 2 * self.frozen.size) - self.frozen.size
+        self.frozen = np.concatenate([self.frozen, np.zeros(more, dtype=bool)])
+        self.chunk_crcs = np.concatenate([self.chunk_crcs, np.full(more, CHANGED, dtype=np.int64)])
 
     def _map(self, chunk: int) -> torch.Tensor:
         """[chunk_rows, W] over the chunk file's memory map."""
@@ -174,11 +287,12 @@ class SsdTable:
             raise ValueError(f"SSD table {self.root} holds rows of {manifest['meta']}; this store expects {self.meta}. "
                              f"Point store.path at another directory or match the embedding dim and optimizer")
         self.chunk_rows = manifest["chunk_rows"]
+        self._grow_chunk_state(len(manifest["chunks"]))
         for chunk, entry in enumerate(manifest["chunks"]):
             self._check(self.root / entry["file"], self.chunk_bytes, entry["crc32"], manifest_path, verify)
             self.chunk_gens.append(entry["gen"])
-            self.chunk_crcs.append(entry["crc32"])
-            self.frozen.append(True)
+            self.chunk_crcs[chunk] = entry["crc32"]
+            self.frozen[chunk] = True
             self._open_chunk(chunk)
         keys_path = self.root / manifest["keys"]["file"]
         self._check(keys_path, manifest["keys"]["bytes"], manifest["keys"]["crc32"], manifest_path, verify)
@@ -190,13 +304,12 @@ class SsdTable:
     # -- the tier interface ------------------------------------------------------------------------
 
     def reserve(self, rows: int) -> None:
+        self._grow_chunk_state(-(-rows // self.chunk_rows))  # new chunks: not frozen, CHANGED
         while len(self.chunks) * self.chunk_rows < rows:
             chunk = len(self.chunks)
             with open(self._chunk_path(chunk, 0), "wb") as f:
                 f.truncate(self.chunk_bytes)
             self.chunk_gens.append(0)
-            self.chunk_crcs.append(None)
-            self.frozen.append(False)
             self._open_chunk(chunk)
 
     def _chunk_groups(self, sorted_slots: torch.Tensor) -> list[tuple[int, int, int, torch.Tensor]]:
@@ -223,7 +336,17 @@ class SsdTable:
     def _move(self, sorted_slots: torch.Tensor, rows: torch.Tensor, write: bool) -> None:
         """Rows [N, W] of ascending slots [N] from (or, with `write`, to) the chunk files, the `io` way, split
         among the I/O threads when there is enough to split."""
+        if sorted_slots.numel() == 0:
+            return
         if self.io == "map":
+            table = self._rows  # taken once: a new chunk past the range replaces it meanwhile
+            first, last = int(sorted_slots[0]), int(sorted_slots[-1])
+            if first < 0 or last >= table.shape[0]:
+                raise IndexError(f"SSD table {self.root} has rows [0, {table.shape[0]}); slots [{first}, {last}] "
+                                 f"reach outside them (reserve first)")
+            items, per_thread = self._row_ranges(sorted_slots.numel()), 1
+            move = partial(self._move_in_range, table, sorted_slots.numpy())
+        elif self.io == "chunk-maps":
             items, per_thread, move = self._chunk_groups(sorted_slots), 1, self._move_mapped
         else:
             items, per_thread, move = self._runs(sorted_slots), RUNS_PER_READER, self._move_positional
@@ -234,6 +357,22 @@ class SsdTable:
         step = -(-len(items) // parts)
         shares = [items[i:i + step] for i in range(0, len(items), step)]
         list(self._readers.map(move, shares, [rows] * len(shares), [write] * len(shares)))
+
+    def _row_ranges(self, rows: int) -> list[tuple[int, int]]:
+        """[0, rows) in up to READERS equal ranges of at least ROWS_PER_READER rows (one if fewer)."""
+        parts = max(1, min(self.readers, rows // ROWS_PER_READER))
+        return [(rows * part // parts, rows * (part + 1) // parts) for part in range(parts)]
+
+    @staticmethod
+    def _move_in_range(table: np.ndarray, slots: np.ndarray, ranges: list, rows: torch.Tensor, write: bool) -> None:
+        """`map`: one numpy gather (scatter) per range of rows; numpy releases the GIL for either and, unlike
+        torch's, runs on this thread alone (no intra-op pool per I/O thread)."""
+        rows = rows.numpy()
+        for begin, end in ranges:
+            if write:
+                table[slots[begin:end]] = rows[begin:end]
+            else:  # "clip": `_move` checked the slots, and "raise" would gather into a buffer, then copy
+                np.take(table, slots[begin:end], axis=0, out=rows[begin:end], mode="clip")
 
     def _move_mapped(self, groups: list, rows: torch.Tensor, write: bool) -> None:
         for chunk, begin, end, records in groups:
@@ -286,10 +425,10 @@ class SsdTable:
     def _apply(self, sorted_slots: torch.Tensor, values: torch.Tensor) -> None:
         """Write one queued write (on the write-back thread)."""
         started = time.perf_counter()
-        for chunk in torch.unique_consecutive(sorted_slots // self.chunk_rows).tolist():
-            if self.frozen[chunk]:
-                self._copy_on_write(chunk)
-            self.chunk_crcs[chunk] = None
+        touched = torch.unique_consecutive(sorted_slots // self.chunk_rows).numpy()
+        for chunk in touched[self.frozen[touched]].tolist():
+            self._copy_on_write(chunk)
+        self.chunk_crcs[touched] = CHANGED
         self._move(sorted_slots, values, write=True)
         self.write_s += time.perf_counter() - started
 
@@ -305,16 +444,15 @@ class SsdTable:
     def sync(self) -> None:
         """Apply every queued write and make the changed chunk files durable, without taking a snapshot."""
         self.wait_for_writes()
-        for chunk, file in enumerate(self.chunks):
-            if self.chunk_crcs[chunk] is None:  # changed since its last snapshot
-                os.fsync(file.fileno())
+        for chunk in np.flatnonzero(self.chunk_crcs[: len(self.chunks)] == CHANGED).tolist():
+            os.fsync(self.chunks[chunk].fileno())
 
     def _copy_on_write(self, chunk: int) -> None:
         source = self._chunk_path(chunk, self.chunk_gens[chunk])
         shutil.copyfile(source, self._chunk_path(chunk, self.chunk_gens[chunk] + 1))
         self.chunk_gens[chunk] += 1
         self.retired.append(self.chunks[chunk])  # a read on another thread may still be reading through it
-        self._open_chunk(chunk)
+        self._open_chunk(chunk)  # under `map`, its new file now lies where the old one did
         self.frozen[chunk] = False
 
     # -- snapshots ---------------------------------------------------------------------------------
@@ -329,9 +467,9 @@ class SsdTable:
         entries = []
         for chunk in range(len(self.chunks)):
             path = self._chunk_path(chunk, self.chunk_gens[chunk])
-            if self.chunk_crcs[chunk] is None:
+            if self.chunk_crcs[chunk] == CHANGED:
                 self.chunk_crcs[chunk] = file_crc32(path)
-            entries.append({"file": path.name, "gen": self.chunk_gens[chunk], "crc32": self.chunk_crcs[chunk]})
+            entries.append({"file": path.name, "gen": self.chunk_gens[chunk], "crc32": int(self.chunk_crcs[chunk])})
         keys_bytes = keys.cpu().numpy().astype(np.int64).tobytes()
         keys_name = f"keys-{snapshot:06d}.bin"
         _write_durably(self.root / keys_name, keys_bytes)
@@ -346,7 +484,7 @@ class SsdTable:
         os.fsync(directory)
         os.close(directory)
         self.snapshot_id, self.step = snapshot, step
-        self.frozen = [True] * len(self.chunks)
+        self.frozen[: len(self.chunks)] = True
         self.kept = [*self.kept, manifest][-self.keep:]
         self._collect_garbage()
         return snapshot

@@ -402,18 +402,20 @@ def test_budgets_are_checked(tmp_path):
     assert fraction.cache.capacity > 1000
 
 
-@pytest.mark.parametrize("io,seed", [("map", 0), ("map", 1), ("pread", 0), ("pread", 2)])
+@pytest.mark.parametrize("io,seed", [("map", 0), ("map", 1), ("chunk-maps", 0), ("pread", 0), ("pread", 2)])
 def test_ssd_table_batched_io_matches_a_plain_array(io, seed, tmp_path, monkeypatch):
-    """Reads (in the caller's order or already sorted, split among I/O threads; through maps, or coalesced
-    positional calls) and queued writes against a numpy array, across chunk edges, snapshots (copy-on-write)
-    and a reopen."""
+    """Reads (in the caller's order or already sorted, split among I/O threads; through one range of maps, a map
+    per chunk, or coalesced positional calls) and queued writes against a numpy array, across chunk edges,
+    snapshots (copy-on-write) and a reopen."""
     from terarec.store import ssd
     from terarec.store.ssd import SsdTable
 
     monkeypatch.setattr(ssd, "RUNS_PER_READER", 2)  # small reads take the reader threads too
+    monkeypatch.setattr(ssd, "ROWS_PER_READER", 8)
     rng = np.random.default_rng(seed)
-    rows, width = 300, 5
-    table = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, chunk_rows=16, io=io)
+    rows, width = 2500, 5
+    table = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, chunk_rows=1024, io=io)
+    assert table.io == io  # chunks of 1024 rows are whole pages: `map` gets its one range
     table.reserve(rows)
     model = np.zeros((rows, width), dtype=np.float32)  # a new chunk reads as zeros
     for step in range(40):
@@ -438,6 +440,37 @@ def test_ssd_table_batched_io_matches_a_plain_array(io, seed, tmp_path, monkeypa
     reopened = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, io=io)
     assert np.array_equal(reopened.read(torch.arange(rows)).numpy(), snapshot)
     assert torch.equal(reopened.keys, torch.arange(rows)) and reopened.step == 40
+
+
+def test_ssd_table_copy_on_write_remaps_in_place_while_reads_run(tmp_path, caplog):
+    """Under io=map a write after a snapshot copies the chunk to a new file mapped where the old one was: reads
+    see the new rows, the snapshot's file keeps the old ones, and reads of other rows while that write is in
+    flight see the right rows. Chunks that are not whole pages cannot share one range: the table says so."""
+    import logging
+
+    from terarec.store.ssd import SsdTable
+
+    width, chunk_rows, rows = 4, 1 << 14, 4 << 14
+    table = SsdTable(tmp_path / "t", value_width=width, meta={"dim": width}, chunk_rows=chunk_rows, io="map")
+    table.reserve(rows)
+    table.write(torch.arange(rows), torch.arange(rows, dtype=torch.float32)[:, None].repeat(1, width))
+    even, odd = torch.arange(0, rows, 2), torch.arange(1, rows, 2)
+    for step in range(1, 5):
+        table.commit(torch.arange(rows), step)
+        table.write(odd, torch.full((odd.numel(), width), -float(step)))  # queued: copies every chunk, remaps
+        for _ in range(3):  # while it runs (no wait: none of these rows is being written)
+            assert torch.equal(table.read(even)[:, 0], even.float())
+        assert torch.equal(table.read(odd), torch.full((odd.numel(), width), -float(step)))
+    snapshot = json.loads((tmp_path / "t" / (tmp_path / "t" / "CURRENT").read_text()).read_text())
+    snapshot_file = tmp_path / "t" / snapshot["chunks"][0]["file"]
+    assert snapshot_file != Path(table.chunks[0].name)  # written after the snapshot: a new generation
+    table.sync()
+    assert np.fromfile(snapshot_file, dtype=np.float32).reshape(-1, width)[1, 0] == -3.0  # its step's rows
+    with caplog.at_level(logging.WARNING, logger="terarec.store.ssd"):
+        small = SsdTable(tmp_path / "u", value_width=5, meta={"dim": 5}, chunk_rows=16, io="map")
+    assert small.io == "chunk-maps" and "not whole pages" in caplog.text
+
+
 def sharded_worker(rank: int, world: int, directory: str, steps: list[torch.Tensor]) -> None:
     """One rank of a gloo world: its slice of every global batch through ShardedRows over a small
     cached_ssd store, with the pipeline (lookup, prefetch of its next slice, update); saves its export."""
