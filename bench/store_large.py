@@ -172,13 +172,14 @@ def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
 
 def merge(path: Path, rows: list[dict]) -> list[dict]:
     """This call's rows over those already recorded for other kinds; vs_device against the device row."""
-    def measured_as(row: dict) -> tuple:  # cached_ssd has a row for each way of I/O (rows before it: map)
-        return row["kind"], row.get("ssd_io", "map" if row["kind"] == "cached_ssd" else None)
+    def measured_as(row: dict) -> tuple:  # a row for each way of I/O (rows before it: map) and GPU cache size
+        return (row["kind"], row.get("ssd_io", "map" if row["kind"] == "cached_ssd" else None),
+                round(row["cache_gb"]))
 
     kept = json.loads(path.read_text())["figures"]["rows"] if path.exists() else []
     measured = {measured_as(row) for row in rows}
     merged = [r for r in kept if measured_as(r) not in measured] + rows
-    merged.sort(key=lambda r: KINDS.index(r["kind"]))
+    merged.sort(key=lambda r: (KINDS.index(r["kind"]), r["cache_gb"]))
     device_rate = next((r["samples_per_s"] for r in merged if r["kind"] == "device"), None)
     for r in merged:
         r["vs_device"] = round(r["samples_per_s"] / device_rate, 3) if device_rate else None

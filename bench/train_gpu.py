@@ -217,6 +217,7 @@ def main() -> None:
                         help="after each step-alone rate, profile 5 steps: kernel table to results/*-profile-*.txt")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile baseline (skipped in --smoke: minutes of CPU compile)")
+    parser.add_argument("--tag", help="appended to the results' name, for a partial run kept beside the full one")
     args = parser.parse_args()
     shape = dict(SMOKE if args.smoke else FULL)
     shape["rows"] = args.rows or shape["rows"]
@@ -224,7 +225,7 @@ def main() -> None:
     stages = {s.strip() for s in args.stages.split(",")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     slug = device_name().lower().replace("nvidia ", "").replace(" ", "-") if device.type == "cuda" else "cpu"
-    name = f"train_gpu-{slug}" + ("-smoke" if args.smoke else "")
+    name = f"train_gpu-{slug}" + ("-smoke" if args.smoke else "") + (f"-{args.tag}" if args.tag else "")
     settings = {**shape, "precisions": precisions, "reader_threads": args.threads, "device": str(device)}
     figures: dict = {"rows": [], "stages_s": {}}
 
