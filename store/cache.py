@@ -197,13 +197,9 @@ class CacheLevel:
         n = slots.numel()
         if n > self.capacity:
             raise ValueError(f"{n} rows do not fit the {self.name} of {self.capacity} rows; pass them in pieces")
-        access = self.clock
-        self.clock += 1
         cache_slots = self.slot_of[slots].long()
         hit = cache_slots >= 0
-        hit_slots = cache_slots[hit]
-        self.stamp[hit_slots] = access
-        self._touch(hit_slots)
+        access = self.touch(cache_slots[hit])
         miss = (~hit).nonzero().squeeze(1)
         if record:
             self.hits += n - miss.numel()
@@ -238,6 +234,15 @@ class CacheLevel:
         self.size += miss.numel()
         cache_slots[miss] = taken
         return cache_slots
+
+    def touch(self, cache_slots: torch.Tensor) -> int:
+        """A new access to resident rows by their cache slots (stamped: no sweep of this access takes them;
+        counted by the policy); returns the access's number."""
+        access = self.clock
+        self.clock += 1
+        self.stamp[cache_slots] = access
+        self._touch(cache_slots)
+        return access
 
     def _touch(self, cache_slots: torch.Tensor) -> None:
         if self.policy == "lru":

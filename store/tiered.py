@@ -115,6 +115,16 @@ class TieredStore(EmbeddingStore):
         return cache_slots
 
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
+        return self._lookup(keys, insert)[0]
+
+    def lookup_for_update(self, keys: torch.Tensor) -> Lookup:
+        """The rows, and where they sit in the top cache: while its residency has not moved (the cache's
+        `generation`), the update writes there, probing no key in the encoder or the slot map again."""
+        rows, cache_slots = self._lookup(keys, insert=True)
+        return Lookup(keys, rows, where=None if cache_slots is None else (self.cache.generation, cache_slots))
+
+    def _lookup(self, keys: torch.Tensor, insert: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows [N, dim], and the keys' cache slots when they were made resident in one piece and inserted."""
         keys = keys.to(self.device)
         self.lookups += keys.numel()
         self._settle()
@@ -128,15 +138,22 @@ class TieredStore(EmbeddingStore):
             slots, fresh = slots[held], torch.zeros_like(held, dtype=torch.bool)
         rows = torch.zeros((keys.numel(), self.dim), device=self.device)
         held_keys = keys[held]
-        for piece in pieces(held.numel(), self.cache.capacity):
+        parts = pieces(held.numel(), self.cache.capacity)
+        for piece in parts:
             cache_slots = self._resident(held_keys[piece], slots[piece], fresh[piece], True, prefetched)
             rows[held[piece]] = gather_rows(self.cache.values[:, : self.dim], cache_slots)
-        return rows
+        return rows, cache_slots if insert and len(parts) == 1 else None
 
     def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
         self.step += 1
-        keys = lookup.keys.to(self.device)
         grads = grads.to(self.device, torch.float32)
+        if lookup.where is not None and lookup.where[0] == self.cache.generation:  # the lookup's rows stayed put
+            cache_slots = lookup.where[1]
+            self.cache.touch(cache_slots)  # the access the slow path's `resident` would count
+            apply_in_place(self.cache.values, cache_slots, grads, self.optimizer, self.step)
+            self.cache.dirty[cache_slots] = True
+            return
+        keys = lookup.keys.to(self.device)
         slots, fresh = self._slots(keys)
         if self._job is not None and self.cache.missing(slots).numel():
             self._settle()  # rows to bring in: the tiers below are needed

@@ -134,6 +134,20 @@ class ModelCache:
                 self.slots[self.where[key]][3] = True
 
 
+def test_two_lookups_before_their_updates_equal_the_device_store(tmp_path):
+    """Two forwards before one optimizer step (the second lookup's misses move the first's rows' residency): the
+    first update finds its rows again through the encoder rather than the slots its lookup saw."""
+    steps = batches("random", 6, 40)
+    store = tiered("cached_host", OPTIMIZERS["adagrad"], tmp_path, cache_rows=60)
+    reference = DeviceStore(DIM, OPTIMIZERS["adagrad"], seed=3)
+    for step in range(0, 6, 2):
+        for backend in (store, reference):
+            first, second = backend.lookup_for_update(steps[step]), backend.lookup_for_update(steps[step + 1])
+            backend.update(first, grads_of(step, 40))
+            backend.update(second, grads_of(step + 1, 40))
+    assert_same_store(store, reference)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 @pytest.mark.parametrize("access", ["random", "zipf"])
 def test_counts_match_a_python_model(policy, access, tmp_path):
