@@ -85,6 +85,7 @@ class InferenceModel:
         self.predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.info = {"checkpoint": spec["checkpoint"], "step": checkpoint.step, "model": checkpoint.config.model,
                      "tasks": list(checkpoint.meta["label_columns"]), "servers": len(spec["servers"]), "device": device}
+        self.forwards = self.forward_rows = 0
         self.ingress = None
         if spec.get("ingress") is not None and settings.direct_ingress:
             app = spec["ingress"].app(spec["name"], lambda dense, sparse: self.predict((dense, sparse)))
@@ -104,14 +105,17 @@ class InferenceModel:
         else:
             scores = await asyncio.to_thread(score, self.model, dense, sparse)
         self.rows.renew_when_due()
+        self.forwards, self.forward_rows = self.forwards + 1, self.forward_rows + len(dense)
         return list(np.split(scores.numpy(), np.cumsum(sizes)[:-1]))
 
     def describe(self) -> dict:
+        """What the replica serves, its row cache, and its forwards so far (how well @serve.batch merges requests)."""
         recent = self.rows.recent
+        counts = {"forwards": self.forwards, "forward_rows": self.forward_rows}
         if recent is None:
-            return self.info | {"recent_hit_rate": None, "recent_rows": None}
-        return self.info | {"recent_hit_rate": recent.hits / recent.lookups if recent.lookups else None,
-                            "recent_rows": len(recent)}
+            return self.info | counts | {"recent_hit_rate": None, "recent_rows": None}
+        return self.info | counts | {"recent_hit_rate": recent.hits / recent.lookups if recent.lookups else None,
+                                     "recent_rows": len(recent)}
 
     def spec(self) -> dict:
         return self._spec

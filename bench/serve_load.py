@@ -184,19 +184,24 @@ async def load(urls: list[str], bodies: list[bytes], batch: int, headers: dict, 
             "rows_per_s": len(latencies) * batch / elapsed, "requests": len(latencies), "errors": errors}
 
 
-def run_cells(targets: dict[str, tuple[list[str], dict[int, list[bytes]], dict]], args,
-              concurrencies=CONCURRENCY) -> dict:
-    """Every cell (rows per request, clients) for each target (name: urls, bodies, headers) in turn: the targets a
-    cell compares run within seconds of each other (on a shared machine the load drifts over minutes)."""
+def run_cells(targets: dict[str, tuple], args, concurrencies=CONCURRENCY) -> dict:
+    """Every cell (rows per request, clients) for each target (name: urls, bodies, headers[, forwards]) in turn: the
+    targets a cell compares run within seconds of each other (on a shared machine the load drifts over minutes).
+    `forwards()`, where given, reads the replica's (forwards, rows) counters: the cell records rows per forward."""
     figures: dict = {name: {} for name in targets}
     for batch in BATCHES:
         for concurrency in concurrencies:
-            for name, (urls, bodies, headers) in targets.items():
+            for name, (urls, bodies, headers, *forwards) in targets.items():
+                before = forwards[0]() if forwards else None
                 cell = asyncio.run(load(urls, bodies[batch], batch, headers, concurrency, args.seconds, args.max_requests))
+                if forwards:
+                    after = forwards[0]()
+                    cell["rows_per_forward"] = (after[1] - before[1]) / max(1, after[0] - before[0])
                 figures[name][f"batch{batch}_c{concurrency}"] = cell
                 print(f"{name:21s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 "
                       f"{cell['p99_ms']:7.2f} ms  {cell['rows_per_s']:9.0f} rows/s  ({cell['requests']} requests, "
-                      f"{cell['errors']} errors)", flush=True)
+                      f"{cell['errors']} errors{', %.0f rows per forward' % cell['rows_per_forward'] if forwards else ''})",
+                      flush=True)
     return figures
 
 
@@ -247,7 +252,8 @@ def summary_rows(figures: dict) -> list[dict]:
     for batch in BATCHES:
         for concurrency in CONCURRENCY:
             key = f"batch{batch}_c{concurrency}"
-            row = {"rows_per_request": batch, "clients": concurrency}
+            row = {"rows_per_request": batch, "clients": concurrency,
+                   "terarec_rows_per_forward": figures["terarec"][key].get("rows_per_forward")}
             for name in ("bare", *TERAREC):
                 cell = figures[name][key]
                 row[name] = {"p50_ms": cell["p50_ms"], "p99_ms": cell["p99_ms"], "rows_per_s": cell["rows_per_s"]}
@@ -271,15 +277,15 @@ def markdown(figures: dict, settings: dict) -> str:
              f"(a declared JSON body, same model, rows in a local store, on {settings['bare_device']}).", "",
              "| rows/request | clients | terarec p50 / p99 ms | terarec rows/s | bare p50 / p99 ms | bare rows/s | "
              "p50 ratio | p99 ratio | rows/s ratio | Arrow p50 / p99 ms | Arrow rows/s | control plane p50 / p99 ms | "
-             "control plane rows/s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "control plane rows/s | terarec rows per forward |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in figures["rows"]:
         cell = {name: f"{row[name]['p50_ms']:.2f} / {row[name]['p99_ms']:.2f} | {row[name]['rows_per_s']:,.0f}"
                 for name in ("bare", *TERAREC)}
-        ratio = row["ratio"]
+        ratio, merged = row["ratio"], row["terarec_rows_per_forward"]
         lines.append(f"| {row['rows_per_request']} | {row['clients']} | {cell['terarec']} | {cell['bare']} | "
                      f"{ratio['p50']:.2f}x | {ratio['p99']:.2f}x | {ratio['rows_per_s']:.2f}x | {cell['terarec_arrow']} | "
-                     f"{cell['terarec_control_plane']} |")
+                     f"{cell['terarec_control_plane']} | {'—' if merged is None else f'{merged:,.0f}'} |")
     tiered = figures["tiered_servers"]
     lines += ["", "One client, three terarec deployments (each replica's own ingress): the replica's row cache on "
               "(above), off (every request asks the servers), and off with the servers on cached_host whose caches "
@@ -377,8 +383,13 @@ def main() -> None:
                                                             "max_batch_rows": 65536}} if args.gpus else {}
         view = deploy(base, headers, "bench", checkpoint, replicas=args.replicas, **on_gpu)
         direct = [url + predict.format("bench") for url in view["endpoints"]]
+
+        def forwards() -> tuple[int, int]:  # one replica's counters: the cells' rows per forward with one replica
+            counts = httpx.get(f"{base}/v1/models/bench", headers=headers, timeout=60).json()
+            return counts["forwards"], counts["forward_rows"]
+
         figures |= run_cells({"bare": ([f"http://127.0.0.1:{bare_port}/predict"], bodies, {"Content-Type": "application/json"}),
-                              "terarec": (direct, bodies, headers),
+                              "terarec": (direct, bodies, headers, *([forwards] if args.replicas == 1 else [])),
                               "terarec_arrow": ([url + "?transformed=true" for url in direct], arrow_bodies,
                                                 headers | {"Content-Type": ARROW}),
                               "terarec_control_plane": ([base + predict.format("bench")], bodies, headers)}, args)

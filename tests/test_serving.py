@@ -241,6 +241,7 @@ def test_served_scores_equal_the_offline_model(api, served, checkpoints, synth_d
     assert served["tasks"] == ["label"]
     assert served["recent_rows"] == sum(server_rows(MODEL, checkpoints[20], 2)) > 0  # the replica started warm
     dense, sparse = eval_rows(synth_data, 300)
+    before = api.call("GET", f"/v1/models/{MODEL}").json()
     response = predict(api, dense, sparse)
     assert response.status_code == 200, response.text
     response_json = response.json()
@@ -259,6 +260,8 @@ def test_served_scores_equal_the_offline_model(api, served, checkpoints, synth_d
     assert direct.status_code == 200 and direct.json() == response_json, direct.text
     response = replica(api).call("POST", f"/v1/models/{MODEL}/predict?transformed=true", data=body, headers=ARROW)
     assert response.status_code == 200 and response.content == replied_bytes
+    after = api.call("GET", f"/v1/models/{MODEL}").json()  # the replica's counters: 4 requests of 300 rows, 4 forwards
+    assert (after["forwards"] - before["forwards"], after["forward_rows"] - before["forward_rows"]) == (4, 1200), after
 
 
 def test_raw_dense_values_get_the_converter_transform(api, served, checkpoints, synth_data):
