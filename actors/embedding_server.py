@@ -101,6 +101,8 @@ class RecentRows:
     whole when it is full or older than `max_age_s` (no per-row bookkeeping), so a row a server changes is seen
     at most `max_age_s` later. Past half that age `renewal_due()`: the replica asks the servers for the held
     keys again and `renew` writes their answers over the held rows, before the generation has to be dropped.
+    A generation's encoder and rows are one attribute (`_generation`), so that `renew`, which runs in a worker
+    thread, writes a generation's rows at that generation's slots even if another thread starts a new one meanwhile.
     """
 
     def __init__(self, dim: int, capacity: int, max_age_s: float):
@@ -108,33 +110,34 @@ class RecentRows:
         self.hits = self.lookups = 0
         self._clear()
 
-    def _clear(self, born: float | None = None) -> None:
-        self.encoder = IdEncoder(capacity=2 * self.capacity)
-        self.values = torch.empty((self.capacity, self.dim))
-        self.born = time.monotonic() if born is None else born
+    def _clear(self) -> None:
+        self._generation = (IdEncoder(capacity=2 * self.capacity), torch.empty((self.capacity, self.dim)))
+        self.born = time.monotonic()
 
     def find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N] unique keys -> the cached ones' positions in `keys` [H] and their rows [H, D]."""
         if time.monotonic() - self.born > self.max_age_s:
             self._clear()
-        slots = self.encoder.find(keys)
+        encoder, values = self._generation
+        slots = encoder.find(keys)
         held = (slots >= 0).nonzero().squeeze(1)
         self.lookups += keys.numel()
         self.hits += held.numel()
-        return held, self.values[slots[held]]
+        return held, values[slots[held]]
 
     def add(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         """Cache `rows` of unique keys not cached yet; a full cache starts a new generation first."""
-        if len(self.encoder) + keys.numel() > self.capacity:
+        if len(self) + keys.numel() > self.capacity:
             self._clear()
             keys, rows = keys[: self.capacity], rows[: self.capacity]
-        self.values[self.encoder.find_or_insert(keys)] = rows
+        encoder, values = self._generation
+        values[encoder.find_or_insert(keys)] = rows
 
     def __len__(self) -> int:
-        return len(self.encoder)
+        return len(self._generation[0])
 
     def held_keys(self) -> torch.Tensor:
-        return self.encoder.items()[0]  # in slot order
+        return self._generation[0].items()[0]  # in slot order
 
     def renewal_due(self) -> bool:
         return len(self) > 0 and time.monotonic() - self.born > self.max_age_s / 2
@@ -142,10 +145,13 @@ class RecentRows:
     def renew(self, keys: torch.Tensor, rows: torch.Tensor, asked_at: float) -> None:
         """`rows` [N, D] the servers answered for held `keys` when asked at `asked_at` (time.monotonic), written
         over the cached ones in place; the generation's age counts from the ask (rows cached since are newer)."""
-        slots = self.encoder.find(keys)
+        generation = self._generation
+        encoder, values = generation
+        slots = encoder.find(keys)
         held = slots >= 0  # a key dropped since the ask (a new generation) stays dropped
-        self.values[slots[held]] = rows[held]
-        self.born = asked_at
+        values[slots[held]] = rows[held]
+        if self._generation is generation:
+            self.born = asked_at
 
 
 class ServerRows:
@@ -244,11 +250,18 @@ class ServerRows:
 
     async def _renew(self) -> None:
         try:
-            keys, asked_at = self.recent.held_keys(), time.monotonic()
-            asked = self._ask(keys)
-            self.recent.renew(keys, self._rows_of(asked, await _answers(asked)), asked_at)
+            asked_at = time.monotonic()
+            # the held keys' and rows' bookkeeping (tens of ms for 64k rows on a busy CPU) in a worker thread, not
+            # on the event loop, where it would hold every request meanwhile
+            keys, asked = await asyncio.to_thread(self._ask_held)
+            answers = await _answers(asked)
+            await asyncio.to_thread(lambda: self.recent.renew(keys, self._rows_of(asked, answers), asked_at))
         finally:
             self._renewal = None
+
+    def _ask_held(self) -> tuple[torch.Tensor, list]:
+        keys = self.recent.held_keys()
+        return keys, self._ask(keys)
 
     def lookup_for_update(self, keys: torch.Tensor):
         raise ValueError("serving embeddings are read-only: a serving model runs in eval mode")

@@ -8,11 +8,17 @@ when it has one; recent rows stay in a replica-local cache (`RecentRows`) for a 
 `serving.deploy_timeout_s` for their resources; deploying a new checkpoint under the same name is Serve's
 rolling update (new replicas, with their own servers, take over before the old ones and their servers are
 stopped), so no request fails.
+
+A replica also answers predictions over HTTP itself when the deploy hands it an ingress (the control plane's
+`api/replica_ingress.py`: the app, its token check included): on a port of its node, listed by `model_endpoints`,
+requests skip the control plane and Serve's handle call. A stopping replica leaves that list at once and keeps
+answering for `serving.drain_s`, so that clients can move to the new replicas' endpoints.
 """
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -67,7 +73,7 @@ class InferenceModel:
 
     def __init__(self, spec: dict):
         self._spec = spec
-        settings = ServingConfig.model_validate(spec["settings"])
+        self.settings = settings = ServingConfig.model_validate(spec["settings"])
         checkpoint = open_checkpoint(spec["checkpoint"])
         dim = store_width(checkpoint.config)
         recent = RecentRows(dim, settings.recent_rows, settings.recent_max_age_s) if settings.recent_rows else None
@@ -79,6 +85,11 @@ class InferenceModel:
         self.predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
         self.info = {"checkpoint": spec["checkpoint"], "step": checkpoint.step, "model": checkpoint.config.model,
                      "tasks": list(checkpoint.meta["label_columns"]), "servers": len(spec["servers"]), "device": device}
+        self.forwards = self.forward_rows = 0
+        self.ingress = None
+        if spec.get("ingress") is not None and settings.direct_ingress:
+            app = spec["ingress"].app(spec["name"], lambda dense, sparse: self.predict((dense, sparse)))
+            self.ingress = ReplicaIngressServer(spec["name"], app, spec["ingress"].server_options())
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.0, batch_size_fn=rows_in)  # __init__ applies ServingConfig
     async def predict(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
@@ -94,17 +105,75 @@ class InferenceModel:
         else:
             scores = await asyncio.to_thread(score, self.model, dense, sparse)
         self.rows.renew_when_due()
+        self.forwards, self.forward_rows = self.forwards + 1, self.forward_rows + len(dense)
         return list(np.split(scores.numpy(), np.cumsum(sizes)[:-1]))
 
     def describe(self) -> dict:
+        """What the replica serves, its row cache, and its forwards so far (how well @serve.batch merges requests)."""
         recent = self.rows.recent
+        counts = {"forwards": self.forwards, "forward_rows": self.forward_rows}
         if recent is None:
-            return self.info | {"recent_hit_rate": None, "recent_rows": None}
-        return self.info | {"recent_hit_rate": recent.hits / recent.lookups if recent.lookups else None,
-                            "recent_rows": len(recent)}
+            return self.info | counts | {"recent_hit_rate": None, "recent_rows": None}
+        return self.info | counts | {"recent_hit_rate": recent.hits / recent.lookups if recent.lookups else None,
+                                     "recent_rows": len(recent)}
 
     def spec(self) -> dict:
         return self._spec
+
+    async def __del__(self):
+        """Serve's graceful shutdown (a delete, a rollout's old replica): the replica's endpoint stops being listed,
+        answers for `drain_s` more, then closes once its requests are answered."""
+        if self.ingress is not None:
+            await self.ingress.stop(self.settings.drain_s)
+
+
+ENDPOINT_PREFIX = "terarec-endpoint:"  # Ray's internal KV: ENDPOINT_PREFIX + model + ":" + replica actor -> URL
+SERVE_NAMESPACE = "serve"  # where Serve's replica actors are named
+
+
+class ReplicaIngressServer:
+    """uvicorn serving `app` on this replica's event loop, on a free port of the node's address, listed in Ray's
+    internal KV under the model's name while it runs."""
+
+    def __init__(self, model: str, app, options: dict):
+        import ray
+        import uvicorn
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        host = ray.util.get_node_ip_address()
+        listener = socket.create_server((host, 0), backlog=2048)
+        listener.setblocking(False)
+        self.url = f"http://{host}:{listener.getsockname()[1]}"
+        config = uvicorn.Config(app, lifespan="off", log_config=None, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=30, **options)
+        self.server = uvicorn.Server(config)
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[listener]))
+        self.key = f"{ENDPOINT_PREFIX}{model}:{serve.get_replica_context().replica_id.to_full_id_str()}"
+        _internal_kv_put(self.key, self.url)
+
+    async def stop(self, drain_s: float) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(self.key)
+        await asyncio.sleep(drain_s)
+        self.server.should_exit = True
+        await self.task
+
+
+def model_endpoints(name: str) -> list[str]:
+    """The URLs of the running replicas of model `name` that answer predictions themselves (sorted)."""
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    live = {entry["name"] for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == SERVE_NAMESPACE}
+    prefix = f"{ENDPOINT_PREFIX}{name}:"
+    urls = []
+    for key in _internal_kv_list(prefix):
+        if key.decode()[len(prefix):] in live:  # a replica that died without its __del__ left its key behind
+            url = _internal_kv_get(key)
+            urls += [url.decode()] if url else []
+    return sorted(urls)
 
 
 class DeployTimeout(ResourceError):
@@ -159,11 +228,12 @@ class DeployWait:
 
 def deploy_model(name: str, checkpoint_dir: str, replicas: int = 1, num_servers: int | None = None,
                  store: StoreConfig | None = None, server_gpus: float = 0, settings: ServingConfig | None = None,
-                 say: Callable[[str], None] = print) -> dict:
+                 say: Callable[[str], None] = print, ingress=None) -> dict:
     """Start (or roll out) the Serve application `name` for a checkpoint; returns what is served.
 
     `store`: the servers' store (default: all rows in memory); `server_gpus`: GPUs per server (its store on
-    the GPU); `settings`: the replicas' batching, cache, resources and the deploy's deadline. Needs a Ray
+    the GPU); `settings`: the replicas' batching, cache, resources and the deploy's deadline; `ingress`: what makes
+    each replica's own predict app (`app(name, scorer)`, `server_options()`: api/replica_ingress.py), if any. Needs a Ray
     connection (`ray.init`) to a cluster that outlives the caller. A deploy the cluster can never hold fails at
     once (ResourceError); one that waits says why through `say` and gives up after settings.deploy_timeout_s
     (DeployTimeout), leaving what served before: its own new servers stopped, a new name deleted, a rollout's
@@ -174,8 +244,9 @@ def deploy_model(name: str, checkpoint_dir: str, replicas: int = 1, num_servers:
     settings = settings or ServingConfig()
     checkpoint = open_checkpoint(checkpoint_dir)
     num_servers = num_servers or checkpoint.meta["world_size"]
-    spec = {"checkpoint": os.path.abspath(checkpoint.directory), "servers": server_names(name, checkpoint, num_servers),
-            "settings": settings.model_dump(), "replicas": replicas, "server_gpus": server_gpus}
+    spec = {"name": name, "checkpoint": os.path.abspath(checkpoint.directory),
+            "servers": server_names(name, checkpoint, num_servers), "settings": settings.model_dump(),
+            "replicas": replicas, "server_gpus": server_gpus, "ingress": ingress}
     short = short_of(deploy_asks(spec), largest(ray.cluster_resources(), cluster_capacity()))
     if short:
         raise ResourceError(f"model {name} can never be placed on this cluster: {unfit_text(short, REMEDY[short[0]])}")
@@ -235,8 +306,11 @@ def cluster_capacity() -> dict[str, float]:
 
 
 def delete_model(name: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
     serve.delete(name)
     stop_servers(name)
+    _internal_kv_del(f"{ENDPOINT_PREFIX}{name}:", del_by_prefix=True)  # keys of replicas that died unstopped
 
 
 def served_models() -> dict[str, dict]:

@@ -5,8 +5,9 @@ Serve's "throughput optimized" mode (bench/README.md, online inference): a repli
 loop instead of a second thread, buffers its request logs, and a handle reaches replicas over gRPC rather than
 Ray actor calls; on 2 cores that took ~2 ms off a single-row request. The handle's router keeps its own event
 loop: the control plane also calls handles from worker threads (describe, deploy), which needs it. The mode's
-"direct ingress" stays off: it would open an HTTP port on every replica, without the control plane's token
-check, and hold every replica 30 s on its way out (a delete, a rollout).
+"direct ingress" stays off: it needs Serve's HTTP proxy, would open a port on every replica without the control plane's
+token check, and holds every replica 30 s on its way out (a delete, a rollout). A replica's own ingress
+(`inference.py::ReplicaIngressServer`, with the control plane's token check) takes its place.
 """
 from __future__ import annotations
 

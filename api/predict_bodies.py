@@ -5,20 +5,56 @@ Python objects with `json.loads` first and validates those, several times slower
 are FastAPI's (422, `body.rows.0.dense` ...). An Arrow body (`Content-Type: application/vnd.apache.arrow.stream`)
 carries the columns of terarec's parquet data, I1..I13 numeric and C1..C26 integer (other columns, e.g. labels,
 are ignored), read column by column without a per-value Python step; its scores come back as an Arrow stream too.
+`predict_reply` is the whole predict route past the token check, for the control plane and a replica's own ingress.
 """
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import numpy as np
 import pyarrow as pa
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+from terarec.core.data.schema import DENSE_COLUMNS, SPARSE_COLUMNS, transform_dense
 
-from .errors import Unprocessable
+from .errors import TooLarge, Unprocessable
+from .responses import AsciiJSONResponse
 from .schemas import PredictRequest
 
 ARROW = "application/vnd.apache.arrow.stream"
+
+Scorer = Callable[[np.ndarray, np.ndarray], Awaitable[np.ndarray]]  # model inputs -> [n, T] probabilities
+
+
+async def predict_reply(name: str, request: Request, transformed: bool, max_rows: int, scorer: Scorer) -> Response:
+    """The reply to POST /v1/models/NAME/predict: the body read as its content type says, checked and transformed
+    (`model_inputs`), scored by `scorer`, answered as JSON or, for an Arrow body, an Arrow stream."""
+    body = await request.body()
+    if is_arrow(request.headers.get("content-type")):
+        dense, sparse = read_arrow(body)
+        return Response(arrow_scores(await scorer(*model_inputs(dense, sparse, transformed, max_rows))),
+                        media_type=ARROW)
+    dense, sparse, transformed = read_json(body)
+    scores = await scorer(*model_inputs(dense, sparse, transformed, max_rows))
+    # the scores are plain floats: a response sent as it is, without validating it again
+    return AsciiJSONResponse({"model": name, "scores": scores.tolist()})
+
+
+def model_inputs(dense: np.ndarray, sparse: np.ndarray, transformed: bool, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A body's rows -> dense [n, 13] float32 (transformed as in training) and sparse [n, 26] int64; at most
+    `max_rows` rows, every dense value finite."""
+    if len(dense) > max_rows:
+        raise TooLarge(f"{len(dense)} rows in one request; at most {max_rows} (TERAREC_MAX_PREDICT_ROWS)")
+    with np.errstate(over="ignore"):
+        dense = dense.astype(np.float32) if transformed else transform_dense(dense)
+    bad = np.argwhere(~np.isfinite(dense))
+    if len(bad):
+        row, column = bad[0]
+        raise Unprocessable(f"rows.{row}.dense.{column}: not finite as float32 (transformed values must stay "
+                            "within ±3.4e38)")
+    return dense, sparse
 
 
 def is_arrow(content_type: str | None) -> bool:

@@ -110,6 +110,12 @@ class ModelView(BaseModel):
     recent_hit_rate: float | None = Field(default=None, description="share of rows a replica found in its own cache")
     recent_rows: int | None = Field(default=None, description="rows a replica holds in its cache (it starts with every "
                                     "row of the servers whose rows fit)")
+    forwards: int | None = Field(default=None, description="forwards a replica ran since it started (@serve.batch "
+                                 "merges the requests queued meanwhile into one)")
+    forward_rows: int | None = Field(default=None, description="rows those forwards scored")
+    endpoints: list[str] | None = Field(default=None, description="the replicas' own addresses: POST "
+                                        "ENDPOINT/v1/models/NAME/predict with the same token skips the control plane "
+                                        "(serving.direct_ingress)")
 
 
 class ModelList(BaseModel):

@@ -18,6 +18,13 @@ def device_name() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def device_slug() -> str:
+    """The device in a file name: `h200` for an NVIDIA H200, `cpu` without a GPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
+    return "cpu"
+
+
 def commit() -> str:
     """The checkout's commit; TERAREC_COMMIT names it where the tree travels without .git (the GPU machine)."""
     if os.environ.get("TERAREC_COMMIT"):

@@ -1,20 +1,26 @@
 """Online inference under load, on loopback: terarec's predict route vs a bare FastAPI + torch endpoint.
 
-terarec: the control plane (`terarec serve`, uvicorn) -> Ray Serve handle -> the InferenceModel replica
-(`@serve.batch`, recent rows cached) -> embedding server actors. Baseline: one uvicorn process with a FastAPI
-route that parses the same request body and runs the same model in-process (the checkpoint's rows in a local
-store). Both score the same checkpoint (DLRM, trained here for a few steps on synthetic data) and the same eval
-rows (each client walks through distinct bodies); each cell runs the bare endpoint, terarec and terarec with Arrow
-IPC bodies back to back, so that their figures see the same load on a shared machine (Arrow bodies: the Criteo
-columns; the baseline keeps JSON, as a plain FastAPI endpoint would). For each batch size (1, 256 rows per request)
-and concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`, whichever ends first;
-figures are p50/p99 latency and rows/s. Two more terarec deployments run the 1-client cells: without the
-replica's row cache (every request asks the servers), and with the servers on `cached_host` whose cache holds
-a quarter of the table (its hit rate is read from the servers). `hops` times the pieces of one single-row
-request: reading its body, the local forward, one embedding-server call, the Serve handle call. JSON goes to
-bench/results/serve_load.json, a table to bench/results/serve_load.md.
+terarec: the InferenceModel replicas' own ingress (`serving.direct_ingress`: the control plane's token check and
+body readers in the replica; `@serve.batch`, recent rows cached) -> embedding server actors; the clients spread over
+the endpoints GET /v1/models/NAME lists. `terarec_control_plane`: the same deployment through the control plane
+(`terarec serve`, uvicorn) and a Ray Serve handle call. Baseline: one uvicorn process with a FastAPI route that
+parses the same request body and runs the same model in-process (the checkpoint's rows in a local store). All score
+the same checkpoint (DLRM, trained here for a few steps on synthetic data) and the same eval rows (each client walks
+through distinct bodies); each cell runs bare, terarec, terarec with Arrow IPC bodies and terarec through the control
+plane back to back, so that their figures see the same load on a shared machine (Arrow bodies: the Criteo columns;
+the baseline keeps JSON, as a plain FastAPI endpoint would). For each batch size (1, 256 rows per request) and
+concurrency (1, 8, 64 clients), the load runs for `--seconds` or `--max-requests`, whichever ends first; figures are
+p50/p99 latency and rows/s. Two more terarec deployments run the 1-client cells: without the replica's row cache
+(every request asks the servers), and with the servers on `cached_host` whose cache holds a quarter of the table
+(its hit rate is read from the servers). `hops` times the pieces of one single-row request: reading its body, the
+local forward, one embedding-server call, the Serve handle call.
 
-    python bench/serve_load.py [--seconds 4] [--max-requests 4000]
+Sizes follow the machine: Ray gets os.cpu_count() CPUs, terarec one replica per 4 cores (at most 4), and with a GPU
+the replicas, servers and the bare endpoint run the dense model on it (the JSON says where each replica ran it).
+JSON goes to bench/results/serve_load-<device>.json (`rows`: per cell, p50/p99 and rows/s of bare and terarec and
+their ratios), a table to bench/results/serve_load.md (serve_load-<device>.md on a GPU machine).
+
+    python bench/serve_load.py [--seconds 3] [--max-requests 3000]
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import time
 import httpx
 import numpy as np
 
-from results import RESULTS, device_name, record  # bench/results.py
+from results import RESULTS, device_name, device_slug, record  # bench/results.py
 from terarec.api.predict_bodies import ARROW, read_arrow, read_json
 from terarec.api.schemas import PredictRequest, PredictResponse  # module level: the bare route's annotations
 
@@ -143,18 +149,20 @@ def wait_up(url: str, process: subprocess.Popen, timeout: float = 90) -> None:
     raise RuntimeError(f"the server at {url} did not come up in {timeout} s")
 
 
-async def load(url: str, bodies: list[bytes], batch: int, headers: dict, concurrency: int, seconds: float,
+async def load(urls: list[str], bodies: list[bytes], batch: int, headers: dict, concurrency: int, seconds: float,
                max_requests: int) -> dict:
-    """`concurrency` clients send the bodies in turn, back to back, until the time or the request budget runs out."""
+    """`concurrency` clients (client i at urls[i % len(urls)]) send the bodies in turn, back to back, until the time
+    or the request budget runs out."""
     latencies: list[float] = []
     errors, sent = 0, 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=120, headers=headers) as client:
-        for body in bodies[:3]:  # warm: connections, the model's first forward
-            await client.post(url, content=body)
+        for url in urls:
+            for body in bodies[:3]:  # warm: connections, the model's first forward
+                await client.post(url, content=body)
         deadline = time.perf_counter() + seconds
 
-        async def client_loop():
+        async def client_loop(url: str):
             nonlocal errors, sent
             while time.perf_counter() < deadline and sent < max_requests:
                 body = bodies[sent % len(bodies)]
@@ -167,27 +175,33 @@ async def load(url: str, bodies: list[bytes], batch: int, headers: dict, concurr
                     errors += 1
 
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(urls[i % len(urls)]) for i in range(concurrency)))
         elapsed = time.perf_counter() - started
     if not latencies:
-        raise RuntimeError(f"every request to {url} failed ({errors} errors)")
+        raise RuntimeError(f"every request to {urls} failed ({errors} errors)")
     ms = np.array(latencies) * 1e3
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "rows_per_s": len(latencies) * batch / elapsed, "requests": len(latencies), "errors": errors}
 
 
-def run_cells(targets: dict[str, tuple[str, dict[int, list[bytes]], dict]], args, concurrencies=CONCURRENCY) -> dict:
-    """Every cell (rows per request, clients) for each target (name: url, bodies, headers) in turn: the targets a
-    cell compares run within seconds of each other (on a shared machine the load drifts over minutes)."""
+def run_cells(targets: dict[str, tuple], args, concurrencies=CONCURRENCY) -> dict:
+    """Every cell (rows per request, clients) for each target (name: urls, bodies, headers[, forwards]) in turn: the
+    targets a cell compares run within seconds of each other (on a shared machine the load drifts over minutes).
+    `forwards()`, where given, reads the replica's (forwards, rows) counters: the cell records rows per forward."""
     figures: dict = {name: {} for name in targets}
     for batch in BATCHES:
         for concurrency in concurrencies:
-            for name, (url, bodies, headers) in targets.items():
-                cell = asyncio.run(load(url, bodies[batch], batch, headers, concurrency, args.seconds, args.max_requests))
+            for name, (urls, bodies, headers, *forwards) in targets.items():
+                before = forwards[0]() if forwards else None
+                cell = asyncio.run(load(urls, bodies[batch], batch, headers, concurrency, args.seconds, args.max_requests))
+                if forwards:
+                    after = forwards[0]()
+                    cell["rows_per_forward"] = (after[1] - before[1]) / max(1, after[0] - before[0])
                 figures[name][f"batch{batch}_c{concurrency}"] = cell
-                print(f"{name:13s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 "
+                print(f"{name:21s} batch {batch:3d} c {concurrency:2d}: p50 {cell['p50_ms']:7.2f} ms  p99 "
                       f"{cell['p99_ms']:7.2f} ms  {cell['rows_per_s']:9.0f} rows/s  ({cell['requests']} requests, "
-                      f"{cell['errors']} errors)", flush=True)
+                      f"{cell['errors']} errors{', %.0f rows per forward' % cell['rows_per_forward'] if forwards else ''})",
+                      flush=True)
     return figures
 
 
@@ -228,27 +242,55 @@ def hops(model: str, checkpoint_dir: str, dense: np.ndarray, sparse: np.ndarray,
             "serve_handle_predict": median_ms(lambda: handle.predict.remote((row_dense, row_sparse)).result())}
 
 
-def markdown(figures: dict, settings: dict) -> str:
-    lines = ["# Online inference under load (bench/serve_load.py)", "",
-             f"{device_name()}, {settings['date']}; {settings['model']} checkpoint, {settings['seconds']} s or "
-             f"{settings['max_requests']} requests per cell, loopback HTTP, JSON bodies (and Arrow ones to terarec); load generator, servers and "
-             f"Ray share the {settings['cpus']} cores (load average {settings['load_average_1m']:.1f} at the end).", "",
-             "terarec: control plane -> Ray Serve (@serve.batch, 1 replica of 1 CPU, recent rows cached) -> 2 embedding "
-             "servers. bare: FastAPI + torch in one process (same schema as a declared JSON body, same model, rows in a local "
-             "store). terarec Arrow: the same deployment, Arrow IPC bodies of the Criteo columns, Arrow replies.", "",
-             "| rows/request | clients | terarec p50 ms | terarec p99 ms | terarec rows/s | bare p50 ms | bare p99 ms | "
-             "bare rows/s | terarec Arrow p50 ms | Arrow p99 ms | Arrow rows/s |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+TERAREC = ("terarec", "terarec_arrow", "terarec_control_plane")
+
+
+def summary_rows(figures: dict) -> list[dict]:
+    """One row per cell: bare's and each terarec path's p50/p99 ms and rows/s, and terarec's (its own ingress, JSON)
+    ratios to bare: p50 and p99 (lower is better) and rows/s (higher is better)."""
+    rows = []
     for batch in BATCHES:
         for concurrency in CONCURRENCY:
             key = f"batch{batch}_c{concurrency}"
-            cells = [figures[name][key] for name in ("terarec", "bare", "terarec_arrow")]
-            lines.append(f"| {batch} | {concurrency} | " + " | ".join(
-                f"{cell['p50_ms']:.2f} | {cell['p99_ms']:.2f} | {cell['rows_per_s']:,.0f}" for cell in cells) + " |")
+            row = {"rows_per_request": batch, "clients": concurrency,
+                   "terarec_rows_per_forward": figures["terarec"][key].get("rows_per_forward")}
+            for name in ("bare", *TERAREC):
+                cell = figures[name][key]
+                row[name] = {"p50_ms": cell["p50_ms"], "p99_ms": cell["p99_ms"], "rows_per_s": cell["rows_per_s"]}
+            bare, terarec = row["bare"], row["terarec"]
+            row["ratio"] = {"p50": terarec["p50_ms"] / bare["p50_ms"], "p99": terarec["p99_ms"] / bare["p99_ms"],
+                            "rows_per_s": terarec["rows_per_s"] / bare["rows_per_s"]}
+            rows.append(row)
+    return rows
+
+
+def markdown(figures: dict, settings: dict) -> str:
+    lines = ["# Online inference under load (bench/serve_load.py)", "",
+             f"{device_name()}, {settings['date']}, commit {settings['commit']}; {settings['model']} checkpoint, "
+             f"{settings['seconds']} s or {settings['max_requests']} requests per cell, loopback HTTP; load generator, "
+             f"servers and Ray share the {settings['cpus']} cores (load average {settings['load_average_1m']:.1f} at the "
+             "end).", "",
+             f"terarec: {settings['replicas']} replica(s) (@serve.batch, recent rows cached, dense model on "
+             f"{settings['replica_device']}) answering on their own ports (the clients spread over them) -> 2 embedding "
+             "servers; Arrow: the same with Arrow IPC bodies of the Criteo columns and Arrow replies; control plane: the "
+             "same deployment through `terarec serve` and a Serve handle call. bare: FastAPI + torch in one process "
+             f"(a declared JSON body, same model, rows in a local store, on {settings['bare_device']}).", "",
+             "| rows/request | clients | terarec p50 / p99 ms | terarec rows/s | bare p50 / p99 ms | bare rows/s | "
+             "p50 ratio | p99 ratio | rows/s ratio | Arrow p50 / p99 ms | Arrow rows/s | control plane p50 / p99 ms | "
+             "control plane rows/s | terarec rows per forward |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in figures["rows"]:
+        cell = {name: f"{row[name]['p50_ms']:.2f} / {row[name]['p99_ms']:.2f} | {row[name]['rows_per_s']:,.0f}"
+                for name in ("bare", *TERAREC)}
+        ratio, merged = row["ratio"], row["terarec_rows_per_forward"]
+        lines.append(f"| {row['rows_per_request']} | {row['clients']} | {cell['terarec']} | {cell['bare']} | "
+                     f"{ratio['p50']:.2f}x | {ratio['p99']:.2f}x | {ratio['rows_per_s']:.2f}x | {cell['terarec_arrow']} | "
+                     f"{cell['terarec_control_plane']} | {'—' if merged is None else f'{merged:,.0f}'} |")
     tiered = figures["tiered_servers"]
-    lines += ["", "One client, three terarec deployments: the replica's row cache on (above), off (every request asks the "
-              f"servers), and off with the servers on cached_host whose caches hold {tiered['cache_rows']:,.0f} of the "
-              f"table's {tiered['table_rows']:,.0f} rows (hit rate {tiered['hit_rate']:.1%} over the run).", "",
+    lines += ["", "One client, three terarec deployments (each replica's own ingress): the replica's row cache on "
+              "(above), off (every request asks the servers), and off with the servers on cached_host whose caches "
+              f"hold {tiered['cache_rows']:,.0f} of the table's {tiered['table_rows']:,.0f} rows (hit rate "
+              f"{tiered['hit_rate']:.1%} over the run).", "",
               "| rows/request | cached p50 / p99 ms | no replica cache p50 / p99 ms | tiered servers p50 / p99 ms |",
               "| ---: | ---: | ---: | ---: |"]
     for batch in BATCHES:
@@ -260,11 +302,18 @@ def markdown(figures: dict, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def deploy(base: str, headers: dict, name: str, checkpoint: str, **fields) -> None:
+def deploy(base: str, headers: dict, name: str, checkpoint: str, replicas: int = 1, **fields) -> dict:
+    """POST /v1/models, then the model's view (its replicas' endpoints, where they run the dense model)."""
     response = httpx.post(f"{base}/v1/models", headers=headers, timeout=300,
-                          json={"name": name, "checkpoint": checkpoint, "replicas": 1, "servers": 2, **fields})
+                          json={"name": name, "checkpoint": checkpoint, "replicas": replicas, "servers": 2, **fields})
     if response.status_code != 200:
         raise RuntimeError(f"deploying {name} failed: {response.status_code} {response.text[:500]}")
+    for _ in range(100):  # a replica lists its endpoint as it starts; a rollout's or a restart's may lag
+        view = httpx.get(f"{base}/v1/models/{name}", headers=headers, timeout=60).json()
+        if len(view["endpoints"] or []) == replicas:
+            return view
+        time.sleep(0.2)
+    raise RuntimeError(f"model {name}: {replicas} replicas but endpoints {view['endpoints']}")
 
 
 def tiered_servers(name: str, checkpoint_dir: str) -> dict:
@@ -283,21 +332,30 @@ def tiered_servers(name: str, checkpoint_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="load duration per cell")
-    parser.add_argument("--max-requests", type=int, default=4000, help="request budget per cell")
+    parser.add_argument("--seconds", type=float, default=3.0, help="load duration per cell")
+    parser.add_argument("--max-requests", type=int, default=3000, help="request budget per cell")
     parser.add_argument("--rows", type=int, default=50_000, help="synthetic rows to train on")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--cpus", type=int, default=4, help="CPUs of the local Ray")
-    parser.add_argument("--gpus", type=float, default=0, help="GPUs per replica and per server (bare: on the GPU)")
+    parser.add_argument("--cpus", type=int, default=max(4, os.cpu_count() or 1),
+                        help="CPUs of the local Ray (default: all, at least 4: replicas and servers mostly wait)")
+    parser.add_argument("--replicas", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
+                        help="terarec's replicas (default: one per 4 cores, at most 4)")
+    parser.add_argument("--gpus", type=float, default=None, help="GPUs shared by the replicas and servers, the bare "
+                        "endpoint on the GPU too (default: 1 if there is one, else 0)")
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
         return bare_server(int(args.bare_server[0]), args.bare_server[1])
+    import torch
+
     from terarec.actors.serve_env import use_serve_env
 
+    if args.gpus is None:
+        args.gpus = 1.0 if torch.cuda.is_available() else 0.0
     use_serve_env()  # this driver's handle (`hops`) as the control plane's
     import ray
 
+    started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="serve-load-")
     data, checkpoint = make_checkpoint(workdir, args.rows, args.steps)
     dense, sparse = eval_rows(data)
@@ -307,7 +365,7 @@ def main() -> None:
     bare_port = free_port()
     bare_env = os.environ | ({} if args.gpus else {"CUDA_VISIBLE_DEVICES": ""})  # the same device as terarec
     bare = subprocess.Popen([sys.executable, __file__, "--bare-server", str(bare_port), checkpoint], env=bare_env)
-    context = ray.init(num_cpus=args.cpus, include_dashboard=False, namespace="terarec")
+    context = ray.init(num_cpus=args.cpus, num_gpus=1 if args.gpus else 0, include_dashboard=False, namespace="terarec")
     token, port = secrets.token_hex(16), free_port()
     env = os.environ | {"TERAREC_API_TOKEN": token, "TERAREC_DB_PATH": os.path.join(workdir, "jobs.db"),
                         "RAY_ADDRESS": context.address_info["address"]}
@@ -316,24 +374,37 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     base = f"http://127.0.0.1:{port}"
     table_bytes = sum(os.path.getsize(path) for path in glob.glob(os.path.join(checkpoint, "shard-*")))
+    predict = "/v1/models/{}/predict"
     try:
         wait_up(f"http://127.0.0.1:{bare_port}/docs", bare)
         wait_up(f"{base}/healthz", api)
-        on_gpu = {"server_gpus": args.gpus / 4, "serving": {"gpus": args.gpus / 2, "max_batch_rows": 65536}} if args.gpus else {}
-        deploy(base, headers, "bench", checkpoint, **on_gpu)
-        figures |= run_cells({"bare": (f"http://127.0.0.1:{bare_port}/predict", bodies, {"Content-Type": "application/json"}),
-                              "terarec": (f"{base}/v1/models/bench/predict", bodies, headers),
-                              "terarec_arrow": (f"{base}/v1/models/bench/predict?transformed=true", arrow_bodies,
-                                                headers | {"Content-Type": ARROW})}, args)
+        # a GPU split between the replicas (the dense model) and the 2 servers (their rows): a quarter each for servers
+        on_gpu = {"server_gpus": args.gpus / 4, "serving": {"gpus": args.gpus / 2 / args.replicas,
+                                                            "max_batch_rows": 65536}} if args.gpus else {}
+        view = deploy(base, headers, "bench", checkpoint, replicas=args.replicas, **on_gpu)
+        direct = [url + predict.format("bench") for url in view["endpoints"]]
+
+        def forwards() -> tuple[int, int]:  # one replica's counters: the cells' rows per forward with one replica
+            counts = httpx.get(f"{base}/v1/models/bench", headers=headers, timeout=60).json()
+            return counts["forwards"], counts["forward_rows"]
+
+        figures |= run_cells({"bare": ([f"http://127.0.0.1:{bare_port}/predict"], bodies, {"Content-Type": "application/json"}),
+                              "terarec": (direct, bodies, headers, *([forwards] if args.replicas == 1 else [])),
+                              "terarec_arrow": ([url + "?transformed=true" for url in direct], arrow_bodies,
+                                                headers | {"Content-Type": ARROW}),
+                              "terarec_control_plane": ([base + predict.format("bench")], bodies, headers)}, args)
+        figures["rows"] = summary_rows(figures)
         figures["hops"] = hops("bench", checkpoint, dense, sparse, bodies, arrow_bodies)
-        deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0})
+        httpx.delete(f"{base}/v1/models/bench", headers=headers, timeout=120)  # frees its GPU share for the next two
+        alone = {"server_gpus": args.gpus / 4} if args.gpus else {}
+        no_recent = deploy(base, headers, "direct", checkpoint, serving={"recent_rows": 0}, **alone)
         store = {"kind": "cached_host", "cache_bytes": table_bytes / 2 / 4}  # per server: a quarter of its half
-        deploy(base, headers, "tiered", checkpoint, serving={"recent_rows": 0}, store=store)
-        figures |= run_cells({"terarec_no_recent": (f"{base}/v1/models/direct/predict", bodies, headers),
-                              "terarec_tiered": (f"{base}/v1/models/tiered/predict", bodies, headers)}, args,
-                             concurrencies=(1,))
+        tiered = deploy(base, headers, "tiered", checkpoint, serving={"recent_rows": 0}, store=store, **alone)
+        figures |= run_cells({"terarec_no_recent": ([no_recent["endpoints"][0] + predict.format("direct")], bodies, headers),
+                              "terarec_tiered": ([tiered["endpoints"][0] + predict.format("tiered")], bodies, headers)},
+                             args, concurrencies=(1,))
         figures["tiered_servers"] = tiered_servers("tiered", checkpoint)
-        for name in ("bench", "direct", "tiered"):
+        for name in ("direct", "tiered"):
             httpx.delete(f"{base}/v1/models/{name}", headers=headers, timeout=120)
     finally:
         bare.terminate()
@@ -342,12 +413,18 @@ def main() -> None:
         api.wait()
         ray.shutdown()
 
+    from results import commit
+
     settings = {"seconds": args.seconds, "max_requests": args.max_requests, "rows": args.rows, "steps": args.steps,
                 "model": "dlrm (default sizes, embedding dim 16)", "batches": BATCHES, "concurrency": CONCURRENCY,
-                "table_bytes": table_bytes, "ray_cpus": args.cpus, "gpus": args.gpus, "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-                "date": time.strftime("%Y-%m-%d")}
-    record("serve_load", figures, settings)
-    with open(os.path.join(RESULTS, "serve_load.md"), "w") as stream:
+                "table_bytes": table_bytes, "ray_cpus": args.cpus, "replicas": args.replicas, "gpus": args.gpus,
+                "replica_device": view["device"], "bare_device": "cuda" if args.gpus else "cpu", "bare_workers": 1,
+                "cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d"),
+                "commit": commit(), "wall_s": round(time.monotonic() - started, 1)}
+    name = f"serve_load-{device_slug()}"
+    record(name, figures, settings)
+    table = "serve_load" if device_slug() == "cpu" else name  # a GPU run leaves the CPU table as it is
+    with open(os.path.join(RESULTS, f"{table}.md"), "w") as stream:
         stream.write(markdown(figures, settings))
     print(markdown(figures, settings))
 

@@ -102,6 +102,11 @@ class ServingConfig(Strict):
                              "answers (0: ask the servers every time)")
     recent_max_age_s: float = Field(default=30.0, gt=0, description="the oldest a replica's cached row may be: "
                                     "how late it sees a row that changed on the servers")
+    direct_ingress: bool = Field(default=True, description="each replica also answers POST /v1/models/NAME/predict on "
+                                 "a port of its own (the control plane's token and limits; GET /v1/models/NAME lists "
+                                 "them as `endpoints`): a request skips the control plane's hop")
+    drain_s: float = Field(default=1.0, ge=0, le=25, description="how long a stopping replica (a rollout, a delete) "
+                           "still answers on its own port after it left `endpoints`")
     gpus: float = Field(default=0, ge=0, le=8, description="GPUs per replica (the dense model runs on it)")
     cpus: float = Field(default=1, gt=0, le=256, description="CPUs per replica")
     deploy_timeout_s: float = Field(default=120, gt=0, description="how long a deploy waits for its replicas' and "

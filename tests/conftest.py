@@ -112,10 +112,24 @@ def synth_data(tmp_path_factory):
 API_TOKEN = "test-" + os.urandom(8).hex()
 
 
-class ApiServer:
-    """`terarec serve` in a subprocess on a free loopback port; `restart()` kills it and starts another on the same DB."""
+class HttpEndpoint:
+    """Calls to a terarec HTTP server at `url` (the control plane, or an inference replica's own ingress) with the
+    test token."""
 
     token = API_TOKEN
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def call(self, method: str, path: str, token: str | None = API_TOKEN, **kwargs):
+        import requests
+
+        headers = kwargs.pop("headers", {}) | ({"Authorization": f"Bearer {token}"} if token else {})
+        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+
+class ApiServer(HttpEndpoint):
+    """`terarec serve` in a subprocess on a free loopback port; `restart()` kills it and starts another on the same DB."""
 
     def __init__(self, workdir, **env):
         self.workdir = str(workdir)
@@ -156,12 +170,6 @@ class ApiServer:
     def restart(self) -> None:
         self.stop(signal.SIGKILL)  # a crash, not a clean shutdown
         self.start()
-
-    def call(self, method: str, path: str, token: str | None = API_TOKEN, **kwargs):
-        import requests
-
-        headers = kwargs.pop("headers", {}) | ({"Authorization": f"Bearer {token}"} if token else {})
-        return requests.request(method, f"{self.url}{path}", headers=headers, timeout=kwargs.pop("timeout", 120), **kwargs)
 
     def wait_for(self, job_id: str, statuses: set[str], timeout: float = 150) -> dict:
         """Poll GET /v1/jobs/ID until the job reaches one of `statuses`."""

@@ -22,6 +22,7 @@ import pytest
 import ray
 import requests
 import torch
+from conftest import HttpEndpoint
 from helpers import resources_still_held
 
 from terarec.actors.embedding_server import NAMESPACE, EmbeddingShard, RecentRows, server_names
@@ -223,6 +224,13 @@ def arrow_body(dense: np.ndarray, sparse: np.ndarray, **more) -> bytes:
                         | {name: sparse[:, i] for i, name in enumerate(SPARSE_COLUMNS)} | more)
 
 
+def replica(api, model: str = MODEL) -> HttpEndpoint:
+    """The model's one replica's own ingress, as GET /v1/models/NAME lists it."""
+    endpoints = api.call("GET", f"/v1/models/{model}").json()["endpoints"]
+    assert len(endpoints) == 1, endpoints
+    return HttpEndpoint(endpoints[0])
+
+
 def server_rows(model: str, checkpoint_dir: str, servers: int) -> list[int]:
     names = server_names(model, open_checkpoint(checkpoint_dir), servers)
     return ray.get([ray.get_actor(name, namespace=NAMESPACE).rows.remote() for name in names])
@@ -233,17 +241,27 @@ def test_served_scores_equal_the_offline_model(api, served, checkpoints, synth_d
     assert served["tasks"] == ["label"]
     assert served["recent_rows"] == sum(server_rows(MODEL, checkpoints[20], 2)) > 0  # the replica started warm
     dense, sparse = eval_rows(synth_data, 300)
+    before = api.call("GET", f"/v1/models/{MODEL}").json()
     response = predict(api, dense, sparse)
     assert response.status_code == 200, response.text
-    scores = np.array(response.json()["scores"])
+    response_json = response.json()
+    scores = np.array(response_json["scores"])
     assert scores.shape == (300, 1)
     np.testing.assert_allclose(scores, offline_scores(checkpoints[20], dense, sparse), atol=1e-5, rtol=0)
     # the same rows as an Arrow body (with a label column, ignored): an Arrow reply of the same scores
     body = arrow_body(dense, sparse, label=np.zeros(300, dtype=np.int8))
     response = api.call("POST", f"/v1/models/{MODEL}/predict?transformed=true", data=body, headers=ARROW)
     assert response.status_code == 200 and response.headers["content-type"] == ARROW["Content-Type"], response.text
-    replied = pa.ipc.open_stream(response.content).read_all()
+    replied_bytes = response.content
+    replied = pa.ipc.open_stream(replied_bytes).read_all()
     np.testing.assert_allclose(np.stack(replied.column("scores").to_numpy(zero_copy_only=False)), scores, atol=1e-6, rtol=0)
+    # the replica's own ingress answers the same, with the same token, without the control plane's hop
+    direct = predict(replica(api), dense, sparse)
+    assert direct.status_code == 200 and direct.json() == response_json, direct.text
+    response = replica(api).call("POST", f"/v1/models/{MODEL}/predict?transformed=true", data=body, headers=ARROW)
+    assert response.status_code == 200 and response.content == replied_bytes
+    after = api.call("GET", f"/v1/models/{MODEL}").json()  # the replica's counters: 4 requests of 300 rows, 4 forwards
+    assert (after["forwards"] - before["forwards"], after["forward_rows"] - before["forward_rows"]) == (4, 1200), after
 
 
 def test_raw_dense_values_get_the_converter_transform(api, served, checkpoints, synth_data):
@@ -266,6 +284,19 @@ def test_unseen_ids_read_the_default_row_and_are_not_inserted(api, served, check
 
 
 def test_bad_predict_requests(api, served):
+    """The same one-line errors from the control plane and from a replica's own ingress."""
+    for target in (api, replica(api)):
+        bad_predict_requests(target)
+    direct = replica(api)
+    response = direct.call("POST", f"/v1/models/{MODEL}/predict", token=None, json={"rows": []})
+    assert response.status_code == 401 and "missing bearer token" in response.json()["detail"]
+    response = direct.call("POST", f"/v1/models/{MODEL}/predict", token="wrong", json={"rows": []})
+    assert response.status_code == 401 and "wrong bearer token" in response.json()["detail"]
+    response = direct.call("POST", "/v1/models/nope/predict", json={"rows": []})
+    assert response.status_code == 404 and "no model 'nope' on this replica" in response.json()["detail"]
+
+
+def bad_predict_requests(api):
     good = {"dense": [0.5] * 13, "sparse": list(range(26))}
     cases = {
         "rows.0.dense": {"rows": [good | {"dense": [0.5] * 12}]},
@@ -318,31 +349,46 @@ def test_unknown_model_is_a_404(api, served):
 
 
 def roll_out_under_traffic(api, checkpoint: str, dense, sparse):
-    """Roll MODEL out to `checkpoint` while a client keeps predicting: (the deploy reply, every predict status)."""
+    """Roll MODEL out to `checkpoint` while two clients keep predicting, one through the control plane, one at a
+    replica's own ingress that re-reads GET /v1/models/NAME's endpoints when its replica refuses the connection:
+    (the deploy reply, every predict status of both)."""
     statuses, stop = [], threading.Event()
 
     def traffic():
         while not stop.is_set():
             statuses.append(predict(api, dense, sparse).status_code)
 
-    sender = threading.Thread(target=traffic)
-    sender.start()
+    def direct_traffic():
+        target = replica(api)
+        while not stop.is_set():
+            try:
+                statuses.append(predict(target, dense, sparse).status_code)
+            except requests.ConnectionError:  # its replica stopped after its drain: the new ones are listed
+                target = HttpEndpoint(api.call("GET", f"/v1/models/{MODEL}").json()["endpoints"][0])
+
+    senders = [threading.Thread(target=traffic), threading.Thread(target=direct_traffic)]
+    for sender in senders:
+        sender.start()
     try:
         response = api.call("POST", "/v1/models", json={"name": MODEL, "checkpoint": checkpoint, "servers": 2})
     finally:
         stop.set()
-        sender.join()
+        for sender in senders:
+            sender.join()
     return response, statuses
 
 
 def test_rollout_to_another_checkpoint_fails_no_request(api, served, checkpoints, synth_data):
     dense, sparse = eval_rows(synth_data, 8)
+    before = replica(api).url
     response, statuses = roll_out_under_traffic(api, checkpoints[10], dense, sparse)
     assert response.status_code == 200, response.text
     assert response.json()["step"] == 10
     assert len(statuses) > 5 and set(statuses) == {200}, statuses
     scores = np.array(predict(api, dense, sparse).json()["scores"])
     np.testing.assert_allclose(scores, offline_scores(checkpoints[10], dense, sparse), atol=1e-5, rtol=0)
+    after = replica(api)  # the old replica left the endpoints
+    assert after.url != before and np.array(predict(after, dense, sparse).json()["scores"]).tolist() == scores.tolist()
     live = {actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True) if actor["namespace"] == NAMESPACE}
     assert live == set(server_names(MODEL, open_checkpoint(checkpoints[10]), 2))  # the old servers are gone
 

@@ -5,8 +5,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from ..auth import bearer_scheme
 from ..dependencies import Models
-from ..predict_bodies import ARROW, arrow_scores, is_arrow, read_arrow, read_json
-from ..responses import AsciiJSONResponse
+from ..predict_bodies import ARROW, predict_reply
 from ..schemas import ModelList, ModelRequest, ModelView, PredictRequest, PredictResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[bearer_scheme])
@@ -53,10 +52,5 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
 async def predict(name: str, request: Request, models: Models,
                   transformed: bool = Query(False, description="Arrow bodies: dense values are already log(1 + "
                                             "max(x, 0)) (a JSON body says it in its own `transformed`)")) -> Response:
-    body = await request.body()
-    if is_arrow(request.headers.get("content-type")):
-        dense, sparse = read_arrow(body)
-        return Response(arrow_scores(await models.predict(name, dense, sparse, transformed)), media_type=ARROW)
-    dense, sparse, transformed = read_json(body)
-    # the scores are plain floats: a response FastAPI sends as it is, without validating it again
-    return AsciiJSONResponse({"model": name, "scores": (await models.predict(name, dense, sparse, transformed)).tolist()})
+    return await predict_reply(name, request, transformed, models.settings.max_predict_rows,
+                               lambda dense, sparse: models.predict(name, dense, sparse))

@@ -6,12 +6,12 @@ import threading
 
 import numpy as np
 
-from terarec.core.data.schema import transform_dense
 from terarec.core.resources import ResourceError
 
-from ..errors import NotFound, TooLarge, Unavailable, Unprocessable
+from ..errors import NotFound, Unavailable, Unprocessable
 from ..job_records import JobRecords
 from ..ray_cluster import RayCluster
+from ..replica_ingress import ReplicaIngress
 from ..schemas import ModelRequest, ModelView
 from ..settings import Settings
 from ..telemetry import Telemetry
@@ -38,7 +38,8 @@ class ServedModels:
         inference = self.serve()
         try:
             inference.deploy_model(body.name, body.checkpoint, body.replicas, body.servers, store=body.store,
-                                   server_gpus=body.server_gpus, settings=body.serving, say=log.warning)
+                                   server_gpus=body.server_gpus, settings=body.serving, say=log.warning,
+                                   ingress=ReplicaIngress.of(self.settings))
         except inference.DeployTimeout as error:
             raise Unavailable(str(error)) from None
         except ResourceError as error:  # it can never be placed
@@ -81,6 +82,7 @@ class ServedModels:
         info = {}
         if status["replicas"]:
             info = self.handle(name).describe.remote().result(timeout_s=30)
+            info["endpoints"] = self.serve().model_endpoints(name)
         return ModelView(name=name, **status, **info)
 
     async def predict_handle(self, name: str):
@@ -120,24 +122,9 @@ class ServedModels:
             self._handles.pop(name, None)
         self._loop_handles.pop(name, None)
 
-    def model_inputs(self, dense: np.ndarray, sparse: np.ndarray, transformed: bool) -> tuple[np.ndarray, np.ndarray]:
-        """A body's rows (`predict_bodies.py`) -> dense [n, 13] float32 (transformed as in training) and sparse
-        [n, 26] int64; every dense value finite."""
-        if len(dense) > self.settings.max_predict_rows:
-            raise TooLarge(f"{len(dense)} rows in one request; at most {self.settings.max_predict_rows} "
-                           "(TERAREC_MAX_PREDICT_ROWS)")
-        with np.errstate(over="ignore"):
-            dense = dense.astype(np.float32) if transformed else transform_dense(dense)
-        bad = np.argwhere(~np.isfinite(dense))
-        if len(bad):
-            row, column = bad[0]
-            raise Unprocessable(f"rows.{row}.dense.{column}: not finite as float32 (transformed values must stay "
-                                "within ±3.4e38)")
-        return dense, sparse
-
-    async def predict(self, name: str, dense: np.ndarray, sparse: np.ndarray, transformed: bool) -> np.ndarray:
-        """[n, T] click probabilities of the rows: dense [n, 13] as sent, sparse [n, 26] raw IDs."""
-        dense, sparse = self.model_inputs(dense, sparse, transformed)
+    async def predict(self, name: str, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        """[n, T] click probabilities of the rows (`predict_bodies.model_inputs`: dense [n, 13] transformed, sparse
+        [n, 26] raw IDs), through the model's Serve handle."""
         handle = await self.predict_handle(name)
         scores = await handle.predict.remote((dense, sparse))
         self.telemetry.predicted_rows.labels(name).inc(len(dense))
