@@ -181,8 +181,9 @@ def merge(path: Path, rows: list[dict]) -> list[dict]:
     measured = {measured_as(row) for row in rows}
     merged = [r for r in kept if measured_as(r) not in measured] + rows
     merged.sort(key=lambda r: (KINDS.index(r["kind"]), r.get("warm_batches", 120), r["cache_gb"]))
-    device_rate = next((r["samples_per_s"] for r in merged if r["kind"] == "device"), None)
-    for r in merged:
+    devices = {r.get("warm_batches", 120): r["samples_per_s"] for r in merged if r["kind"] == "device"}
+    for r in merged:  # against the device row of the same warm-up where there is one
+        device_rate = devices.get(r.get("warm_batches", 120), next(iter(devices.values()), None))
         r["vs_device"] = round(r["samples_per_s"] / device_rate, 3) if device_rate else None
     return merged
 
