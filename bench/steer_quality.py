@@ -5,10 +5,11 @@ Part `zoo`: synthetic data (`terarec data synth --rows 200000 --seed 7`), batch 
 epochs), an evaluation every 50 steps and at the epoch's end, on one training worker (the code `terarec train` runs
 on each Ray worker, without Ray). Multi-task models (MMoE) and a logistic regression to compare them with train on
 the same rows with two label columns (click, conversion; the figures are the click task's). DeepCTR-Torch 0.3.0's
-models (`--peers`: DeepFM, DCN, DCN-V2, PNN, xDeepFM, MMoE) train on the same batches (same sizes and optimizers
-as bench/zoo_cpu.py) for 2 epochs, evaluated every 50 steps and at each epoch's end.
-Part `batch`: one epoch of DeepFM at the default batch size (core/steering.py's rule) and at hand-picked ones,
-on 100k and 200k rows.
+models (`--peers`: DeepFM, DCN, DCN-V2, PNN, xDeepFM, MMoE) train on the batches terarec's run with the same seed
+trains on, in the same order (same sizes and optimizers as bench/zoo_cpu.py), for 2 epochs, evaluated every 50 steps
+and at each epoch's end.
+Part `batch`: one epoch of each `--batch-models` model (DeepFM by default) at the default batch size
+(core/steering.py's rule) and at hand-picked ones, on 100k and 200k rows.
 Part `sparse_lr`: the zoo part's run of LR, DLRM and DeepFM at several sparse lrs, on the zoo's data (rare IDs),
 on data with ten times fewer distinct IDs and on the tests' data (tests/test_train_cli.py): where each model's
 default sparse lr (models/registry.py, and core/steering.py's rule for the models that opt in) stands.
@@ -30,13 +31,13 @@ import torch
 
 from terarec.actors.train_worker import TrainWorker
 from terarec.core.config import load_config, merge
-from terarec.core.data.reader import count_rows, list_split_files
+from terarec.core.data.reader import BatchReader, count_rows, list_split_files
 from terarec.core.data.schema import SPARSE_COLUMNS, read_data_meta
 from terarec.core.data.synth import write_synthetic
 from terarec.core.metrics import roc_auc
 from terarec.core.steering import choose_sparse_lr, key_recurrence
 from terarec.kernels.comm import LocalCommunicator
-from terarec.models import DCNConfig, DeepFMConfig, XDeepFMConfig
+from terarec.models import Batch, DCNConfig, DeepFMConfig, XDeepFMConfig
 from terarec.models.registry import MODELS
 
 from results import RESULTS, record  # bench/results.py
@@ -66,12 +67,16 @@ def train_terarec(data: str, run_dir: str, model: str, steps: int | None, batch_
 
 
 def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: int, seed: int = 0) -> dict:
-    """DeepCTR-Torch on the same rows in the same order: eval AUC every `eval_every` steps and at each epoch's end
-    (the click task's for a multi-task model, which learns every label column as terarec's does). Seed 0 draws
-    the initial weights from DeepCTR-Torch's default seed (1024), another seed from that seed."""
+    """DeepCTR-Torch on the batches terarec's run with `seed` trains on, in its order (its reader, shuffled by the
+    seed each epoch): eval AUC every `eval_every` steps and at each epoch's end (the click task's for a multi-task
+    model, which learns every label column as terarec's does). Seed 0 draws the initial weights from
+    DeepCTR-Torch's default seed (1024), another seed from that seed."""
     tasks = len(MULTI_TASK) if MODELS[model].multi_task else 1
     train, evaluation = load(data, "train", tasks), load(data, "eval", tasks)
-    batches = [train.slice(i, i + batch_size) for i in range(0, len(train) - batch_size + 1, batch_size)]
+    with BatchReader(list_split_files(data, "train"), batch_size, seed=seed, shuffle=True, drop_last=True,
+                     epochs=epochs) as reader:
+        batches = [Batch(batch.dense, batch.sparse, batch.labels[:, :tasks]) for batch in reader]
+        steps_per_epoch = reader.steps_per_epoch
     vocabularies = [np.unique(train.sparse[:, f].numpy()) for f in range(len(SPARSE_COLUMNS))]
     # the sizes of terarec's model (its config section), the other models' defaults for the sizes it has not
     sizes = PEER_SIZES | load_config(flags={"data": data, "model": model}).model_section().model_dump(include=set(PEER_SIZES))
@@ -81,16 +86,15 @@ def train_peer(data: str, model: str, batch_size: int, epochs: int, eval_every: 
     peer = DeepCTR(make, vocabularies, 16, MODELS[model].sparse_lr, 3e-3)
     encoded_eval = peer.encode(evaluation)
     labels = evaluation.labels[:, 0]
-    curve, epoch_aucs, step = [], [], 0
-    for _ in range(epochs):
-        for batch in batches:
-            peer.step(peer.encode(batch))
-            step += 1
-            if step % eval_every == 0:
-                curve.append({"step": step, "auc": round(roc_auc(labels, peer.scores(encoded_eval)), 4)})
-        epoch_aucs.append(round(roc_auc(labels, peer.scores(encoded_eval)), 4))
+    curve, epoch_aucs = [], []
+    for step, batch in enumerate(batches, 1):
+        peer.step(peer.encode(batch))
+        if step % eval_every == 0:
+            curve.append({"step": step, "auc": round(roc_auc(labels, peer.scores(encoded_eval)), 4)})
+        if step % steps_per_epoch == 0:
+            epoch_aucs.append(round(roc_auc(labels, peer.scores(encoded_eval)), 4))
     return {"model": model, "epoch_aucs": epoch_aucs, "best_epoch_auc": max(epoch_aucs),
-            "best_auc_any_step": max([p["auc"] for p in curve] + epoch_aucs), "steps_per_epoch": len(batches),
+            "best_auc_any_step": max([p["auc"] for p in curve] + epoch_aucs), "steps_per_epoch": steps_per_epoch,
             "curve": curve}
 
 
@@ -143,19 +147,22 @@ def compare(zoo: dict) -> dict:
 
 
 def batch_part(workdir: str, args, save) -> None:
-    """One epoch of DeepFM per batch size; the default's AUC against the best hand-picked one."""
+    """One epoch per batch size; the default's AUC against the best hand-picked one. DeepFM's figures under
+    "batch", another model's under "batch MODEL"."""
     for rows in args.batch_rows:
         data = os.path.join(workdir, f"batch-data-{rows}")
         write_synthetic(data, rows=rows, seed=7)
-        by_batch = {}
-        for batch_size in [None, *args.batches]:
-            run = train_terarec(data, os.path.join(workdir, f"batch-{rows}-{batch_size}"), "deepfm", None, batch_size, 0)
-            by_batch["default" if batch_size is None else batch_size] = run
-            print(rows, batch_size, run["batch_size"], run["final_auc"], flush=True)
-        save({"batch": {str(rows): {"default_batch_size": by_batch["default"]["batch_size"],
-                                    "default_auc": by_batch["default"]["final_auc"],
-                                    "auc_by_batch_size": {str(batch): run["final_auc"] for batch, run in
-                                                          by_batch.items() if batch != "default"}}}})
+        for model in args.batch_models:
+            by_batch = {}
+            for batch_size in [None, *args.batches]:
+                run = train_terarec(data, os.path.join(workdir, f"batch-{model}-{rows}-{batch_size}"), model, None,
+                                    batch_size, 0)
+                by_batch["default" if batch_size is None else batch_size] = run
+                print(model, rows, batch_size, run["batch_size"], run["final_auc"], flush=True)
+            save({"batch" if model == "deepfm" else f"batch {model}": {str(rows): {
+                "default_batch_size": by_batch["default"]["batch_size"], "default_auc": by_batch["default"]["final_auc"],
+                "auc_by_batch_size": {str(batch): run["final_auc"] for batch, run in by_batch.items()
+                                      if batch != "default"}}}})
 
 
 def sparse_lr_part(workdir: str, args, save) -> None:
@@ -205,6 +212,7 @@ def main() -> None:
     parser.add_argument("--peer-epochs", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
+    parser.add_argument("--batch-models", nargs="+", default=["deepfm"], choices=list(MODELS))
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--peers", nargs="*", default=["deepfm", "dcn"], choices=PEER_MODELS)
     parser.add_argument("--lr-datasets", nargs="+", default=["1e-3", "1e-4", "1e-4:1:400000"],
@@ -228,7 +236,9 @@ def main() -> None:
                     figures = merge(json.load(stream)["figures"], figures)
             for key in [key for key in figures if key.startswith("zoo") and not key.endswith("comparison")]:
                 figures[f"{key} comparison" if " seed " in key else f"{key}_comparison"] = compare(figures[key])
-            figures["batch_summary"] = batch_summary(figures.get("batch", {}))
+            sweeps = [key for key in figures if key == "batch" or key.startswith("batch ") and not key.endswith("summary")]
+            for key in sweeps:
+                figures["batch_summary" if key == "batch" else f"{key} summary"] = batch_summary(figures[key])
             record("steer_quality", figures, dict(vars(args)))
 
     with tempfile.TemporaryDirectory() as workdir:
