@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import itertools
 import json
 import os
 import tempfile
@@ -148,18 +149,19 @@ def compare(zoo: dict) -> dict:
 
 def batch_part(workdir: str, args, save) -> None:
     """One epoch per batch size; the default's AUC against the best hand-picked one. DeepFM's figures under
-    "batch", another model's under "batch MODEL"."""
+    "batch", another model's under "batch MODEL"; with another training seed than 0, " seed N" appended."""
     for rows in args.batch_rows:
         data = os.path.join(workdir, f"batch-data-{rows}")
         write_synthetic(data, rows=rows, seed=7)
-        for model in args.batch_models:
+        for model, seed in itertools.product(args.batch_models, args.batch_seeds):
             by_batch = {}
             for batch_size in [None, *args.batches]:
-                run = train_terarec(data, os.path.join(workdir, f"batch-{model}-{rows}-{batch_size}"), model, None,
-                                    batch_size, 0)
+                run = train_terarec(data, os.path.join(workdir, f"batch-{model}-{rows}-{seed}-{batch_size}"), model,
+                                    None, batch_size, 0, seed=seed)
                 by_batch["default" if batch_size is None else batch_size] = run
-                print(model, rows, batch_size, run["batch_size"], run["final_auc"], flush=True)
-            save({"batch" if model == "deepfm" else f"batch {model}": {str(rows): {
+                print(model, rows, seed, batch_size, run["batch_size"], run["final_auc"], flush=True)
+            key = "batch" if model == "deepfm" else f"batch {model}"
+            save({key if seed == 0 else f"{key} seed {seed}": {str(rows): {
                 "default_batch_size": by_batch["default"]["batch_size"], "default_auc": by_batch["default"]["final_auc"],
                 "auc_by_batch_size": {str(batch): run["final_auc"] for batch, run in by_batch.items()
                                       if batch != "default"}}}})
@@ -213,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, nargs="+", default=[100_000, 200_000])
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024, 4096])
     parser.add_argument("--batch-models", nargs="+", default=["deepfm"], choices=list(MODELS))
+    parser.add_argument("--batch-seeds", type=int, nargs="+", default=[0], help="training seeds of the batch part")
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--peers", nargs="*", default=["deepfm", "dcn"], choices=PEER_MODELS)
     parser.add_argument("--lr-datasets", nargs="+", default=["1e-3", "1e-4", "1e-4:1:400000"],
