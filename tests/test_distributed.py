@@ -86,7 +86,8 @@ def test_elastic_worker_range_trains_like_a_fixed_run(runs, synth_data):
 
 
 def test_worker_metrics_reach_rays_prometheus_endpoint(ray_cluster, synth_data, tmp_path):
-    """samples/s, loss, shard rows, exchange bytes and store figures show on the node's /metrics while training."""
+    """samples/s, loss, shard rows, exchange bytes, store figures and the evaluations show on the node's /metrics
+    while training."""
     import urllib.request
 
     import ray
@@ -94,7 +95,7 @@ def test_worker_metrics_reach_rays_prometheus_endpoint(ray_cluster, synth_data, 
     port = ray._private.worker.global_worker.node.metrics_export_port
     seen: set[str] = set()
     wanted = {"ray_terarec_samples_per_s", "ray_terarec_loss", "ray_terarec_shard_rows", "ray_terarec_exchange_mb",
-              "ray_terarec_store"}
+              "ray_terarec_store", "ray_terarec_eval"}
 
     def poll():
         deadline = time.time() + 120
@@ -108,6 +109,6 @@ def test_worker_metrics_reach_rays_prometheus_endpoint(ray_cluster, synth_data, 
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    run_training(job(synth_data, tmp_path / "metrics", 2, steps=400, log_every=5))
+    run_training(job(synth_data, tmp_path / "metrics", 2, steps=400, log_every=5, eval_every=50))
     poller.join(timeout=60)
     assert wanted <= seen, seen
