@@ -17,6 +17,7 @@ way keeps its own row.
     python bench/store_large.py --kind cached_host
     python bench/store_large.py --kind cached_ssd --scratch /tmp/terarec-large   # a directory on the disk
     python bench/store_large.py --kind cached_ssd --ssd-io pread --scratch /tmp/terarec-large
+    python bench/store_large.py --kind cached_ssd --warm-batches 600 --warm-steps 700   # steady state, write-back on
     python bench/store_large.py --smoke                 # every kind, tiny, on the CPU (to /tmp)
 """
 from __future__ import annotations
@@ -129,8 +130,13 @@ def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
         started = time.perf_counter()
         warm(store, keys, args.batch, args.warm_batches)
         compile_variants(store, torch.unique(feature_keys(keys.sparse(args.batch))))
-        for _ in range(3):  # the dense kernels' compiles, the first prefetch
-            worker.train_step(keys.batch(args.batch), keys.batch(args.batch))
+        # the dense kernels' compiles and the first prefetch; more steps (--warm-steps) leave trained, dirty rows
+        # in the GPU cache, so that the timed steps evict into the host cache and write back as a long run does
+        batch = keys.batch(args.batch)
+        for _ in range(args.warm_steps):
+            following = keys.batch(args.batch)
+            worker.train_step(batch, following)
+            batch = following
         sync(device)
         warm_s = time.perf_counter() - started
         batches = [keys.batch(args.batch) for _ in range(args.steps + 1)]
@@ -154,7 +160,7 @@ def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
            "samples_per_s": round(args.steps * args.batch / seconds),
            "step_ms": round(seconds / args.steps * 1e3, 2), "load_s": round(load_s, 1), "warm_s": round(warm_s, 1),
            "rows": len(store), "unique_keys_per_step": round(delta.get("lookups", 0.0) / args.steps),
-           "warm_batches": args.warm_batches}
+           "warm_batches": args.warm_batches, "warm_steps": args.warm_steps}
     if "host_cache_hits" in delta:
         host_looked = delta["host_cache_hits"] + delta["host_cache_misses"]
         row["host_cache_hit"] = round(delta["host_cache_hits"] / host_looked, 4) if host_looked else 1.0
@@ -175,7 +181,7 @@ def merge(path: Path, rows: list[dict]) -> list[dict]:
     """This call's rows over those already recorded for other kinds; vs_device against the device row."""
     def measured_as(row: dict) -> tuple:  # a row for each way of I/O (rows before it: map), GPU cache size and
         return (row["kind"], row.get("ssd_io", "map" if row["kind"] == "cached_ssd" else None),  # warm-up
-                round(row["cache_gb"]), row.get("warm_batches", 120))
+                round(row["cache_gb"]), row.get("warm_batches", 120), row.get("warm_steps", 3))
 
     kept = json.loads(path.read_text())["figures"]["rows"] if path.exists() else []
     measured = {measured_as(row) for row in rows}
@@ -201,6 +207,9 @@ def main() -> None:
     parser.add_argument("--new-ids", type=float, default=0.001, help="chance that an ID is a brand-new one")
     parser.add_argument("--warm-batches", type=int, default=240, help="batches whose keys warm the caches")
     parser.add_argument("--steps", type=int, default=60, help="timed training steps")
+    parser.add_argument("--warm-steps", type=int, default=3,
+                        help="training steps before timing (after the lookup-only warm-up); ~700 fill cached_ssd's "
+                             "host cache with evicted dirty rows")
     parser.add_argument("--chunk-keys", type=int, default=1 << 21, help="keys per bulk-load call")
     parser.add_argument("--ssd-io", choices=IO_MODES, default="map", help="how the SSD table moves rows (store/ssd.py)")
     parser.add_argument("--bottom-mlp", default="[512,256]")

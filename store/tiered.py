@@ -124,7 +124,7 @@ class TieredStore(EmbeddingStore):
         return Lookup(keys, rows, where=None if cache_slots is None else (self.cache.generation, cache_slots))
 
     def _lookup(self, keys: torch.Tensor, insert: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows [N, dim], and the keys' cache slots when they were made resident in one piece and inserted."""
+        """Rows [N, dim], and the keys' cache slots when they were inserted and made resident in one piece."""
         keys = keys.to(self.device)
         self.lookups += keys.numel()
         self._settle()
@@ -136,13 +136,16 @@ class TieredStore(EmbeddingStore):
             slots = self.encoder.find(keys)
             held = (slots >= 0).nonzero().squeeze(1)
             slots, fresh = slots[held], torch.zeros_like(held, dtype=torch.bool)
+        parts = pieces(held.numel(), self.cache.capacity)
+        if insert and len(parts) == 1:  # every key held, in one piece (a training step's): the gather is the rows
+            cache_slots = self._resident(keys, slots, fresh, True, prefetched)
+            return gather_rows(self.cache.values[:, : self.dim], cache_slots), cache_slots
         rows = torch.zeros((keys.numel(), self.dim), device=self.device)
         held_keys = keys[held]
-        parts = pieces(held.numel(), self.cache.capacity)
         for piece in parts:
             cache_slots = self._resident(held_keys[piece], slots[piece], fresh[piece], True, prefetched)
             rows[held[piece]] = gather_rows(self.cache.values[:, : self.dim], cache_slots)
-        return rows, cache_slots if insert and len(parts) == 1 else None
+        return rows, None
 
     def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
         self.step += 1
