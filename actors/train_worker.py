@@ -366,10 +366,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     started_at = time.time()
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    # a worker actor sees only the GPU Ray gave it (none without use_gpu); the driver (launch=in_process) sees
+    # every GPU, so it follows the job's use_gpu itself
+    on_gpu = torch.cuda.is_available() and loop_config.get("use_gpu", True)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
     in_actor = ray.get_runtime_context().get_actor_id() is not None  # else the driver (launch=in_process)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if in_actor else None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if in_actor else loop_config.get("cpus")
     worker = TrainWorker(config, comm, device, reader_threads=max(1, int(cpus)) if cpus else None)
     built_at = time.time()
     rank = worker.rank

@@ -157,6 +157,7 @@ def run_training(config: TrainConfig) -> dict:
     if dashboard:
         print(f"[terarec] Ray dashboard: {dashboard if is_uri(dashboard) else 'http://' + dashboard}")
     per_worker, use_gpu = worker_request(config)
+    loop_config |= {"use_gpu": use_gpu, "cpus": per_worker["CPU"]}  # what a worker actor gets from Ray itself
     workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
