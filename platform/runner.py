@@ -158,6 +158,9 @@ def run_training(config: TrainConfig) -> dict:
         print(f"[terarec] Ray dashboard: {dashboard if is_uri(dashboard) else 'http://' + dashboard}")
     per_worker, use_gpu = worker_request(config)
     loop_config |= {"use_gpu": use_gpu, "cpus": per_worker["CPU"]}  # what a worker actor gets from Ray itself
+    if in_process:  # Ray Train's notice that local mode is on, and its log line for every report
+        for name in ("ray.train.v2.api.config", "ray.train.v2._internal.execution.train_fn_utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     workers = config.workers if isinstance(config.workers, int) else tuple(config.workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -170,9 +173,6 @@ def run_training(config: TrainConfig) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                              callbacks=[PendingWatch(config, per_worker)]),
     )
-    if in_process:  # Ray Train's notice that local mode is on, and its log line for every report
-        for name in ("ray.train.v2.api.config", "ray.train.v2._internal.execution.train_fn_utils"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     started = time.perf_counter()
     route_worker_logs(os.path.join(run_dir, RAY_LOG))
     try:
