@@ -71,6 +71,8 @@ def ray_start_command(temp_dir: str, num_cpus: int, head: str | None = None,
         port_flags += ["--port", "--dashboard-port", "--ray-client-server-port"]
     ports = {flag: free_port() for flag in port_flags}
     first_worker_port = random.randrange(20_000, 60_000, 100)
+    while any(first_worker_port <= port < first_worker_port + 100 for port in ports.values()):
+        first_worker_port = random.randrange(20_000, 60_000, 100)  # Ray refuses a range holding a component's port
     command = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--num-cpus", str(num_cpus),
                "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
                "--min-worker-port", str(first_worker_port), "--max-worker-port", str(first_worker_port + 99)]
