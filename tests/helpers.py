@@ -150,7 +150,8 @@ def assert_same_training(a, b):
     dense_b, keys_b, values_b = b
     assert dense_a.keys() == dense_b.keys()
     for name in dense_a:
-        torch.testing.assert_close(dense_a[name], dense_b[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(dense_a[name], dense_b[name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda message, name=name: f"{name}: {message}")
     assert torch.equal(keys_a, keys_b)
     torch.testing.assert_close(values_a, values_b, rtol=1e-4, atol=1e-5)
 
