@@ -343,13 +343,18 @@ class TrainWorker:
         return self.step
 
 
+def in_worker_actor() -> bool:
+    """Whether this process is a Ray Train worker actor; else the driver (launch=in_process) or no Ray at all."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 def log_line(message: str) -> None:
     """One line to the driver's output. In a Ray Train worker actor, Ray Train routes print() to both the raw
     stream and its logger (the line shows twice): the root logger alone shows it once. In the driver itself
     (launch=in_process) the line is printed."""
-    import ray
-
-    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+    if in_worker_actor():
         logging.getLogger().info(message)
     else:
         print(message, flush=True)
@@ -371,8 +376,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     on_gpu = torch.cuda.is_available() and loop_config.get("use_gpu", True)
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     comm = default_communicator() if context.get_world_size() > 1 else LocalCommunicator()
-    in_actor = ray.get_runtime_context().get_actor_id() is not None  # else the driver (launch=in_process)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if in_actor else loop_config.get("cpus")
+    cpus = (ray.get_runtime_context().get_assigned_resources().get("CPU") if in_worker_actor()
+            else loop_config.get("cpus"))
     worker = TrainWorker(config, comm, device, reader_threads=max(1, int(cpus)) if cpus else None)
     built_at = time.time()
     rank = worker.rank

@@ -66,7 +66,8 @@ class FusedMLP(nn.Module):
         # a logit under autocast: the hidden layers fused in the autocast dtype, the projection to 1 in fp32
         if len(weights) > 1:
             x = fused_mlp(x, weights[:-1], biases[:-1], True, self.dropout, self.training)
-            x = F.dropout(x, self.dropout, self.training) if self.dropout > 0.0 else x  # the fused op's last
+            # the dropout the whole fused MLP applies after its last hidden layer, which the call above ends at
+            x = F.dropout(x, self.dropout, self.training) if self.dropout > 0.0 else x
         return fp32_linear(x, weights[-1], biases[-1])
 
     def extra_repr(self) -> str:
