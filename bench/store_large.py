@@ -18,11 +18,18 @@ way keeps its own row.
     python bench/store_large.py --kind cached_ssd --scratch /tmp/terarec-large   # a directory on the disk
     python bench/store_large.py --kind cached_ssd --ssd-io pread --scratch /tmp/terarec-large
     python bench/store_large.py --kind cached_ssd --warm-batches 600 --warm-steps 700   # steady state, write-back on
+    python bench/store_large.py --kind cached_host --profile /tmp/prof   # then where a step's time goes
     python bench/store_large.py --smoke                 # every kind, tiny, on the CPU (to /tmp)
+
+--profile DIR runs --profile-steps more steps under torch.profiler after the timed ones, with the store's own
+calls marked (lookup, sweep, eviction, prefetch, ...), and writes DIR/<kind>.trace.json.gz and DIR/<kind>.txt
+(the busiest operations, and how much of the steps' wall time the GPU was busy).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
 import json
 import os
 import shutil
@@ -110,6 +117,81 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# The calls whose time a profile names: (class, method) of the store's layers and the worker's step.
+PROFILED = (("terarec.store.tiered", "TieredStore", ("_lookup", "update", "prefetch", "_settle", "_slots", "_fetch")),
+            ("terarec.store.cache", "CacheLevel", ("resident", "_make_room", "_sweep", "_evict", "_write_down",
+                                                 "touch", "missing", "read", "write", "drain")),
+            ("terarec.store.encoder", "IdEncoder", ("find", "find_or_insert")),
+            ("terarec.store.device", "DeviceStore", ("lookup", "lookup_for_update", "update")),
+            ("terarec.actors.train_worker", "TrainWorker", ("_forward",)),
+            ("terarec.models.optimizer", "SparseDenseOptimizer", ("step",)))
+
+
+def mark_calls() -> None:
+    """Wrap the PROFILED methods in torch.profiler.record_function, so a trace names them."""
+    import importlib
+
+    for module_name, class_name, methods in PROFILED:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        for method in methods:
+            original = getattr(cls, method, None)
+            if original is None or getattr(original, "_marked", False):
+                continue
+
+            def marked(*a, __original=original, __name=f"{class_name}.{method}", **kw):
+                with torch.profiler.record_function(__name):
+                    return __original(*a, **kw)
+
+            marked._marked = True
+            setattr(cls, method, functools.wraps(original)(marked))
+
+
+def busy_share(trace: dict) -> float:
+    """The share of the profiled span in which at least one GPU kernel or copy ran."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"]
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    if not spans:
+        return 0.0
+    busy, (start, end) = 0.0, spans[0]
+    first = start
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return busy / (end - first) if end > first else 0.0
+
+
+def profile_steps(args, worker, keys: "Keys", kind: str, device: torch.device) -> None:
+    """--profile-steps steps under torch.profiler: a trace and a summary in --profile."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [keys.batch(args.batch) for _ in range(args.profile_steps + 1)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for step in range(args.profile_steps):
+            with torch.profiler.record_function(f"step {step}"):
+                worker.train_step(batches[step], batches[step + 1])
+        sync(device)
+    raw = out / f"{kind}.trace.json"
+    prof.export_chrome_trace(str(raw))
+    trace = json.loads(raw.read_text())
+    with gzip.open(out / f"{kind}.trace.json.gz", "wt") as f:
+        json.dump(trace, f)
+    raw.unlink()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=60)
+    table_gpu = prof.key_averages().table(sort_by=sort, row_limit=40)
+    summary = f"{kind}: GPU busy {busy_share(trace):.1%} of the profiled steps\n\nby CPU time\n{table}\n\nby device time\n{table_gpu}\n"
+    (out / f"{kind}.txt").write_text(summary)
+    print(summary.splitlines()[0], flush=True)
+
+
 def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
     vocab = args.rows // FEATURES
     scratch = Path(args.scratch) / kind
@@ -148,6 +230,8 @@ def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
         sync(device)
         seconds = time.perf_counter() - started
         after = store.metrics()
+        if args.profile:
+            profile_steps(args, worker, keys, kind, device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     delta = {k: after[k] - before.get(k, 0.0) for k in after}
@@ -215,6 +299,9 @@ def main() -> None:
     parser.add_argument("--bottom-mlp", default="[512,256]")
     parser.add_argument("--top-mlp", default="[1024,1024,512,256]")
     parser.add_argument("--scratch", default="/tmp/terarec-store-large", help="SSD tables and a tiny dataset")
+    parser.add_argument("--profile", metavar="DIR", help="profile --profile-steps more steps into DIR")
+    parser.add_argument("--profile-steps", type=int, default=6)
+    parser.add_argument("--no-record", action="store_true", help="do not merge this call's rows into the results")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--smoke", action="store_true", help="every kind at a tiny size on the CPU, results to /tmp")
     args = parser.parse_args()
@@ -223,12 +310,16 @@ def main() -> None:
         args.zipf, args.warm_batches, args.steps, args.chunk_keys = 1.2, 16, 4, 10_000
         args.bottom_mlp, args.top_mlp, args.kind = "[32]", "[32]", "all"
         args.out = tempfile.mkdtemp(prefix="store-large-smoke-")
+    if args.profile:
+        mark_calls()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     data = Path(args.scratch) / "data"
     if not (data / "meta.json").exists():  # the worker reads the schema from a dataset; batches come from Keys
         write_synthetic(str(data), rows=2000, seed=0)
     kinds = KINDS if args.kind == "all" else (args.kind,)
     rows = [run_kind(args, kind, str(data), device) for kind in kinds]
+    if args.no_record:
+        return
     slug = device_name().lower().replace("nvidia ", "").replace(" ", "-").replace("(", "").replace(")", "").replace(",", "")
     name = f"store_large-{slug}"
     path = Path(args.out) / f"{name}.json"
