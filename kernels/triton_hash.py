@@ -88,7 +88,9 @@ def probe(table_keys: torch.Tensor, table_slots: torch.Tensor, keys: torch.Tenso
     keys = keys.contiguous()
     n = keys.numel()
     out = torch.empty_like(keys)
-    counter = torch.tensor([size], dtype=torch.int64, device=keys.device)
+    # made on the device: torch.tensor([size], device=...) would copy from pageable memory, which waits for every
+    # kernel queued so far (a find then holds up its caller until the GPU is idle)
+    counter = torch.full((1,), size, dtype=torch.int64, device=keys.device)
     given = given_slots.contiguous() if given_slots is not None else out
     _probe[(triton.cdiv(n, BLOCK),)](keys, n, table_keys, table_slots, table_keys.numel() - 1, counter, given, out,
                                     EMPTY=EMPTY_KEY, INSERT=insert, GIVEN=given_slots is not None, BLOCK=BLOCK)

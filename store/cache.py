@@ -14,6 +14,13 @@ is taken, any other loses 1 as the hand passes. No victim search over the whole
 cache: each step of the hand is paid for by an earlier access, so eviction costs
 O(1) per row, amortized. The rows of the access in progress are never taken.
 
+Host round trips. On a GPU every value the host must read back (a count, a
+`nonzero`) waits for all the work queued before it, and the GPU idles from then
+until the host queues more: a cache access reads back only what sizes its
+buffers (how many rows missed, how far the hand went, how many victims were
+dirty), and everything else stays on the device (scalars are written with
+`index_fill_`, which copies nothing from the host).
+
 Write-back. With `defer_writes`, rows evicted dirty are kept in a list
 (`deferred`) instead of being written down at once; whoever holds the level's
 lower tiers next writes them first (`drain`), in order, before any read below.
@@ -35,6 +42,12 @@ POLICIES = ("lru", "lfu")
 MAX_COUNT = 15  # GCLOCK's counter saturates here: a hot row survives at most this many passes unused
 _NOT_STAMPED = -1
 METADATA_BYTES_PER_SLOT = 8 + 8 + 1 + 1  # backing slot, stamp, reference counter, dirty
+
+
+def positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the `count` True entries of a 1-D `mask` (the caller knows the count): no wait for the
+    device, where `mask.nonzero()` would wait for every kernel queued so far to learn the output's size."""
+    return torch.nonzero_static(mask, size=count).squeeze(1)
 
 
 def pieces(n: int, size: int) -> list[slice]:
@@ -81,6 +94,7 @@ class CacheLevel:
         self.slot_of = torch.empty(0, dtype=torch.int32, device=self.device)  # backing slot -> cache slot, -1 absent
         self.size = 0  # cache slots in use: [0, size)
         self.hand = 0  # where the next sweep starts
+        self.passed_per_victim = 2.0  # slots the last sweep passed per victim it found: sizes the next one's window
         self.clock = 0  # the number of the next access
         self.generation = 0  # moves whenever the set of resident rows changes, or rows below change from here
         self.defer_writes = False
@@ -119,7 +133,7 @@ class CacheLevel:
             self.drain()
             return self.lower.read(slots).to(self.device)
         out = torch.empty((slots.numel(), self.value_width), device=self.device, pin_memory=self.pinned)
-        hit_slots = cache_slots[hit]
+        hit_slots = cache_slots[positions(hit, hits)]
         self._touch(hit_slots)
         out[hit] = self.values[hit_slots]
         if hits < slots.numel():
@@ -134,7 +148,7 @@ class CacheLevel:
         for piece in pieces(slots.numel(), self.capacity):
             cache_slots = self.resident(slots[piece], skip_fill=True, record=False)
             self.values[cache_slots] = values[piece]
-            self.dirty[cache_slots] = True
+            self.dirty.index_fill_(0, cache_slots, True)
 
     def put(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite whole rows where they are: here if resident (then dirty), else in the tier below (its
@@ -144,7 +158,7 @@ class CacheLevel:
         here = cache_slots >= 0
         if bool(here.any()):
             self.values[cache_slots[here]] = values[here.to(values.device)].to(self.device)
-            self.dirty[cache_slots[here]] = True
+            self.dirty.index_fill_(0, cache_slots[here], True)
         if not bool(here.all()):
             self.drain()  # an older deferred write-back of these rows must land first
             self.generation += 1  # rows below change: what was read from there before is stale
@@ -166,7 +180,7 @@ class CacheLevel:
         dirty = self.dirty[: self.size].nonzero().squeeze(1)
         if dirty.numel():
             self._write_down(self.backing[dirty], self.values[dirty], defer=False)
-            self.dirty[dirty] = False
+            self.dirty.index_fill_(0, dirty, False)
 
     def drain(self) -> None:
         """Write the deferred write-backs down, oldest first."""
@@ -199,39 +213,44 @@ class CacheLevel:
             raise ValueError(f"{n} rows do not fit the {self.name} of {self.capacity} rows; pass them in pieces")
         cache_slots = self.slot_of[slots].long()
         hit = cache_slots >= 0
-        access = self.touch(cache_slots[hit])
-        miss = (~hit).nonzero().squeeze(1)
+        missed = int(n - hit.sum()) if n else 0  # read back once: it sizes everything below
         if record:
-            self.hits += n - miss.numel()
-            self.misses += miss.numel()
-        if miss.numel() == 0:
+            self.hits += n - missed
+            self.misses += missed
+        if missed == 0:
+            self.touch(cache_slots)
             return cache_slots
+        access = self.touch(cache_slots[positions(hit, n - missed)])
+        miss = positions(~hit, missed)
         self.generation += 1
-        taken = self._make_room(miss.numel(), access)
+        taken = self._make_room(missed, access)
         missed_slots = slots[miss]
         fill = torch.ones_like(miss, dtype=torch.bool) if skip_fill is False else (
             torch.zeros_like(miss, dtype=torch.bool) if skip_fill is True else ~skip_fill.to(self.device)[miss])
+        staged = None
         if prefetched is not None and prefetched[0].numel():
             staged_slots, staged_rows = prefetched
             place = torch.searchsorted(staged_slots, missed_slots).clamp_(max=staged_slots.numel() - 1)
             staged = fill & (staged_slots[place] == missed_slots)
-            at = staged.nonzero().squeeze(1)
-            self.values[taken[at]] = staged_rows[place[at]]
-            self.prefetched += at.numel()
-            self.fills += at.numel()
             fill &= ~staged
-        fill_at = fill.nonzero().squeeze(1)
-        if fill_at.numel():
+        none = torch.zeros((), dtype=torch.int64, device=self.device)
+        counts = torch.stack([fill.sum(), none if staged is None else staged.sum()]).tolist()
+        if counts[1]:
+            at = positions(staged, counts[1])
+            self.values[taken[at]] = staged_rows[place[at]]
+            self.prefetched += counts[1]
+            self.fills += counts[1]
+        if counts[0]:
+            fill_at = positions(fill, counts[0])
             self.drain()
             self.values[taken[fill_at]] = self.lower.read(missed_slots[fill_at]).to(self.device)
-            self.fills += fill_at.numel()
+            self.fills += counts[0]
         self.backing[taken] = missed_slots
         self.slot_of[missed_slots] = taken.to(torch.int32)
-        self.stamp[taken] = access
-        self.ref[taken] = 0
-        self._touch(taken)
-        self.dirty[taken] = False
-        self.size += miss.numel()
+        self.stamp.index_fill_(0, taken, access)
+        self.ref.index_fill_(0, taken, 1)  # a first access: 1 under either policy
+        self.dirty.index_fill_(0, taken, False)
+        self.size += missed
         cache_slots[miss] = taken
         return cache_slots
 
@@ -240,13 +259,13 @@ class CacheLevel:
         counted by the policy); returns the access's number."""
         access = self.clock
         self.clock += 1
-        self.stamp[cache_slots] = access
+        self.stamp.index_fill_(0, cache_slots, access)
         self._touch(cache_slots)
         return access
 
     def _touch(self, cache_slots: torch.Tensor) -> None:
         if self.policy == "lru":
-            self.ref[cache_slots] = 1
+            self.ref.index_fill_(0, cache_slots, 1)
         else:
             self.ref[cache_slots] = (self.ref[cache_slots] + 1).clamp_(max=MAX_COUNT)
 
@@ -267,36 +286,46 @@ class CacheLevel:
 
     def _sweep(self, needed: int, access: int) -> torch.Tensor | None:
         """Move the hand over the occupied slots until `needed` slots with counter 0, untouched by `access`, are found;
-        passed slots lose 1 from their counter. None if (MAX_COUNT + 1) turns do not find enough."""
+        passed slots lose 1 from their counter. None if (MAX_COUNT + 1) turns do not find enough.
+
+        The hand moves in windows sized from the last sweep (slots passed per victim found, with a margin), so a
+        sweep usually takes one window and reads back one pair of numbers: how many it found, and where it stopped."""
         occupied = self.size
-        window = max(2 * needed, 4096)
-        found, scanned = [], 0
-        while needed and scanned <= (MAX_COUNT + 1) * occupied:
-            start = self.hand
-            end = min(start + window, occupied)
-            ref = self.ref[start:end]
-            open_ = self.stamp[start:end] < access
+        found, scanned, wanted = [], 0, needed
+        while needed and occupied and scanned <= (MAX_COUNT + 1) * occupied:
+            window = min(occupied, max(4096, int(needed * self.passed_per_victim * 1.25) + 1))
+            at = torch.arange(self.hand, self.hand + window, device=self.device)
+            if self.hand + window > occupied:  # past the last occupied slot the hand goes on from the first
+                at.remainder_(occupied)
+            ref = self.ref[at]
+            open_ = self.stamp[at] < access
             take = open_ & (ref == 0)
             count = torch.cumsum(take, 0)
-            available = int(count[-1])
-            stop = end - start if available < needed else int((count < needed).sum()) + 1
-            passed = slice(0, stop)
-            decay = open_[passed] & ~take[passed]
-            ref[passed][decay] -= 1
-            found.append(take[passed].nonzero().squeeze(1) + start)
-            self.stamp[found[-1]] = access  # taken: a later turn of this sweep must not take it again
+            available, stop = torch.stack([count[-1], torch.searchsorted(count, needed)]).tolist()
+            stop = window if available < needed else stop + 1  # just past the needed-th victim
+            passed = at[:stop]
+            # a window never holds a slot twice (window <= occupied): the counters are written back whole
+            self.ref.index_put_((passed,), ref[:stop] - (open_ & ~take)[:stop].to(ref.dtype))
+            victims = passed[positions(take[:stop], min(available, needed))]
+            self.stamp.index_fill_(0, victims, access)  # taken: a later window of this sweep must not take it again
+            found.append(victims)
             needed -= min(available, needed)
             scanned += stop
-            self.hand = start + stop if start + stop < occupied else 0
-        return torch.cat(found) if not needed else None
+            self.hand = (self.hand + stop) % occupied
+        if needed:
+            return None
+        self.passed_per_victim = max(1.0, scanned / wanted)
+        return torch.cat(found)
 
     def _evict(self, cache_slots: torch.Tensor) -> None:
         backing = self.backing[cache_slots]
         dirty = self.dirty[cache_slots]
-        if bool(dirty.any()):
-            self._write_down(backing[dirty], self.values[cache_slots[dirty]])
-        self.slot_of[backing] = -1
-        self.backing[cache_slots] = -1
+        dirty_count = int(dirty.sum())
+        if dirty_count:
+            at = positions(dirty, dirty_count)
+            self._write_down(backing[at], self.values[cache_slots[at]])
+        self.slot_of.index_fill_(0, backing, -1)
+        self.backing.index_fill_(0, cache_slots, -1)
         self.evictions += cache_slots.numel()
         self.size -= cache_slots.numel()
 

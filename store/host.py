@@ -2,7 +2,8 @@
 
 On a GPU machine the table is page-locked and mapped into the GPU's address
 space (UVA), so the cache above can gather and scatter rows over PCIe without a
-staging copy (`mode="uva"`, through CuPy), or in batched copies: gather on the
+staging copy (`mode="uva"`: CuPy maps the memory, and torch's own gather and
+scatter run on it as on any CUDA tensor, on the caller's stream), or in batched copies: gather on the
 CPU into a pinned buffer, then one host-to-device copy (`mode="copy"`; there the
 table itself stays pageable: only the staging buffer must be pinned, and torch
 would round a pinned allocation up to a power of two).
@@ -25,7 +26,7 @@ def _cupy():
 
 
 class _PinnedRows:
-    """[rows, width] float32 in page-locked, GPU-mapped host memory: a CPU tensor and a CuPy view of the same bytes."""
+    """[rows, width] float32 in page-locked, GPU-mapped host memory: a CPU tensor and a CUDA tensor of the same bytes."""
 
     def __init__(self, rows: int, width: int, device: torch.device):
         cupy = _cupy()
@@ -36,7 +37,8 @@ class _PinnedRows:
         self.cpu = torch.from_numpy(buffer.reshape(rows, width))
         # with unified addressing, mapped host memory has the same address on the GPU
         mapped = cupy.cuda.UnownedMemory(self.memory.ptr, nbytes, self.memory, device.index or 0)
-        self.gpu = cupy.ndarray((rows, width), dtype=cupy.float32, memptr=cupy.cuda.MemoryPointer(mapped, 0))
+        self.gpu = torch.from_dlpack(cupy.ndarray((rows, width), dtype=cupy.float32,
+                                                  memptr=cupy.cuda.MemoryPointer(mapped, 0)))
 
 
 class HostTable:
@@ -96,9 +98,7 @@ class HostTable:
         """[N] slots (any device) -> [N, W] rows on the table's device."""
         self.bytes_read += slots.numel() * self.value_width * 4
         if self.mode == "uva":
-            cupy = _cupy()
-            rows = cupy.take(self.rows.gpu, cupy.from_dlpack(slots.to(self.device)), axis=0)
-            return torch.from_dlpack(rows)
+            return torch.index_select(self.rows.gpu, 0, slots.to(self.device))
         staged = torch.empty((slots.numel(), self.value_width), pin_memory=self.pinned)
         torch.index_select(self.values, 0, slots.cpu(), out=staged)
         return staged.to(self.device, non_blocking=True)
@@ -106,8 +106,7 @@ class HostTable:
     def write(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         self.bytes_written += slots.numel() * self.value_width * 4
         if self.mode == "uva":
-            cupy = _cupy()
-            self.rows.gpu[cupy.from_dlpack(slots.to(self.device))] = cupy.from_dlpack(values.to(self.device).contiguous())
+            self.rows.gpu.index_copy_(0, slots.to(self.device), values.to(self.device))
             return
         self.values.index_copy_(0, slots.cpu(), values.cpu())
 

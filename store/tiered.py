@@ -11,18 +11,28 @@ rows of earlier pieces may be evicted again within the batch. It is correct,
 only slower; a cache at least as large as a batch avoids it.
 
 The pipeline. `prefetch(next keys)`, called while the running batch computes,
-finds the next batch's keys and, on a background thread, writes the deferred
-write-backs (rows the cache evicted dirty) down and reads the next batch's
-misses from the tiers below. The next `lookup` takes those rows instead of
-reading, and makes room by the usual eviction, so the running batch's rows stay
-resident until its `update` lands: only the calling thread ever changes the top
-cache. The read rows are used only if the top cache's `generation` did not move
-since the prefetch: no row came in or went out, and nothing was written below
-past it (a load), so the rows below are still the ones read. Every call that
-reads or writes below waits for the background job first (`_settle`).
+hands the next batch's keys to a background thread, which finds them, writes the
+deferred write-backs (rows the cache evicted dirty) down and reads the next
+batch's misses from the tiers below. The next `lookup` takes those rows instead
+of reading, and makes room by the usual eviction, so the running batch's rows
+stay resident until its `update` lands: only the calling thread ever changes the
+top cache. The read rows are used only if the top cache's `generation` did not
+move since the prefetch: no row came in or went out, and nothing was written
+below past it (a load), so the rows below are still the ones read. Every call
+that reads or writes below, or changes the encoder, waits for the background job
+first (`_settle`).
+
+On a GPU the background job runs on its own CUDA stream, after the work queued
+when `prefetch` was called (the running batch's lookup and forward), and the
+next lookup's work is queued after the job's (`_settle`: an event, no wait on the
+host). So the job's copies and its gather over PCIe overlap the running batch's
+backward, and the job's own read-backs (how many keys miss) hold up neither the
+calling thread nor the training stream: the calling thread queues the
+backward while the job waits.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -31,7 +41,7 @@ import torch
 from terarec.kernels.gather import gather_rows
 
 from .base import EmbeddingStore, Lookup
-from .cache import CacheLevel, pieces
+from .cache import CacheLevel, pieces, positions
 from .encoder import IdEncoder
 from .optim import SparseOptimizer, apply_in_place
 
@@ -78,7 +88,9 @@ class TieredStore(EmbeddingStore):
         self.inserts = 0
         self.wait_s = 0.0  # time the caller waited for the background job (prefetch not done in time)
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-prefetch")
-        self._job: tuple[int, torch.Tensor, Future] | None = None  # (cache generation, slots, future rows)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # the job's
+        # (cache generation, the job: future (slots, rows, done event), the write-backs it holds until settled)
+        self._job: tuple[int, Future, list] | None = None
         self._prefetched: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, slots, rows) ready
 
     def __len__(self) -> int:
@@ -93,25 +105,30 @@ class TieredStore(EmbeddingStore):
             level = level.lower
         return levels
 
-    def _slots(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[N] keys -> backing slots [N], fresh [N] (inserted by this call)."""
+    def _slots(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """[N] keys -> backing slots [N], fresh [N] (inserted by this call), and how many are fresh."""
+        self._settle()  # the background job reads the encoder
         before = len(self.encoder)
         slots = self.encoder.find_or_insert(keys)
         fresh = slots >= before
-        if len(self.encoder) > before:
-            self._settle()  # reserving may grow the tables below
+        inserted = len(self.encoder) - before
+        if inserted:
             self.cache.reserve(len(self.encoder))
-            self.inserts += len(self.encoder) - before
-        return slots, fresh
+            self.inserts += inserted
+        return slots, fresh, inserted
 
     def _resident(self, keys: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor, record: bool,
-                  prefetched: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Cache slots of one piece; fresh keys get their initial values, dirty."""
+                  prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  fresh_count: int | None = None) -> torch.Tensor:
+        """Cache slots of one piece; fresh keys get their initial values, dirty. `fresh_count`, where the caller
+        knows it, spares reading the count back from the device."""
         cache_slots = self.cache.resident(slots, skip_fill=fresh, record=record, prefetched=prefetched)
-        if bool(fresh.any()):
-            fresh_slots = cache_slots[fresh]
-            self.cache.values[fresh_slots] = self.initial_values(keys[fresh])
-            self.cache.dirty[fresh_slots] = True
+        count = int(fresh.sum()) if fresh_count is None else fresh_count
+        if count:
+            at = positions(fresh, count)
+            fresh_slots = cache_slots[at]
+            self.cache.values[fresh_slots] = self.initial_values(keys[at])
+            self.cache.dirty.index_fill_(0, fresh_slots, True)
         return cache_slots
 
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:
@@ -129,8 +146,9 @@ class TieredStore(EmbeddingStore):
         self.lookups += keys.numel()
         self._settle()
         prefetched = self._take_prefetched()
+        inserted = None
         if insert:
-            slots, fresh = self._slots(keys)
+            slots, fresh, inserted = self._slots(keys)
             held = torch.arange(keys.numel(), device=self.device)
         else:
             slots = self.encoder.find(keys)
@@ -138,7 +156,7 @@ class TieredStore(EmbeddingStore):
             slots, fresh = slots[held], torch.zeros_like(held, dtype=torch.bool)
         parts = pieces(held.numel(), self.cache.capacity)
         if insert and len(parts) == 1:  # every key held, in one piece (a training step's): the gather is the rows
-            cache_slots = self._resident(keys, slots, fresh, True, prefetched)
+            cache_slots = self._resident(keys, slots, fresh, True, prefetched, fresh_count=inserted)
             return gather_rows(self.cache.values[:, : self.dim], cache_slots), cache_slots
         rows = torch.zeros((keys.numel(), self.dim), device=self.device)
         held_keys = keys[held]
@@ -154,58 +172,78 @@ class TieredStore(EmbeddingStore):
             cache_slots = lookup.where[1]
             self.cache.touch(cache_slots)  # the access the slow path's `resident` would count
             apply_in_place(self.cache.values, cache_slots, grads, self.optimizer, self.step)
-            self.cache.dirty[cache_slots] = True
+            self.cache.dirty.index_fill_(0, cache_slots, True)
             return
         keys = lookup.keys.to(self.device)
-        slots, fresh = self._slots(keys)
-        if self._job is not None and self.cache.missing(slots).numel():
-            self._settle()  # rows to bring in: the tiers below are needed
+        slots, fresh, _ = self._slots(keys)
         for piece in pieces(keys.numel(), self.cache.capacity):
             cache_slots = self._resident(keys[piece], slots[piece], fresh[piece], record=False)
             apply_in_place(self.cache.values, cache_slots, grads[piece], self.optimizer, self.step)
-            self.cache.dirty[cache_slots] = True
+            self.cache.dirty.index_fill_(0, cache_slots, True)
 
     def prefetch(self, keys: torch.Tensor) -> None:
         """Start reading the rows of the next batch's known keys that are not in the top cache (up to its
-        capacity), on the background thread; the next `lookup` takes them."""
+        capacity), on the background thread; the next `lookup` takes them. Reads nothing back from the GPU."""
         self._settle()
-        slots = self.encoder.find(keys.to(self.device))
-        missing = self.cache.missing(slots[slots >= 0])[: self.cache.capacity]
+        keys = keys.to(self.device)
         deferred = self.cache.take_deferred()
-        if missing.numel() or deferred:
-            missing = torch.sort(missing).values
-            # The copies to the tier below start here: made on the job's thread, a copy from the GPU would
-            # wait for everything queued on the GPU by then (this batch's backward), and so would the job.
-            below = self.cache.lower.slot_device
-            moved = [(_staged(backing, below), _staged(values, below)) for backing, values in deferred]
-            copied = torch.cuda.Event() if self.device.type == "cuda" else None
-            wanted = _staged(missing, below)
-            if copied is not None:
-                copied.record()
-            self._job = (self.cache.generation, missing, self._fetcher.submit(self._fetch, wanted, moved, copied))
+        queued = None
+        if self._stream is not None:  # the job starts after what is queued now: the keys, the evicted rows
+            queued = torch.cuda.Event()
+            queued.record()
+        job = self._fetcher.submit(self._fetch, keys, deferred, queued)
+        self._job = (self.cache.generation, job, deferred)
 
-    def _fetch(self, slots: torch.Tensor, deferred: list, copied) -> torch.Tensor:
-        """(On the background thread.) Write the deferred rows down, then read `slots`' rows onto the cache's device."""
-        if copied is not None:
-            torch.cuda.set_device(self.device)  # this thread's own current device
-            copied.synchronize()
-        lower = self.cache.lower
-        for backing, values in deferred:
-            lower.write(backing, values)
-        rows = lower.read(slots) if slots.numel() else torch.empty((0, self.value_width))
-        if rows.device != self.device:
-            rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
-        return rows
+    @contextlib.contextmanager
+    def _job_stream(self, queued):
+        """(On the background thread.) The job's CUDA stream, after the `queued` event; nothing on the CPU."""
+        if self._stream is None:
+            yield
+            return
+        torch.cuda.set_device(self.device)  # this thread's own current device
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(queued)
+            yield
+
+    def _fetch(self, keys: torch.Tensor, deferred: list, queued) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(On the background thread.) Find which of `keys` are known and not in the top cache, write the deferred
+        rows down, then read the missing rows onto the cache's device. Returns (their backing slots ascending,
+        their rows, the event that ends the job's GPU work or None)."""
+        with self._job_stream(queued):
+            slots = self.encoder.find(keys)
+            missing = torch.sort(self.cache.missing(slots[slots >= 0])[: self.cache.capacity]).values
+            lower = self.cache.lower
+            below = lower.slot_device
+            moved = [(_staged(backing, below), _staged(values, below)) for backing, values in deferred]
+            wanted = _staged(missing, below)
+            if self._stream is not None and below.type == "cpu":
+                self._stream.synchronize()  # the copies to pinned memory have landed before the CPU reads them
+            for backing, values in moved:
+                lower.write(backing, values)
+            rows = lower.read(wanted) if missing.numel() else torch.empty((0, self.value_width), device=self.device)
+            if rows.device != self.device:
+                rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
+            done = None
+            if self._stream is not None:
+                done = torch.cuda.Event()
+                done.record(self._stream)
+        return missing, rows, done
 
     def _settle(self) -> None:
-        """Wait for the background job; keep what it read for the next lookup."""
+        """Wait for the background job; keep what it read for the next lookup. On a GPU, the work queued from
+        now on runs after the job's: the rows it read, and the rows it wrote down, are free for reuse."""
         if self._job is None:
             return
-        generation, slots, job = self._job
+        generation, job, _ = self._job
         self._job = None
         started = time.perf_counter()
-        rows = job.result()
+        slots, rows, done = job.result()
         self.wait_s += time.perf_counter() - started
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            slots.record_stream(stream)  # made on the job's stream, used and freed on this one
+            rows.record_stream(stream)
         self._prefetched = (generation, slots, rows) if slots.numel() else None
 
     def _take_prefetched(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -224,8 +262,7 @@ class TieredStore(EmbeddingStore):
     def load_items(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Rows go where their keys live: a cached row is overwritten in its cache, any other is written to
         the tier below without passing through the caches (a restore or a bulk load streams to the table)."""
-        self._settle()
-        slots, _ = self._slots(keys.to(self.device))
+        slots, _, _ = self._slots(keys.to(self.device))
         self.cache.put(slots, values)
 
     def flush(self) -> None:
