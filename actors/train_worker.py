@@ -33,7 +33,6 @@ from terarec.core.data.reader import BatchReader, count_rows, list_split_files
 from terarec.core.data.schema import label_columns_of, read_data_meta
 from terarec.core.metrics import calibration, log_loss, roc_auc
 from terarec.core.steering import BestTracker, fit_to_data, key_recurrence, lr_factor
-from terarec.store import feature_keys
 from terarec.store.sharded import BucketMap, ShardedRows
 
 
@@ -123,7 +122,7 @@ class TrainWorker:
         with autocast(self.config.precision, self.device):
             logits = self._forward(batch).float()
         if following is not None:
-            self.model.embedding.backend.prefetch(torch.unique(feature_keys(following.sparse.to(self.device))))
+            self.model.embedding.prepare(following.sparse.to(self.device))
         labels = batch.labels[:, : len(self.label_columns)]
         # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
         # so summed gradients equal one worker's gradients on the whole global batch.

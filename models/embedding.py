@@ -8,6 +8,12 @@ the handle to the store's sparse optimizer. On CUDA the rows are spread to
 `[B, F, D]` by the 16-byte-load gather kernel, whose backward is the per-key
 gradient reduction. Under autocast the gather emits rows in its dtype (bf16 for
 the dense part) while the rows and their gradients stay fp32.
+
+`prepare(next sparse IDs)`, called by the training loop while a step computes,
+readies the next training forward: a backend that plans lookups (a tiered store:
+`TieredStore.plan_lookup`) gets that batch's unique keys, found on its planning
+stream, and makes their rows resident ahead; the forward of that same tensor then
+reuses the keys and the plan. Other backends get a `prefetch` hint.
 """
 from __future__ import annotations
 
@@ -48,11 +54,30 @@ class Embedding(nn.Module):
         self.backend = backend
         self.dim = backend.dim
         self._pending: list[tuple[Lookup, torch.Tensor]] = []  # (handle, leaf rows) of each training forward
+        self._prepared: tuple | None = None  # (sparse IDs, unique keys, inverse, order) of the next forward
+
+    def prepare(self, sparse_ids: torch.Tensor) -> None:
+        """Ready the next training forward, of exactly this tensor (see the module's doc)."""
+        if getattr(self.backend, "plan_lookup", None) is None:
+            self.backend.prefetch(feature_keys(sparse_ids))
+            return
+        with self.backend.planning():
+            unique_keys, inverse, order = unique_with_order(feature_keys(sparse_ids))
+            planned = self.backend.plan_lookup(unique_keys)
+        self._prepared = (sparse_ids, unique_keys, inverse, order) if planned else None
 
     def forward(self, sparse_ids: torch.Tensor) -> torch.Tensor:
-        keys = feature_keys(sparse_ids)
-        unique_keys, inverse, order = unique_with_order(keys)
-        if self.training and torch.is_grad_enabled():
+        prepared, self._prepared = self._prepared, None
+        training = self.training and torch.is_grad_enabled()
+        if training and prepared is not None and prepared[0] is sparse_ids:
+            unique_keys, inverse, order = prepared[1:]
+            if unique_keys.is_cuda:  # made on the planning stream: ready, and kept, for this one
+                stream = torch.cuda.current_stream(unique_keys.device)
+                for tensor in (unique_keys, inverse, *order):
+                    tensor.record_stream(stream)
+        else:
+            unique_keys, inverse, order = unique_with_order(feature_keys(sparse_ids))
+        if training:
             lookup = self.backend.lookup_for_update(unique_keys)
             rows = lookup.rows.detach().requires_grad_(True)
             self._pending.append((lookup, rows))

@@ -41,7 +41,7 @@ import torch
 POLICIES = ("lru", "lfu")
 MAX_COUNT = 15  # GCLOCK's counter saturates here: a hot row survives at most this many passes unused
 _NOT_STAMPED = -1
-METADATA_BYTES_PER_SLOT = 8 + 8 + 1 + 1  # backing slot, stamp, reference counter, dirty
+METADATA_BYTES_PER_SLOT = 8 + 8 + 4 + 1  # backing slot, stamp, reference counter, dirty
 
 
 def positions(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ class CacheLevel:
         self.values = torch.empty((0, value_width), device=self.device)
         self.backing = torch.empty(0, dtype=torch.int64, device=self.device)  # cache slot -> backing slot, -1 free
         self.stamp = torch.empty(0, dtype=torch.int64, device=self.device)  # the access that last touched the slot
-        self.ref = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self.ref = torch.empty(0, dtype=torch.int32, device=self.device)  # int32: counted down by atomic adds
         self.dirty = torch.empty(0, dtype=torch.bool, device=self.device)
         self.slot_of = torch.empty(0, dtype=torch.int32, device=self.device)  # backing slot -> cache slot, -1 absent
         self.size = 0  # cache slots in use: [0, size)
@@ -97,6 +97,9 @@ class CacheLevel:
         self.passed_per_victim = 2.0  # slots the last sweep passed per victim it found: sizes the next one's window
         self.clock = 0  # the number of the next access
         self.generation = 0  # moves whenever the set of resident rows changes, or rows below change from here
+        # Rows last stamped by an access below this may have been evicted since; rows of later accesses are
+        # where that access put them (every sweep takes only slots stamped below its bound).
+        self.evict_bound = 0
         self.defer_writes = False
         self.deferred: list[tuple[torch.Tensor, torch.Tensor]] = []  # (backing slots, rows) not yet written down
         self.hits = self.misses = self.evictions = self.writebacks = self.fills = self.prefetched = 0
@@ -200,13 +203,18 @@ class CacheLevel:
         return slots[self.slot_of[slots] < 0]
 
     def resident(self, slots: torch.Tensor, skip_fill: torch.Tensor | bool = False, record: bool = True,
-                 prefetched: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 prefetched: tuple[torch.Tensor, torch.Tensor] | None = None, pinned_from: int | None = None,
+                 fills: list | None = None) -> torch.Tensor:
         """Make [N <= capacity] unique backing slots resident; returns their cache slots [N].
 
         Misses are read from below, except where `skip_fill` is True: those rows are
         left for the caller to write (and mark dirty), and those found in `prefetched`
         (ascending backing slots [P], their rows [P, W] read from below earlier, still
-        current): those are copied from there. The rows of this access are not evicted.
+        current): those are copied from there. The rows of this access are not evicted,
+        nor, with `pinned_from`, those of any access numbered from it on. With `fills`
+        (a list), the misses to read are not read: (cache slots, backing slots) is
+        appended for the caller, who reads them below (after the write-backs this
+        access deferred) and writes them in before anyone reads those cache slots.
         """
         n = slots.numel()
         if n > self.capacity:
@@ -223,7 +231,7 @@ class CacheLevel:
         access = self.touch(cache_slots[positions(hit, n - missed)])
         miss = positions(~hit, missed)
         self.generation += 1
-        taken = self._make_room(missed, access)
+        taken = self._make_room(missed, access if pinned_from is None else min(pinned_from, access))
         missed_slots = slots[miss]
         fill = torch.ones_like(miss, dtype=torch.bool) if skip_fill is False else (
             torch.zeros_like(miss, dtype=torch.bool) if skip_fill is True else ~skip_fill.to(self.device)[miss])
@@ -242,8 +250,11 @@ class CacheLevel:
             self.fills += counts[1]
         if counts[0]:
             fill_at = positions(fill, counts[0])
-            self.drain()
-            self.values[taken[fill_at]] = self.lower.read(missed_slots[fill_at]).to(self.device)
+            if fills is not None:
+                fills.append((taken[fill_at], missed_slots[fill_at]))
+            else:
+                self.drain()
+                self.values[taken[fill_at]] = self.lower.read(missed_slots[fill_at]).to(self.device)
             self.fills += counts[0]
         self.backing[taken] = missed_slots
         self.slot_of[missed_slots] = taken.to(torch.int32)
@@ -254,12 +265,13 @@ class CacheLevel:
         cache_slots[miss] = taken
         return cache_slots
 
-    def touch(self, cache_slots: torch.Tensor) -> int:
-        """A new access to resident rows by their cache slots (stamped: no sweep of this access takes them;
-        counted by the policy); returns the access's number."""
+    def touch(self, cache_slots: torch.Tensor, stamp: bool = True) -> int:
+        """A new access to resident rows by their cache slots (stamped, unless `stamp` is False: no sweep of this
+        access takes them; counted by the policy); returns the access's number."""
         access = self.clock
         self.clock += 1
-        self.stamp.index_fill_(0, cache_slots, access)
+        if stamp:
+            self.stamp.index_fill_(0, cache_slots, access)
         self._touch(cache_slots)
         return access
 
@@ -269,8 +281,9 @@ class CacheLevel:
         else:
             self.ref[cache_slots] = (self.ref[cache_slots] + 1).clamp_(max=MAX_COUNT)
 
-    def _make_room(self, needed: int, access: int) -> torch.Tensor:
-        """`needed` cache slots for new rows: the free tail first, then victims of the hand (written down if dirty)."""
+    def _make_room(self, needed: int, bound: int) -> torch.Tensor:
+        """`needed` cache slots for new rows: the free tail first, then victims of the hand (written down if dirty)
+        among the slots stamped below `bound`."""
         allocated = self.values.shape[0]
         if allocated - self.size < needed and allocated < self.capacity:
             self._grow(min(self.capacity, max(2 * allocated, self.size + needed, 1024)))
@@ -278,15 +291,17 @@ class CacheLevel:
         taken = torch.arange(self.size, self.size + free, device=self.device)
         if free == needed:
             return taken
-        victims = self._sweep(needed - free, access)
+        victims = self._sweep(needed - free, bound)
         if victims is None:
             raise RuntimeError(f"the {self.name} has no {needed - free} rows to evict outside the access in progress")
         self._evict(victims)
         return torch.cat([taken, victims])
 
-    def _sweep(self, needed: int, access: int) -> torch.Tensor | None:
-        """Move the hand over the occupied slots until `needed` slots with counter 0, untouched by `access`, are found;
-        passed slots lose 1 from their counter. None if (MAX_COUNT + 1) turns do not find enough.
+    def _sweep(self, needed: int, bound: int) -> torch.Tensor | None:
+        """Move the hand over the occupied slots until `needed` slots with counter 0, stamped below `bound` (by no
+        access still in flight), are found; passed open slots lose 1 from their counter, atomically (a pinned
+        slot's counter may be counted up meanwhile by another stream). None if (MAX_COUNT + 1) turns do not find
+        enough.
 
         The hand moves in windows sized from the last sweep (slots passed per victim found, with a margin), so a
         sweep usually takes one window and reads back one pair of numbers: how many it found, and where it stopped."""
@@ -298,16 +313,15 @@ class CacheLevel:
             if self.hand + window > occupied:  # past the last occupied slot the hand goes on from the first
                 at.remainder_(occupied)
             ref = self.ref[at]
-            open_ = self.stamp[at] < access
+            open_ = self.stamp[at] < bound
             take = open_ & (ref == 0)
             count = torch.cumsum(take, 0)
             available, stop = torch.stack([count[-1], torch.searchsorted(count, needed)]).tolist()
             stop = window if available < needed else stop + 1  # just past the needed-th victim
             passed = at[:stop]
-            # a window never holds a slot twice (window <= occupied): the counters are written back whole
-            self.ref.index_put_((passed,), ref[:stop] - (open_ & ~take)[:stop].to(ref.dtype))
+            self.ref.index_add_(0, passed, (open_ & ~take)[:stop].to(self.ref.dtype), alpha=-1)
             victims = passed[positions(take[:stop], min(available, needed))]
-            self.stamp.index_fill_(0, victims, access)  # taken: a later window of this sweep must not take it again
+            self.stamp.index_fill_(0, victims, bound)  # taken: a later window of this sweep must not take it again
             found.append(victims)
             needed -= min(available, needed)
             scanned += stop
@@ -315,6 +329,7 @@ class CacheLevel:
         if needed:
             return None
         self.passed_per_victim = max(1.0, scanned / wanted)
+        self.evict_bound = max(self.evict_bound, bound)
         return torch.cat(found)
 
     def _evict(self, cache_slots: torch.Tensor) -> None:

@@ -86,6 +86,7 @@ class HostTable:
         if self.max_rows is not None:
             capacity = min(capacity, self.max_rows)
         if self.mode == "uva":
+            torch.cuda.synchronize(self.device)  # rows written through the mapping by queued kernels land first
             grown = _PinnedRows(capacity, self.value_width, self.device)
             grown.cpu[: self.values.shape[0]] = self.values
             self.rows, self.values = grown, grown.cpu

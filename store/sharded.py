@@ -93,9 +93,9 @@ class ShardedRows:
         return order, send_counts, received_keys, recv_counts
 
     def prefetch(self, keys: torch.Tensor) -> None:
-        """An early key exchange: the next batch's keys go to their owners now, whose stores start staging
+        """An early key exchange: the next batch's keys (repeats allowed) go to their owners now, whose stores start staging
         those rows (`EmbeddingStore.prefetch`) while this batch computes. A collective, like `lookup`."""
-        _, _, received_keys, _ = self._send_keys(keys)
+        _, _, received_keys, _ = self._send_keys(torch.unique(keys))
         self.store.prefetch(torch.unique(received_keys))
 
     def lookup(self, keys: torch.Tensor, insert: bool = True) -> torch.Tensor:

@@ -22,6 +22,19 @@ below past it (a load), so the rows below are still the ones read. Every call
 that reads or writes below, or changes the encoder, waits for the background job
 first (`_settle`).
 
+Planned lookups. The training loop goes one step further (`Embedding.prepare`):
+while batch N computes, `plan_lookup(next keys)` makes batch N+1's rows resident
+at once, inside `planning()` (on a GPU, a stream of its own that waits for
+nothing queued after batch N's lookup). It inserts the new keys, evicts victims
+among the rows of no access still in flight (batch N's rows are pinned: its
+update has not landed) and hands the background job the misses to read below and
+write into their new cache slots (after the write-backs it deferred). Batch N+1's
+`lookup_for_update` of those same keys then only waits for the job and gathers.
+So the host finds keys, sweeps and evicts while the GPU runs batch N's backward,
+and a training step's lookup reads nothing back from the GPU. Any other call
+waits for the plan's job first; a residency change that could have evicted the
+planned rows (the cache's `evict_bound`) makes the lookup run in full instead.
+
 On a GPU the background job runs on its own CUDA stream, after the work queued
 when `prefetch` was called (the running batch's lookup and forward), and the
 next lookup's work is queued after the job's (`_settle`: an event, no wait on the
@@ -35,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +69,17 @@ def _staged(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.is_cuda and device.type == "cpu":
         return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
     return tensor.to(device)
+
+
+@dataclass
+class _Plan:
+    """A planned lookup: its keys' rows are resident at `cache_slots` once `job` (the fills) is done."""
+
+    keys: torch.Tensor
+    cache_slots: torch.Tensor
+    access: int  # the cache access that made them resident
+    job: Future | None  # fills and write-backs; its result, the event that ends them on the GPU (or None)
+    done: object = None  # that event, once the job is settled
 
 
 class TieredStore(EmbeddingStore):
@@ -85,6 +110,7 @@ class TieredStore(EmbeddingStore):
         self.cache.defer_writes = True
         self.step = getattr(table, "step", 0)
         self.lookups = 0
+        self.planned_lookups = 0  # training lookups a plan made ready (plan_lookup)
         self.inserts = 0
         self.wait_s = 0.0  # time the caller waited for the background job (prefetch not done in time)
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="tiered-prefetch")
@@ -92,6 +118,10 @@ class TieredStore(EmbeddingStore):
         # (cache generation, the job: future (slots, rows, done event), the write-backs it holds until settled)
         self._job: tuple[int, Future, list] | None = None
         self._prefetched: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, slots, rows) ready
+        self._plan: _Plan | None = None
+        self._plan_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._looked_up = None  # on a GPU, the event after the latest training lookup: a plan starts after it
+        self._last_access: int | None = None  # the cache access of the latest training lookup: its rows stay
 
     def __len__(self) -> int:
         return len(self.encoder)
@@ -119,10 +149,13 @@ class TieredStore(EmbeddingStore):
 
     def _resident(self, keys: torch.Tensor, slots: torch.Tensor, fresh: torch.Tensor, record: bool,
                   prefetched: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  fresh_count: int | None = None) -> torch.Tensor:
+                  fresh_count: int | None = None, pinned_from: int | None = None,
+                  fills: list | None = None) -> torch.Tensor:
         """Cache slots of one piece; fresh keys get their initial values, dirty. `fresh_count`, where the caller
-        knows it, spares reading the count back from the device."""
-        cache_slots = self.cache.resident(slots, skip_fill=fresh, record=record, prefetched=prefetched)
+        knows it, spares reading the count back from the device; `pinned_from` and `fills` as in
+        `CacheLevel.resident`."""
+        cache_slots = self.cache.resident(slots, skip_fill=fresh, record=record, prefetched=prefetched,
+                                          pinned_from=pinned_from, fills=fills)
         count = int(fresh.sum()) if fresh_count is None else fresh_count
         if count:
             at = positions(fresh, count)
@@ -135,10 +168,118 @@ class TieredStore(EmbeddingStore):
         return self._lookup(keys, insert)[0]
 
     def lookup_for_update(self, keys: torch.Tensor) -> Lookup:
-        """The rows, and where they sit in the top cache: while its residency has not moved (the cache's
-        `generation`), the update writes there, probing no key in the encoder or the slot map again."""
+        """The rows, and where they sit in the top cache: while no sweep could have taken them (the cache's
+        `evict_bound` is not past the lookup's access), the update writes there, probing no key in the encoder
+        or the slot map again. Keys a `plan_lookup` made resident (the same tensor) are only gathered."""
+        planned = self._planned(keys)
+        if planned is not None:
+            return planned
         rows, cache_slots = self._lookup(keys, insert=True)
-        return Lookup(keys, rows, where=None if cache_slots is None else (self.cache.generation, cache_slots))
+        if cache_slots is None:
+            return Lookup(keys, rows)
+        self._last_access = self.cache.clock - 1
+        self._mark_looked_up()
+        return Lookup(keys, rows, where=(self._last_access, cache_slots))
+
+    def _mark_looked_up(self) -> None:
+        if self._plan_stream is not None:
+            self._looked_up = torch.cuda.Event()
+            self._looked_up.record()
+
+    # -- planned lookups -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def planning(self):
+        """Where a plan's work goes: on a GPU, the planning stream, after the latest training lookup's work (and
+        after nothing queued since: batch N's backward and update run meanwhile on the caller's stream)."""
+        if self._plan_stream is None:
+            yield
+            return
+        if self._looked_up is not None:
+            self._plan_stream.wait_event(self._looked_up)
+        with torch.cuda.stream(self._plan_stream):
+            yield
+
+    def plan_lookup(self, keys: torch.Tensor) -> bool:
+        """(Inside `planning()`.) Make the next training lookup's [N] unique keys resident now, their reads
+        below on the background thread; that lookup, of this same tensor, then only gathers. False (and a
+        `prefetch` instead) where the cache is too small to pin two batches with room to spare."""
+        self._settle()
+        keys = keys.to(self.device)
+        if self._last_access is None or 4 * keys.numel() > self.cache.capacity:
+            self.prefetch(keys)
+            return False
+        slots, fresh, inserted = self._slots(keys)
+        fills: list = []
+        cache_slots = self._resident(keys, slots, fresh, True, fresh_count=inserted, pinned_from=self._last_access,
+                                     fills=fills)
+        access = self.cache.clock - 1
+        taken, backing = fills[0] if fills else (cache_slots[:0], slots[:0])
+        deferred = self.cache.take_deferred()
+        self.cache.prefetched += backing.numel()  # read ahead, as a prefetch's rows are
+        planned = None
+        if self._plan_stream is not None:
+            planned = torch.cuda.Event()
+            planned.record(self._plan_stream)
+        job = self._fetcher.submit(self._fill, taken, backing, deferred, planned) if backing.numel() or deferred \
+            else None
+        self._plan = _Plan(keys, cache_slots, access, job, planned)
+        return True
+
+    def _fill(self, taken: torch.Tensor, backing: torch.Tensor, deferred: list, planned):
+        """(On the background thread.) Write the deferred rows down, then read `backing`'s rows from below into
+        cache slots `taken`. Returns the event that ends this on the GPU, or None."""
+        with self._job_stream(planned):
+            if self._stream is not None:  # made on the planning stream, used here: not reused before this is done
+                for tensor in (taken, backing, *(t for pair in deferred for t in pair)):
+                    tensor.record_stream(self._stream)
+            lower = self.cache.lower
+            below = lower.slot_device
+            moved = [(_staged(slots, below), _staged(values, below)) for slots, values in deferred]
+            wanted = _staged(backing, below)
+            if self._stream is not None and below.type == "cpu":
+                self._stream.synchronize()  # the copies to pinned memory have landed before the CPU reads them
+            for slots, values in moved:
+                lower.write(slots, values)
+            if backing.numel():
+                rows = lower.read(wanted)
+                if rows.device != self.device:
+                    rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
+                self.cache.values[taken] = rows
+            done = None
+            if self._stream is not None:
+                done = torch.cuda.Event()
+                done.record(self._stream)
+        return done
+
+    def _planned(self, keys: torch.Tensor) -> Lookup | None:
+        """The lookup a plan of these very keys prepared, if its rows are still where it put them."""
+        plan = self._plan
+        if plan is None or plan.keys is not keys:
+            return None
+        self._plan = None
+        self._settle_plan(plan)
+        if self.cache.evict_bound > plan.access:  # something else swept since: its rows may be gone
+            return None
+        if plan.done is not None:  # the plan's work, and the fills, before the gather on this stream
+            torch.cuda.current_stream(self.device).wait_event(plan.done)
+            plan.cache_slots.record_stream(torch.cuda.current_stream(self.device))
+        self.lookups += keys.numel()
+        self.planned_lookups += 1
+        self._last_access = plan.access
+        rows = gather_rows(self.cache.values[:, : self.dim], plan.cache_slots)
+        self._mark_looked_up()
+        return Lookup(keys, rows, where=(plan.access, plan.cache_slots))
+
+    def _settle_plan(self, plan: _Plan) -> None:
+        if plan.job is not None:
+            started = time.perf_counter()
+            done = plan.job.result()
+            self.wait_s += time.perf_counter() - started
+            plan.job = None
+            plan.done = done if done is not None else plan.done
+        if plan.done is not None:
+            torch.cuda.current_stream(self.device).wait_event(plan.done)
 
     def _lookup(self, keys: torch.Tensor, insert: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows [N, dim], and the keys' cache slots when they were inserted and made resident in one piece."""
@@ -168,9 +309,10 @@ class TieredStore(EmbeddingStore):
     def update(self, lookup: Lookup, grads: torch.Tensor) -> None:
         self.step += 1
         grads = grads.to(self.device, torch.float32)
-        if lookup.where is not None and lookup.where[0] == self.cache.generation:  # the lookup's rows stayed put
+        if lookup.where is not None and self.cache.evict_bound <= lookup.where[0]:  # the lookup's rows stayed put
             cache_slots = lookup.where[1]
-            self.cache.touch(cache_slots)  # the access the slow path's `resident` would count
+            # the access the slow path's `resident` would count; not stamped: it pins nothing
+            self.cache.touch(cache_slots, stamp=False)
             apply_in_place(self.cache.values, cache_slots, grads, self.optimizer, self.step)
             self.cache.dirty.index_fill_(0, cache_slots, True)
             return
@@ -182,8 +324,9 @@ class TieredStore(EmbeddingStore):
             self.cache.dirty.index_fill_(0, cache_slots, True)
 
     def prefetch(self, keys: torch.Tensor) -> None:
-        """Start reading the rows of the next batch's known keys that are not in the top cache (up to its
-        capacity), on the background thread; the next `lookup` takes them. Reads nothing back from the GPU."""
+        """Start reading the rows of the next batch's known keys (repeats allowed) that are not in the top cache
+        (up to its capacity), on the background thread; the next `lookup` takes them. Reads nothing back from
+        the GPU."""
         self._settle()
         keys = keys.to(self.device)
         deferred = self.cache.take_deferred()
@@ -210,7 +353,7 @@ class TieredStore(EmbeddingStore):
         rows down, then read the missing rows onto the cache's device. Returns (their backing slots ascending,
         their rows, the event that ends the job's GPU work or None)."""
         with self._job_stream(queued):
-            slots = self.encoder.find(keys)
+            slots = self.encoder.find(torch.unique(keys))
             missing = torch.sort(self.cache.missing(slots[slots >= 0])[: self.cache.capacity]).values
             lower = self.cache.lower
             below = lower.slot_device
@@ -231,7 +374,10 @@ class TieredStore(EmbeddingStore):
 
     def _settle(self) -> None:
         """Wait for the background job; keep what it read for the next lookup. On a GPU, the work queued from
-        now on runs after the job's: the rows it read, and the rows it wrote down, are free for reuse."""
+        now on runs after the job's: the rows it read, and the rows it wrote down, are free for reuse. A plan's
+        fills are waited for too (the plan stays, for the lookup it prepared)."""
+        if self._plan is not None:
+            self._settle_plan(self._plan)
         if self._job is None:
             return
         generation, job, _ = self._job
@@ -285,6 +431,7 @@ class TieredStore(EmbeddingStore):
     def metrics(self) -> dict[str, float]:
         rows = len(self)
         return {"rows": float(rows), "lookups": float(self.lookups), "inserts": float(self.inserts),
+                "planned_lookups": float(self.planned_lookups),
                 "prefetch_wait_s": self.wait_s,
                 "index_bytes_per_row": sum(self.index_bytes_per_row().values()) if rows else 0.0,
                 **self.cache.metrics()}

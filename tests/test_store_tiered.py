@@ -50,6 +50,26 @@ def train(store, keys_per_step: list[torch.Tensor], first_step: int = 0) -> list
     return seen
 
 
+def train_planned(store, keys_per_step: list[torch.Tensor], between=None) -> list[torch.Tensor]:
+    """As the training loop runs a store that plans lookups (Embedding.prepare): lookup N, plan N+1 inside
+    `planning()`, update N (after the plan: its rows stay pinned), `between(step)`, then lookup N+1 of the same
+    tensor, which the plan made ready."""
+    seen = []
+    lookup = store.lookup_for_update(keys_per_step[0])
+    for step, keys in enumerate(keys_per_step):
+        seen.append(lookup.rows.cpu())
+        following = keys_per_step[step + 1] if step + 1 < len(keys_per_step) else None
+        if following is not None:
+            with store.planning():
+                store.plan_lookup(following)
+        store.update(lookup, grads_of(step, keys.numel()))
+        if between is not None:
+            between(step)
+        if following is not None:
+            lookup = store.lookup_for_update(following)
+    return seen
+
+
 def exported(store) -> tuple[torch.Tensor, torch.Tensor]:
     keys, values = store.export()
     order = torch.argsort(keys)
@@ -552,4 +572,122 @@ def test_pipeline_on_the_gpu_equals_the_device_store(kind, host_rows, mode, opti
     for rows, ref_rows in zip(train(store, steps), train(reference, steps)):
         assert torch.equal(rows, ref_rows)
     assert store.metrics()["cache_prefetched"] > 0 and store.metrics()["cache_evictions"] > 0
+    assert_same_store(store, reference)
+
+
+@pytest.mark.parametrize("kind,host_rows", [("cached_host", 0), ("cached_ssd", 0), ("cached_ssd", 300)])
+@pytest.mark.parametrize("access", ["random", "zipf"])
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_planned_lookups_equal_the_device_store(kind, host_rows, access, optimizer, tmp_path):
+    """Batch N+1 made resident while batch N's update is pending: N's rows pinned, evicted rows written back by
+    the background job before it reads the misses into their new slots; bit-identical to the device store."""
+    steps = batches(access, steps=30, size=90, seed=7)
+    store = tiered(kind, OPTIMIZERS[optimizer], tmp_path, cache_rows=400, host_rows=host_rows)
+    reference = DeviceStore(DIM, OPTIMIZERS[optimizer], seed=3)
+    for rows, ref_rows in zip(train_planned(store, steps), train(reference, steps)):
+        assert torch.equal(rows, ref_rows)
+    got = store.metrics()
+    assert got["planned_lookups"] == len(steps) - 1
+    assert got["cache_evictions"] > 0 and got["cache_writebacks"] > 0 and got["cache_prefetched"] > 0
+    assert_same_store(store, reference)
+
+
+def test_plan_overtaken_by_other_lookups_runs_the_lookup_in_full(tmp_path):
+    """Lookups between a plan and its lookup (an evaluation) sweep the cache: the planned rows may be gone,
+    so the lookup does not trust the plan, and training stays bit-identical."""
+    steps = batches("random", steps=12, size=90, seed=3)
+    probes = [torch.unique(torch.cat(steps[: step + 1])) for step in range(len(steps))]  # past the cache's 400
+    store = tiered("cached_ssd", SparseAdagrad(lr=0.1), tmp_path, cache_rows=400, host_rows=100)
+    reference = DeviceStore(DIM, SparseAdagrad(lr=0.1), seed=3)
+
+    ref_rows, answers = [], {}
+    for step, keys in enumerate(steps):  # the reference answers the same probes at the same points
+        lookup = reference.lookup_for_update(keys)
+        ref_rows.append(lookup.rows)
+        reference.update(lookup, grads_of(step, keys.numel()))
+        if step % 2 and step >= 5:
+            answers[step] = reference.lookup(probes[step], insert=False)
+
+    def evaluate(step):
+        if step in answers:
+            assert torch.equal(store.lookup(probes[step], insert=False), answers[step])
+
+    for rows, expected in zip(train_planned(store, steps, between=evaluate), ref_rows):
+        assert torch.equal(rows, expected)
+    assert 0 < store.metrics()["planned_lookups"] < len(steps) - 1
+    assert_same_store(store, reference)
+
+
+def test_snapshot_taken_with_a_plan_in_flight(tmp_path):
+    """plan N+1 (new keys inserted, misses being read), update N, snapshot: the snapshot holds step N's rows, the
+    keys the plan inserted at their initial rows; training goes on bit-identically after it."""
+    steps = batches("zipf", steps=16, size=60, seed=4)
+    optimizer = SparseAdagrad(lr=0.1)
+    store = tiered("cached_ssd", optimizer, tmp_path, cache_rows=240, host_rows=40)
+    reference = DeviceStore(DIM, optimizer, seed=3)
+    train_planned(store, steps[:8])
+    lookup = store.lookup_for_update(steps[8])
+    with store.planning():
+        assert store.plan_lookup(steps[9])
+    store.update(lookup, grads_of(8, steps[8].numel()))
+    snapshot = store.snapshot()
+    train(reference, steps[:9])
+    ref_keys, ref_values = exported(reference)
+    keys, values = exported(store)
+    known = torch.isin(keys, ref_keys)
+    assert torch.equal(keys[known], ref_keys) and torch.equal(values[known], ref_values)
+    assert torch.equal(values[~known], reference.initial_values(keys[~known]))  # planned: fresh, not yet trained
+    train_planned(store, steps[9:])  # its first lookup is the plan's
+    assert store.metrics()["planned_lookups"] >= 8
+    train(reference, steps[9:], first_step=9)
+    reopened = tiered("cached_ssd", optimizer, tmp_path, cache_rows=240)  # the directory at its last snapshot
+    assert reopened.snapshot_id == snapshot and reopened.step == 9
+    assert all(torch.equal(a, b) for a, b in zip(exported(reopened), (keys, values)))
+
+
+def test_embedding_prepare_plans_the_next_forward(tmp_path):
+    """The Embedding front as the training loop drives it: prepare(next IDs) while this step's backward is
+    pending; the next forward of that tensor reuses the plan; rows and gradients as with the device store."""
+    from terarec.models.embedding import Embedding
+
+    rng = torch.Generator().manual_seed(0)
+    sparse = [torch.randint(0, 400, (64, 4), generator=rng) for _ in range(10)]
+    fronts = [Embedding(tiered("cached_host", SparseAdam(lr=0.01), tmp_path, cache_rows=1000)),
+              Embedding(DeviceStore(DIM, SparseAdam(lr=0.01), seed=3))]
+    outputs = [[], []]
+    for front, seen in zip(fronts, outputs):
+        front.train()
+        for step, ids in enumerate(sparse):
+            rows = front(ids)
+            seen.append(rows.detach().clone())
+            if step + 1 < len(sparse):
+                front.prepare(sparse[step + 1])
+            (rows * torch.randn(rows.shape, generator=torch.Generator().manual_seed(step))).sum().backward()
+            front.apply_gradients()
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))
+    assert fronts[0].backend.metrics()["planned_lookups"] == len(sparse) - 1
+    assert_same_store(fronts[0].backend, fronts[1].backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,host_rows,mode", [("cached_host", 0, "copy"), ("cached_host", 0, "uva"),
+                                                 ("cached_ssd", 250, None)])
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_planned_lookups_on_the_gpu_equal_the_device_store(kind, host_rows, mode, optimizer, tmp_path):
+    """The planned lookup's CUDA paths: the planning stream, the job's stream filling cache slots, pinned rows
+    updated on the caller's stream meanwhile."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    store = make_store(kind, DIM, OPTIMIZERS[optimizer], seed=3, device="cuda", policy="lru",
+                       cache_bytes=600 * row_bytes(OPTIMIZERS[optimizer]),
+                       host_bytes=host_rows * row_bytes(OPTIMIZERS[optimizer]) or None,
+                       path=str(tmp_path / "ssd") if kind == "cached_ssd" else None)
+    if mode is not None:
+        store.table.mode = mode
+    reference = DeviceStore(DIM, OPTIMIZERS[optimizer], seed=3, device="cuda")
+    steps = [keys.cuda() for keys in batches("zipf", steps=40, size=120)]
+    for rows, ref_rows in zip(train_planned(store, steps), train(reference, steps)):
+        assert torch.equal(rows, ref_rows)
+    got = store.metrics()
+    assert got["planned_lookups"] == len(steps) - 1 and got["cache_evictions"] > 0
     assert_same_store(store, reference)
