@@ -122,7 +122,7 @@ class TrainWorker:
         with autocast(self.config.precision, self.device):
             logits = self._forward(batch).float()
         if following is not None:
-            self.model.embedding.prepare(following.sparse.to(self.device))
+            self.model.embedding.prepare(following.sparse.to(self.device), ready=following.ready)
         labels = batch.labels[:, : len(self.label_columns)]
         # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
         # so summed gradients equal one worker's gradients on the whole global batch.

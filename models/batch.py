@@ -1,7 +1,8 @@
 """The one batch type every terarec layer speaks: dense features, raw sparse IDs, labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -13,6 +14,8 @@ class Batch:
     dense:  [B, num_dense] float32, already log-transformed
     sparse: [B, num_sparse] int64 raw feature IDs (any 64-bit value)
     labels: [B, num_tasks] float32 in {0, 1}
+    ready:  on CUDA, the event after which the parts are on the device (the reader copies on a side
+            stream), for work on streams other than the step's; None when they are ready now
 
     >>> b = Batch(torch.zeros(2, 13), torch.zeros(2, 26, dtype=torch.long), torch.ones(2, 1))
     >>> len(b)
@@ -22,6 +25,7 @@ class Batch:
     dense: torch.Tensor
     sparse: torch.Tensor
     labels: torch.Tensor
+    ready: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         sizes = {self.dense.shape[0], self.sparse.shape[0], self.labels.shape[0]}

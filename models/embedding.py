@@ -56,12 +56,13 @@ class Embedding(nn.Module):
         self._pending: list[tuple[Lookup, torch.Tensor]] = []  # (handle, leaf rows) of each training forward
         self._prepared: tuple | None = None  # (sparse IDs, unique keys, inverse, order) of the next forward
 
-    def prepare(self, sparse_ids: torch.Tensor) -> None:
-        """Ready the next training forward, of exactly this tensor (see the module's doc)."""
+    def prepare(self, sparse_ids: torch.Tensor, ready=None) -> None:
+        """Ready the next training forward, of exactly this tensor (see the module's doc); `ready`, on CUDA, the
+        event after which `sparse_ids` is on the device (`Batch.ready`)."""
         if getattr(self.backend, "plan_lookup", None) is None:
             self.backend.prefetch(feature_keys(sparse_ids))
             return
-        with self.backend.planning():
+        with self.backend.planning(ready):
             unique_keys, inverse, order = unique_with_order(feature_keys(sparse_ids))
             planned = self.backend.plan_lookup(unique_keys)
         self._prepared = (sparse_ids, unique_keys, inverse, order) if planned else None

@@ -231,7 +231,7 @@ class CacheLevel:
         access = self.touch(cache_slots[positions(hit, n - missed)])
         miss = positions(~hit, missed)
         self.generation += 1
-        taken = self._make_room(missed, access if pinned_from is None else min(pinned_from, access))
+        taken = self._make_room(missed, access if pinned_from is None else min(pinned_from, access), access)
         missed_slots = slots[miss]
         fill = torch.ones_like(miss, dtype=torch.bool) if skip_fill is False else (
             torch.zeros_like(miss, dtype=torch.bool) if skip_fill is True else ~skip_fill.to(self.device)[miss])
@@ -281,9 +281,11 @@ class CacheLevel:
         else:
             self.ref[cache_slots] = (self.ref[cache_slots] + 1).clamp_(max=MAX_COUNT)
 
-    def _make_room(self, needed: int, bound: int) -> torch.Tensor:
+    def _make_room(self, needed: int, bound: int, access: int) -> torch.Tensor:
         """`needed` cache slots for new rows: the free tail first, then victims of the hand (written down if dirty)
-        among the slots stamped below `bound`."""
+        among the slots stamped below `bound`; below `access` (pinning nothing but this access) where the pinned
+        rows leave too few, once the work queued on the device has finished (their updates have landed; an
+        update that finds its rows gone brings them back itself)."""
         allocated = self.values.shape[0]
         if allocated - self.size < needed and allocated < self.capacity:
             self._grow(min(self.capacity, max(2 * allocated, self.size + needed, 1024)))
@@ -292,6 +294,10 @@ class CacheLevel:
         if free == needed:
             return taken
         victims = self._sweep(needed - free, bound)
+        if victims is None and bound < access:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            victims = self._sweep(needed - free, access)
         if victims is None:
             raise RuntimeError(f"the {self.name} has no {needed - free} rows to evict outside the access in progress")
         self._evict(victims)

@@ -24,10 +24,11 @@ first (`_settle`).
 
 Planned lookups. The training loop goes one step further (`Embedding.prepare`):
 while batch N computes, `plan_lookup(next keys)` makes batch N+1's rows resident
-at once, inside `planning()` (on a GPU, a stream of its own that waits for
-nothing queued after batch N's lookup). It inserts the new keys, evicts victims
-among the rows of no access still in flight (batch N's rows are pinned: its
-update has not landed) and hands the background job the misses to read below and
+at once, inside `planning()` (on a GPU, a stream of its own that waits only for
+batch N-1's lookup, so for nothing later than batch N-2's update, while the host
+may already be a step ahead of the GPU). It inserts the new keys, evicts victims
+among the rows of no access still in flight (the rows of batches N-1 and N are
+pinned: their updates may not have landed) and hands the background job the misses to read below and
 write into their new cache slots (after the write-backs it deferred). Batch N+1's
 `lookup_for_update` of those same keys then only waits for the job and gathers.
 So the host finds keys, sweeps and evicts while the GPU runs batch N's backward,
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -59,6 +61,7 @@ from .cache import CacheLevel, pieces, positions
 from .encoder import IdEncoder
 from .optim import SparseOptimizer, apply_in_place
 
+PLAN_ROOM = 6  # a lookup is planned where the cache holds this many batches: three pinned, victims among the rest
 ENCODER_MAX_LOAD = 0.75  # the index's share: 16 bytes a cell at 0.375-0.75 load is 21-43 bytes a row
 
 
@@ -120,8 +123,9 @@ class TieredStore(EmbeddingStore):
         self._prefetched: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (generation, slots, rows) ready
         self._plan: _Plan | None = None
         self._plan_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._looked_up = None  # on a GPU, the event after the latest training lookup: a plan starts after it
-        self._last_access: int | None = None  # the cache access of the latest training lookup: its rows stay
+        # (cache access, on a GPU the event after it) of the latest two training lookups: a plan pins the rows of
+        # both and starts after the older one's event
+        self._recent: deque[tuple[int, object]] = deque(maxlen=2)
 
     def __len__(self) -> int:
         return len(self.encoder)
@@ -177,41 +181,47 @@ class TieredStore(EmbeddingStore):
         rows, cache_slots = self._lookup(keys, insert=True)
         if cache_slots is None:
             return Lookup(keys, rows)
-        self._last_access = self.cache.clock - 1
-        self._mark_looked_up()
-        return Lookup(keys, rows, where=(self._last_access, cache_slots))
+        access = self.cache.clock - 1
+        self._mark_looked_up(access)
+        return Lookup(keys, rows, where=(access, cache_slots))
 
-    def _mark_looked_up(self) -> None:
+    def _mark_looked_up(self, access: int) -> None:
+        event = None
         if self._plan_stream is not None:
-            self._looked_up = torch.cuda.Event()
-            self._looked_up.record()
+            event = torch.cuda.Event()
+            event.record()
+        self._recent.append((access, event))
 
     # -- planned lookups -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def planning(self):
-        """Where a plan's work goes: on a GPU, the planning stream, after the latest training lookup's work (and
-        after nothing queued since: batch N's backward and update run meanwhile on the caller's stream)."""
+    def planning(self, ready=None):
+        """Where a plan's work goes: on a GPU, the planning stream, after the older of the latest two training
+        lookups (and after nothing queued since: the steps in between run meanwhile on the caller's stream) and
+        after `ready` (the event of the next batch's copy to the device, if any)."""
         if self._plan_stream is None:
             yield
             return
-        if self._looked_up is not None:
-            self._plan_stream.wait_event(self._looked_up)
+        if self._recent and self._recent[0][1] is not None:
+            self._plan_stream.wait_event(self._recent[0][1])
+        if ready is not None:
+            self._plan_stream.wait_event(ready)
         with torch.cuda.stream(self._plan_stream):
             yield
 
     def plan_lookup(self, keys: torch.Tensor) -> bool:
         """(Inside `planning()`.) Make the next training lookup's [N] unique keys resident now, their reads
         below on the background thread; that lookup, of this same tensor, then only gathers. False (and a
-        `prefetch` instead) where the cache is too small to pin two batches with room to spare."""
+        `prefetch` instead) where the cache is too small to pin three batches with room to spare."""
         self._settle()
         keys = keys.to(self.device)
-        if self._last_access is None or 4 * keys.numel() > self.cache.capacity:
+        if not self._recent or PLAN_ROOM * keys.numel() > self.cache.capacity:
             self.prefetch(keys)
             return False
+        pinned_from = self._recent[0][0]
         slots, fresh, inserted = self._slots(keys)
         fills: list = []
-        cache_slots = self._resident(keys, slots, fresh, True, fresh_count=inserted, pinned_from=self._last_access,
+        cache_slots = self._resident(keys, slots, fresh, True, fresh_count=inserted, pinned_from=pinned_from,
                                      fills=fills)
         access = self.cache.clock - 1
         taken, backing = fills[0] if fills else (cache_slots[:0], slots[:0])
@@ -266,9 +276,8 @@ class TieredStore(EmbeddingStore):
             plan.cache_slots.record_stream(torch.cuda.current_stream(self.device))
         self.lookups += keys.numel()
         self.planned_lookups += 1
-        self._last_access = plan.access
         rows = gather_rows(self.cache.values[:, : self.dim], plan.cache_slots)
-        self._mark_looked_up()
+        self._mark_looked_up(plan.access)
         return Lookup(keys, rows, where=(plan.access, plan.cache_slots))
 
     def _settle_plan(self, plan: _Plan) -> None:

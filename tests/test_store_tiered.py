@@ -582,7 +582,7 @@ def test_planned_lookups_equal_the_device_store(kind, host_rows, access, optimiz
     """Batch N+1 made resident while batch N's update is pending: N's rows pinned, evicted rows written back by
     the background job before it reads the misses into their new slots; bit-identical to the device store."""
     steps = batches(access, steps=30, size=90, seed=7)
-    store = tiered(kind, OPTIMIZERS[optimizer], tmp_path, cache_rows=400, host_rows=host_rows)
+    store = tiered(kind, OPTIMIZERS[optimizer], tmp_path, cache_rows=600, host_rows=host_rows)
     reference = DeviceStore(DIM, OPTIMIZERS[optimizer], seed=3)
     for rows, ref_rows in zip(train_planned(store, steps), train(reference, steps)):
         assert torch.equal(rows, ref_rows)
@@ -595,9 +595,9 @@ def test_planned_lookups_equal_the_device_store(kind, host_rows, access, optimiz
 def test_plan_overtaken_by_other_lookups_runs_the_lookup_in_full(tmp_path):
     """Lookups between a plan and its lookup (an evaluation) sweep the cache: the planned rows may be gone,
     so the lookup does not trust the plan, and training stays bit-identical."""
-    steps = batches("random", steps=12, size=90, seed=3)
-    probes = [torch.unique(torch.cat(steps[: step + 1])) for step in range(len(steps))]  # past the cache's 400
-    store = tiered("cached_ssd", SparseAdagrad(lr=0.1), tmp_path, cache_rows=400, host_rows=100)
+    steps = batches("random", steps=20, size=90, seed=3)
+    probes = [torch.unique(torch.cat(steps[: step + 1])) for step in range(len(steps))]  # past the cache's 600
+    store = tiered("cached_ssd", SparseAdagrad(lr=0.1), tmp_path, cache_rows=600, host_rows=100)
     reference = DeviceStore(DIM, SparseAdagrad(lr=0.1), seed=3)
 
     ref_rows, answers = [], {}
@@ -623,7 +623,7 @@ def test_snapshot_taken_with_a_plan_in_flight(tmp_path):
     keys the plan inserted at their initial rows; training goes on bit-identically after it."""
     steps = batches("zipf", steps=16, size=60, seed=4)
     optimizer = SparseAdagrad(lr=0.1)
-    store = tiered("cached_ssd", optimizer, tmp_path, cache_rows=240, host_rows=40)
+    store = tiered("cached_ssd", optimizer, tmp_path, cache_rows=360, host_rows=40)
     reference = DeviceStore(DIM, optimizer, seed=3)
     train_planned(store, steps[:8])
     lookup = store.lookup_for_update(steps[8])
@@ -640,7 +640,7 @@ def test_snapshot_taken_with_a_plan_in_flight(tmp_path):
     train_planned(store, steps[9:])  # its first lookup is the plan's
     assert store.metrics()["planned_lookups"] >= 8
     train(reference, steps[9:], first_step=9)
-    reopened = tiered("cached_ssd", optimizer, tmp_path, cache_rows=240)  # the directory at its last snapshot
+    reopened = tiered("cached_ssd", optimizer, tmp_path, cache_rows=360)  # the directory at its last snapshot
     assert reopened.snapshot_id == snapshot and reopened.step == 9
     assert all(torch.equal(a, b) for a, b in zip(exported(reopened), (keys, values)))
 
@@ -651,8 +651,8 @@ def test_embedding_prepare_plans_the_next_forward(tmp_path):
     from terarec.models.embedding import Embedding
 
     rng = torch.Generator().manual_seed(0)
-    sparse = [torch.randint(0, 400, (64, 4), generator=rng) for _ in range(10)]
-    fronts = [Embedding(tiered("cached_host", SparseAdam(lr=0.01), tmp_path, cache_rows=1000)),
+    sparse = [torch.randint(0, 1000, (64, 4), generator=rng) for _ in range(10)]
+    fronts = [Embedding(tiered("cached_host", SparseAdam(lr=0.01), tmp_path, cache_rows=1600)),
               Embedding(DeviceStore(DIM, SparseAdam(lr=0.01), seed=3))]
     outputs = [[], []]
     for front, seen in zip(fronts, outputs):
@@ -679,7 +679,7 @@ def test_planned_lookups_on_the_gpu_equal_the_device_store(kind, host_rows, mode
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     store = make_store(kind, DIM, OPTIMIZERS[optimizer], seed=3, device="cuda", policy="lru",
-                       cache_bytes=600 * row_bytes(OPTIMIZERS[optimizer]),
+                       cache_bytes=800 * row_bytes(OPTIMIZERS[optimizer]),
                        host_bytes=host_rows * row_bytes(OPTIMIZERS[optimizer]) or None,
                        path=str(tmp_path / "ssd") if kind == "cached_ssd" else None)
     if mode is not None:

@@ -241,6 +241,7 @@ class BatchReader:
             tensor.record_stream(torch.cuda.current_stream(self.device))
         if slot is not None:
             slot.copied = copied
+        moved.ready = copied
         return moved, copied
 
     # ---- the stream -------------------------------------------------------------------------------
