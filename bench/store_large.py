@@ -244,7 +244,7 @@ def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
            "samples_per_s": round(args.steps * args.batch / seconds),
            "step_ms": round(seconds / args.steps * 1e3, 2), "load_s": round(load_s, 1), "warm_s": round(warm_s, 1),
            "rows": len(store), "unique_keys_per_step": round(delta.get("lookups", 0.0) / args.steps),
-           "warm_batches": args.warm_batches, "warm_steps": args.warm_steps}
+           "warm_batches": args.warm_batches, "warm_steps": args.warm_steps, "zipf": args.zipf}
     if "host_cache_hits" in delta:
         host_looked = delta["host_cache_hits"] + delta["host_cache_misses"]
         row["host_cache_hit"] = round(delta["host_cache_hits"] / host_looked, 4) if host_looked else 1.0
@@ -263,17 +263,21 @@ def run_kind(args, kind: str, data: str, device: torch.device) -> dict:
 
 def merge(path: Path, rows: list[dict]) -> list[dict]:
     """This call's rows over those already recorded for other kinds; vs_device against the device row."""
-    def measured_as(row: dict) -> tuple:  # a row for each way of I/O (rows before it: map), GPU cache size and
-        return (row["kind"], row.get("ssd_io", "map" if row["kind"] == "cached_ssd" else None),  # warm-up
-                round(row["cache_gb"]), row.get("warm_batches", 120), row.get("warm_steps", 3))
+    def measured_as(row: dict) -> tuple:  # a row for each way of I/O (rows before it: map), GPU cache size,
+        return (row["kind"], row.get("ssd_io", "map" if row["kind"] == "cached_ssd" else None),  # warm-up, skew
+                round(row["cache_gb"]), row.get("warm_batches", 120), row.get("warm_steps", 3), row.get("zipf", 1.45))
+
+    def workload(row: dict) -> tuple:
+        return row.get("warm_batches", 120), row.get("zipf", 1.45)
+
 
     kept = json.loads(path.read_text())["figures"]["rows"] if path.exists() else []
     measured = {measured_as(row) for row in rows}
     merged = [r for r in kept if measured_as(r) not in measured] + rows
-    merged.sort(key=lambda r: (KINDS.index(r["kind"]), r.get("warm_batches", 120), r["cache_gb"]))
-    devices = {r.get("warm_batches", 120): r["samples_per_s"] for r in merged if r["kind"] == "device"}
-    for r in merged:  # against the device row of the same warm-up where there is one
-        device_rate = devices.get(r.get("warm_batches", 120), next(iter(devices.values()), None))
+    merged.sort(key=lambda r: (KINDS.index(r["kind"]), workload(r), r["cache_gb"]))
+    devices = {workload(r): r["samples_per_s"] for r in merged if r["kind"] == "device"}
+    for r in merged:  # against the device row of the same warm-up and skew where there is one
+        device_rate = devices.get(workload(r), next(iter(devices.values()), None))
         r["vs_device"] = round(r["samples_per_s"] / device_rate, 3) if device_rate else None
     return merged
 
