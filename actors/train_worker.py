@@ -111,8 +111,9 @@ class TrainWorker:
     def train_step(self, batch: Batch, following: Batch | None = None) -> torch.Tensor:
         """Forward, backward, exchange, updates. Returns this rank's share of the global mean loss.
 
-        With `following` (the next batch), a tiered store starts staging its rows once this batch's rows
-        are read, so that the reads from host or SSD overlap this batch's backward and updates."""
+        With `following` (the next batch), a tiered store makes its rows resident ahead (`Embedding.prepare`: a
+        planned lookup, once this step's update is queued; with several shards, a prefetch once this batch's rows
+        are read), so that the reads from host or SSD overlap this batch's backward and updates."""
         with matmul_precision(self.config.precision):  # TF32 for the backward and the optimizer too
             return self._train_step(batch, following)
 
@@ -121,7 +122,10 @@ class TrainWorker:
         batch = batch.to(self.device, non_blocking=True)
         with autocast(self.config.precision, self.device):
             logits = self._forward(batch).float()
-        if following is not None:
+        # A planning store readies the next lookup once this step's update is queued (the host plans while the GPU
+        # runs the backward); a prefetch hint goes before the backward, so that its reads overlap it.
+        plans = self.model.embedding.plans
+        if following is not None and not plans:
             self.model.embedding.prepare(following.sparse.to(self.device), ready=following.ready)
         labels = batch.labels[:, : len(self.label_columns)]
         # Each rank divides by the global batch: summing the ranks' losses gives the global mean,
@@ -134,6 +138,8 @@ class TrainWorker:
         loss.backward()
         self._all_reduce_dense_grads()
         self.optimizer.step()  # the embeddings' sparse updates, then the dense step
+        if following is not None and plans:
+            self.model.embedding.prepare(following.sparse.to(self.device), ready=following.ready)
         self.step += 1
         self._steps_here += 1
         return loss.detach()

@@ -56,10 +56,15 @@ class Embedding(nn.Module):
         self._pending: list[tuple[Lookup, torch.Tensor]] = []  # (handle, leaf rows) of each training forward
         self._prepared: tuple | None = None  # (sparse IDs, unique keys, inverse, order) of the next forward
 
+    @property
+    def plans(self) -> bool:
+        """Whether `prepare` plans lookups (else it sends a prefetch hint)."""
+        return getattr(self.backend, "plan_lookup", None) is not None
+
     def prepare(self, sparse_ids: torch.Tensor, ready=None) -> None:
         """Ready the next training forward, of exactly this tensor (see the module's doc); `ready`, on CUDA, the
         event after which `sparse_ids` is on the device (`Batch.ready`)."""
-        if getattr(self.backend, "plan_lookup", None) is None:
+        if not self.plans:
             self.backend.prefetch(feature_keys(sparse_ids))
             return
         with self.backend.planning(ready):
