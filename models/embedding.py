@@ -73,9 +73,11 @@ class Embedding(nn.Module):
         self._prepared = (sparse_ids, unique_keys, inverse, order) if planned else None
 
     def forward(self, sparse_ids: torch.Tensor) -> torch.Tensor:
-        prepared, self._prepared = self._prepared, None
         training = self.training and torch.is_grad_enabled()
-        if training and prepared is not None and prepared[0] is sparse_ids:
+        prepared = None
+        if training:  # an evaluation in between leaves the plan for the training forward it was made for
+            prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is sparse_ids:
             unique_keys, inverse, order = prepared[1:]
             if unique_keys.is_cuda:  # made on the planning stream: ready, and kept, for this one
                 stream = torch.cuda.current_stream(unique_keys.device)

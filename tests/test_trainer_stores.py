@@ -42,6 +42,22 @@ def test_tiered_stores_train_like_the_device_store(synth_data, tmp_path, kind):
     assert reference.evaluate()["auc"] == pytest.approx(tiered.evaluate()["auc"], abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["cached_host", "cached_ssd"])
+def test_planned_lookups_train_like_the_device_store(synth_data, tmp_path, kind):
+    """A cache that holds several batches: the loop plans each next lookup (Embedding.prepare) after queuing the
+    step's update, and trains as the device store does."""
+    reference = train(synth_data, tmp_path, "device")
+    tiered = train(synth_data, tmp_path, kind, cache_bytes=12_000_000)
+    metrics = tiered.store.metrics()
+    assert metrics["planned_lookups"] == 11  # every lookup but the first
+    ref_keys, ref_values = reference.store.export()
+    keys, values = tiered.store.export()
+    assert torch.equal(ref_keys, keys)
+    torch.testing.assert_close(values, ref_values, rtol=1e-5, atol=1e-7)
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(tiered.model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def sharded_run(rank: int, world: int, data: str, directory: str, kind: str) -> None:
     """One rank of a gloo world (no Ray): the training loop, with the pipeline's early key exchange for tiered
     stores; saves this rank's export. (Two such runs of the device store already differ by float rounding, about
