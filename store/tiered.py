@@ -126,6 +126,7 @@ class TieredStore(EmbeddingStore):
         # (cache access, on a GPU the event after it) of the latest two training lookups: a plan pins the rows of
         # both and starts after the older one's event
         self._recent: deque[tuple[int, object]] = deque(maxlen=2)
+        self._caller_stream = None  # on a GPU, the stream that was current when `planning()` was entered
 
     def __len__(self) -> int:
         return len(self.encoder)
@@ -206,8 +207,15 @@ class TieredStore(EmbeddingStore):
             self._plan_stream.wait_event(self._recent[0][1])
         if ready is not None:
             self._plan_stream.wait_event(ready)
+        self._caller_stream = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self._plan_stream):
             yield
+
+    def _after_the_caller(self) -> None:
+        """(Inside `planning()`.) What the planning stream queues from now on waits for all that the caller's
+        stream queued: for rows copied there (write-backs deferred by a lookup or update that ran there)."""
+        if self._plan_stream is not None:
+            self._plan_stream.wait_stream(self._caller_stream)
 
     def plan_lookup(self, keys: torch.Tensor) -> bool:
         """(Inside `planning()`.) Make the next training lookup's [N] unique keys resident now, their reads
@@ -216,8 +224,13 @@ class TieredStore(EmbeddingStore):
         self._settle()
         keys = keys.to(self.device)
         if not self._recent or PLAN_ROOM * keys.numel() > self.cache.capacity:
+            self._after_the_caller()  # the job writes down what this step's lookup evicted on the caller's stream
             self.prefetch(keys)
             return False
+        if self.cache.deferred or self.cache.values.shape[0] < self.cache.capacity:
+            # write-backs from outside a plan (an evaluation's lookup, an update's own) were copied there; and a
+            # cache still growing copies its rows to a larger tensor, which the updates queued there write into
+            self._after_the_caller()
         pinned_from = self._recent[0][0]
         slots, fresh, inserted = self._slots(keys)
         fills: list = []
