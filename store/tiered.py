@@ -256,24 +256,10 @@ class TieredStore(EmbeddingStore):
             if self._stream is not None:  # made on the planning stream, used here: not reused before this is done
                 for tensor in (taken, backing, *(t for pair in deferred for t in pair)):
                     tensor.record_stream(self._stream)
-            lower = self.cache.lower
-            below = lower.slot_device
-            moved = [(_staged(slots, below), _staged(values, below)) for slots, values in deferred]
-            wanted = _staged(backing, below)
-            if self._stream is not None and below.type == "cpu":
-                self._stream.synchronize()  # the copies to pinned memory have landed before the CPU reads them
-            for slots, values in moved:
-                lower.write(slots, values)
+            rows = self._write_then_read(deferred, backing)
             if backing.numel():
-                rows = lower.read(wanted)
-                if rows.device != self.device:
-                    rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
                 self.cache.values[taken] = rows
-            done = None
-            if self._stream is not None:
-                done = torch.cuda.Event()
-                done.record(self._stream)
-        return done
+            return self._job_done()
 
     def _planned(self, keys: torch.Tensor) -> Lookup | None:
         """The lookup a plan of these very keys prepared, if its rows are still where it put them."""
@@ -377,22 +363,33 @@ class TieredStore(EmbeddingStore):
         with self._job_stream(queued):
             slots = self.encoder.find(torch.unique(keys))
             missing = torch.sort(self.cache.missing(slots[slots >= 0])[: self.cache.capacity]).values
-            lower = self.cache.lower
-            below = lower.slot_device
-            moved = [(_staged(backing, below), _staged(values, below)) for backing, values in deferred]
-            wanted = _staged(missing, below)
-            if self._stream is not None and below.type == "cpu":
-                self._stream.synchronize()  # the copies to pinned memory have landed before the CPU reads them
-            for backing, values in moved:
-                lower.write(backing, values)
-            rows = lower.read(wanted) if missing.numel() else torch.empty((0, self.value_width), device=self.device)
-            if rows.device != self.device:
-                rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
-            done = None
-            if self._stream is not None:
-                done = torch.cuda.Event()
-                done.record(self._stream)
-        return missing, rows, done
+            return missing, self._write_then_read(deferred, missing), self._job_done()
+
+    def _write_then_read(self, deferred: list, slots: torch.Tensor) -> torch.Tensor:
+        """(On the background thread, on the job's stream.) The deferred write-backs down, in order, then the
+        rows of backing `slots` from below onto the cache's device."""
+        lower = self.cache.lower
+        below = lower.slot_device
+        moved = [(_staged(backing, below), _staged(values, below)) for backing, values in deferred]
+        wanted = _staged(slots, below)
+        if self._stream is not None and below.type == "cpu":
+            self._stream.synchronize()  # the copies to pinned memory have landed before the CPU reads them
+        for backing, values in moved:
+            lower.write(backing, values)
+        if not slots.numel():
+            return torch.empty((0, self.value_width), device=self.device)
+        rows = lower.read(wanted)
+        if rows.device != self.device:
+            rows = (rows.pin_memory() if self.device.type == "cuda" else rows).to(self.device, non_blocking=True)
+        return rows
+
+    def _job_done(self):
+        """(On the background thread.) The event that ends the job's work on its stream; None on the CPU."""
+        if self._stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(self._stream)
+        return done
 
     def _settle(self) -> None:
         """Wait for the background job; keep what it read for the next lookup. On a GPU, the work queued from

@@ -551,28 +551,18 @@ def test_sharded_pipeline_equals_the_device_store(world, tmp_path):
     assert torch.equal(values[order], ref_values)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind,host_rows,mode", [("cached_host", 0, "copy"), ("cached_host", 0, "uva"),
-                                                 ("cached_ssd", 250, None)])
-@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
-def test_pipeline_on_the_gpu_equals_the_device_store(kind, host_rows, mode, optimizer, tmp_path):
-    """The CUDA paths: pinned staging, copies started before the job, the fused update on cache rows."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+def gpu_store(kind: str, optimizer, tmp_path, cache_rows: int, host_rows: int, mode: str | None):
+    """A tiered store on the GPU; `mode`, the host table's (copy or uva), where the kind has one."""
     if mode == "uva":
         pytest.importorskip("cupy")
-    store = make_store(kind, DIM, OPTIMIZERS[optimizer], seed=3, device="cuda", policy="lru",
-                       cache_bytes=150 * row_bytes(OPTIMIZERS[optimizer]),
-                       host_bytes=host_rows * row_bytes(OPTIMIZERS[optimizer]) or None,
+    store = make_store(kind, DIM, optimizer, seed=3, device="cuda", policy="lru",
+                       cache_bytes=cache_rows * row_bytes(optimizer), host_bytes=host_rows * row_bytes(optimizer) or None,
                        path=str(tmp_path / "ssd") if kind == "cached_ssd" else None)
     if mode is not None:
         store.table.mode = mode
-    reference = DeviceStore(DIM, OPTIMIZERS[optimizer], seed=3, device="cuda")
-    steps = [keys.cuda() for keys in batches("zipf", steps=25, size=120)]
-    for rows, ref_rows in zip(train(store, steps), train(reference, steps)):
-        assert torch.equal(rows, ref_rows)
-    assert store.metrics()["cache_prefetched"] > 0 and store.metrics()["cache_evictions"] > 0
-    assert_same_store(store, reference)
+    return store
+
+
 
 
 @pytest.mark.parametrize("kind,host_rows", [("cached_host", 0), ("cached_ssd", 0), ("cached_ssd", 300)])
@@ -672,22 +662,20 @@ def test_embedding_prepare_plans_the_next_forward(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,host_rows,mode", [("cached_host", 0, "copy"), ("cached_host", 0, "uva"),
                                                  ("cached_ssd", 250, None)])
-@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
-def test_planned_lookups_on_the_gpu_equal_the_device_store(kind, host_rows, mode, optimizer, tmp_path):
-    """The planned lookup's CUDA paths: the planning stream, the job's stream filling cache slots, pinned rows
-    updated on the caller's stream meanwhile."""
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("flow", ["prefetch", "planned"])
+def test_pipeline_on_the_gpu_equals_the_device_store(kind, host_rows, mode, optimizer, flow, tmp_path):
+    """The CUDA paths. prefetch: pinned staging, copies started before the job, the fused update on cache rows.
+    planned: the planning stream, the job's stream filling cache slots, pinned rows updated on the caller's
+    stream meanwhile."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    store = make_store(kind, DIM, OPTIMIZERS[optimizer], seed=3, device="cuda", policy="lru",
-                       cache_bytes=800 * row_bytes(OPTIMIZERS[optimizer]),
-                       host_bytes=host_rows * row_bytes(OPTIMIZERS[optimizer]) or None,
-                       path=str(tmp_path / "ssd") if kind == "cached_ssd" else None)
-    if mode is not None:
-        store.table.mode = mode
+    store = gpu_store(kind, OPTIMIZERS[optimizer], tmp_path, 150 if flow == "prefetch" else 800, host_rows, mode)
     reference = DeviceStore(DIM, OPTIMIZERS[optimizer], seed=3, device="cuda")
     steps = [keys.cuda() for keys in batches("zipf", steps=40, size=120)]
-    for rows, ref_rows in zip(train_planned(store, steps), train(reference, steps)):
+    for rows, ref_rows in zip((train if flow == "prefetch" else train_planned)(store, steps), train(reference, steps)):
         assert torch.equal(rows, ref_rows)
     got = store.metrics()
-    assert got["planned_lookups"] == len(steps) - 1 and got["cache_evictions"] > 0
+    assert got["cache_prefetched"] > 0 and got["cache_evictions"] > 0
+    assert got["planned_lookups"] == (0 if flow == "prefetch" else len(steps) - 1)
     assert_same_store(store, reference)
