@@ -679,3 +679,19 @@ def test_pipeline_on_the_gpu_equals_the_device_store(kind, host_rows, mode, opti
     assert got["cache_prefetched"] > 0 and got["cache_evictions"] > 0
     assert got["planned_lookups"] == (0 if flow == "prefetch" else len(steps) - 1)
     assert_same_store(store, reference)
+
+
+@pytest.mark.parametrize("kind", ["cached_host", "cached_ssd"])
+def test_planned_row_evicted_dirty_comes_back_written(kind, tmp_path):
+    """A plan evicts batch 0's updated rows (their write-back goes to that plan's background job); a later plan
+    needs them again, and its job reads them from below: they come back as updated, never as they were before."""
+    universe = torch.from_numpy(np.random.default_rng(1).integers(-(1 << 62), 1 << 62, 200))
+    steps = [universe[10 * i: 10 * (i + 1)] for i in range(12)] + [universe[:10].clone()]  # batch 0's keys last
+    store = tiered(kind, SparseAdagrad(lr=0.1), tmp_path, cache_rows=60)
+    reference = DeviceStore(DIM, SparseAdagrad(lr=0.1), seed=3)
+    for rows, ref_rows in zip(train_planned(store, steps), train(reference, steps)):
+        assert torch.equal(rows, ref_rows)
+    got = store.metrics()
+    assert got["planned_lookups"] == len(steps) - 1
+    assert got["cache_writebacks"] >= 10 and got[f"{'host' if kind == 'cached_host' else 'ssd'}_bytes_read"] > 0
+    assert_same_store(store, reference)
