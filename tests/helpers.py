@@ -44,8 +44,21 @@ def resources_still_held(timeout_s: float = 60) -> str | None:
         return None
     holders = [f"{actor.class_name}({actor.name or actor.actor_id[:8]}, namespace {actor.ray_namespace}): "
                f"{actor.required_resources}" for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-               if any(actor.required_resources.get(kind) for kind in ("CPU", "GPU"))]
+               if any((actor.required_resources or {}).get(kind) for kind in ("CPU", "GPU"))]
     return f"{held} still held after {timeout_s:g} s, by live actors {holders}"
+
+
+def remove_placement_groups() -> int:
+    """Remove every live placement group of the connected Ray cluster (a leaked training job's workers live in
+    one: removing it ends them); returns how many."""
+    import ray
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_placement_groups
+
+    groups = list_placement_groups(filters=[("state", "=", "CREATED")], limit=1000)
+    for group in groups:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
+    return len(groups)
 
 
 def wait_until_cluster_idle(timeout_s: float = 60) -> None:

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import requests
+from helpers import remove_placement_groups, resources_still_held
 
 pytestmark = pytest.mark.slow
 
@@ -234,3 +235,9 @@ def test_stop_a_job(api, synth_data, tiny_job):
     job_id = submitted.json()["id"]
     assert api.call("DELETE", f"/v1/jobs/{job_id}").status_code == 200
     assert api.wait_for(job_id, {"STOPPED"}, timeout=60)["status"] == "STOPPED"
+    # and stopped for real: its workers gone, the cluster free (a leak is removed here, so that it fails this test
+    # alone rather than every later one that needs the CPUs)
+    held = resources_still_held(timeout_s=30)
+    if held:
+        remove_placement_groups()
+    assert held is None, f"job {job_id} is STOPPED but its resources are still held: {held}"
