@@ -50,7 +50,7 @@ def train(store, keys_per_step: list[torch.Tensor], first_step: int = 0) -> list
     return seen
 
 
-def train_planned(store, keys_per_step: list[torch.Tensor], between=None) -> list[torch.Tensor]:
+def train_planned(store, keys_per_step: list[torch.Tensor], between=None, first_step: int = 0) -> list[torch.Tensor]:
     """As the training loop runs a store that plans lookups (Embedding.prepare): lookup N, plan N+1 inside
     `planning()`, update N (after the plan: its rows stay pinned), `between(step)`, then lookup N+1 of the same
     tensor, which the plan made ready."""
@@ -62,7 +62,7 @@ def train_planned(store, keys_per_step: list[torch.Tensor], between=None) -> lis
         if following is not None:
             with store.planning():
                 store.plan_lookup(following)
-        store.update(lookup, grads_of(step, keys.numel()))
+        store.update(lookup, grads_of(first_step + step, keys.numel()))
         if between is not None:
             between(step)
         if following is not None:
@@ -627,9 +627,10 @@ def test_snapshot_taken_with_a_plan_in_flight(tmp_path):
     known = torch.isin(keys, ref_keys)
     assert torch.equal(keys[known], ref_keys) and torch.equal(values[known], ref_values)
     assert torch.equal(values[~known], reference.initial_values(keys[~known]))  # planned: fresh, not yet trained
-    train_planned(store, steps[9:])  # its first lookup is the plan's
+    train_planned(store, steps[9:], first_step=9)  # its first lookup is the plan's
     assert store.metrics()["planned_lookups"] >= 8
     train(reference, steps[9:], first_step=9)
+    assert_same_store(store, reference)
     reopened = tiered("cached_ssd", optimizer, tmp_path, cache_rows=360)  # the directory at its last snapshot
     assert reopened.snapshot_id == snapshot and reopened.step == 9
     assert all(torch.equal(a, b) for a, b in zip(exported(reopened), (keys, values)))
